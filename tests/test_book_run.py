@@ -1,0 +1,93 @@
+"""The book itself: every chapter notebook present runs at the tiny preset through the `llmbook` command,
+writes its artifacts and the report; a second run skips every chapter."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import papermill
+import pytest
+
+from llmbook.book import open_run, present_chapters, read_stamp, sha256_file, sha256_tree, kernel_for_this_python
+
+ROOT = Path(__file__).resolve().parents[1]
+LLMBOOK = str(Path(sys.executable).parent / "llmbook")
+
+
+def llmbook(*args):
+    return subprocess.run([LLMBOOK, *args], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("book") / "tiny"
+    started = time.time()
+    result = llmbook("run", "--preset", "tiny", "--run-dir", str(run_dir), "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir, result, time.time() - started
+
+
+def test_every_chapter_runs_and_writes_its_artifacts(tiny_run):
+    run_dir, result, _ = tiny_run
+    run = open_run("tiny", run_dir)
+    chapters = present_chapters()
+    assert [c.number for c in chapters][:1] == [1]
+    for chapter in chapters:
+        stamp = read_stamp(run, chapter)
+        assert stamp is not None and stamp["how"] == "papermill", chapter
+        assert (run.notebooks_dir / f"{chapter.notebook}.ipynb").exists()
+        for output, digest in stamp["outputs"].items():
+            assert sha256_tree(run_dir / output) == digest
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    for name, entry in manifest.items():
+        assert sha256_file(run_dir / name) == entry["sha256"], name
+    assert f"report: {run_dir / 'report.md'}" in result.stdout
+
+
+def test_foundations_artifacts(tiny_run):
+    run_dir, _, _ = tiny_run
+    spec = json.loads((run_dir / "spec.json").read_text())
+    assert {m["name"] for m in spec["metrics"]} >= {"book_minutes", "raw_text_mb", "val_bits_per_byte"}
+    assert spec["licensing"]["release_license"] == "Apache-2.0"
+    budget = json.loads((run_dir / "budget.json").read_text())
+    assert budget["machine"]["matmul_flops_fp32"] > 0 and budget["step_check"]["ratio"] <= budget["step_check"]["factor"]
+    assert budget["parameters"]["total"] == budget["presets"]["tiny"]["parameters"]
+    risks = json.loads((run_dir / "risks.json").read_text())
+    assert [r["score"] for r in risks] == sorted((r["score"] for r in risks), reverse=True)
+
+
+def test_report_card(tiny_run):
+    run_dir, _, _ = tiny_run
+    report = (run_dir / "report.md").read_text()
+    assert "| 1 Foundations | finished |" in report and "## Targets (Chapter 1)" in report
+    assert "| book_minutes | 0 | ≤ 20 |" in report and "![01_foundations-risk_matrix]" in report
+    assert "matmul_gflops_fp32" in report and "## Environment" in report
+    html = (run_dir / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<table>" in html
+
+
+def test_second_run_skips_every_chapter(tiny_run):
+    run_dir, _, first_s = tiny_run
+    run = open_run("tiny", run_dir)
+    before = {c.notebook: read_stamp(run, c) for c in present_chapters()}
+    result = llmbook("run", "--preset", "tiny", "--run-dir", str(run_dir), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    for chapter in present_chapters():
+        assert f"{chapter}: skipped (finished" in result.stdout
+        assert read_stamp(run, chapter) == before[chapter.notebook]
+    status = llmbook("status", "--preset", "tiny", "--run-dir", str(run_dir))
+    assert "to run" not in status.stdout and "fresh" in status.stdout
+
+
+def test_tiny_book_fits_its_budget(tiny_run):
+    _, _, seconds = tiny_run
+    assert seconds < 20 * 60
+
+
+def test_chapter_zero_notebook_runs(tmp_path):
+    """00_book.ipynb has no run directory of its own: it demonstrates on scratch directories, and its asserts run here."""
+    papermill.execute_notebook(str(ROOT / "nbs" / "00_book.ipynb"), str(tmp_path / "00_book.ipynb"),
+                               kernel_name=kernel_for_this_python(), language="python", cwd=str(ROOT / "nbs"),
+                               progress_bar=False)
