@@ -75,11 +75,11 @@ class Preset:
             if f.type in (int, float) and f.name not in ("gpus", "threads", "seed") and not value > 0:
                 raise ValueError(f"preset {self.name!r}: {f.name}={value!r} must be positive")
 
-# %% ../nbs/00_book.ipynb #2714d2a4
+# %% ../nbs/00_book.ipynb #9b615bb7
 PRESETS = {
     "tiny": Preset("tiny"),
     "cpu": Preset("cpu", data_mb=64, vocab_size=8192, depth=4, seq_len=256, batch_size=16,
-                  train_tokens=6_000_000),
+                  train_tokens=3_000_000),
     "gpu": Preset("gpu", device="cuda", precision="bf16", compile=True, gpus=1, data_mb=2_000,
                   hf_datasets="HuggingFaceFW/fineweb-edu:sample-10BT", vocab_size=32_768, depth=12,
                   seq_len=1024, batch_size=64, train_tokens=2_000_000_000, usd_per_hour=3.0),
@@ -742,7 +742,7 @@ def run_book(run: Run, only=None, start=None, progress: bool = True, log=print) 
     write_report(run)
     return outcomes
 
-# %% ../nbs/00_book.ipynb #7ba881dc
+# %% ../nbs/00_book.ipynb #704affed
 def chapter_notebook(chapter: Chapter, body: Sequence[str] = (), book: Sequence[Chapter] = CHAPTERS):
     "A new chapter notebook: title, parameters cell, `open_chapter`, the `body` code cells, `run.finish()`."
     import nbformat
@@ -750,7 +750,7 @@ def chapter_notebook(chapter: Chapter, body: Sequence[str] = (), book: Sequence[
     book_arg = "" if tuple(book) == CHAPTERS else f", book={tuple(book)!r}"
     parameters = ('preset = "tiny"     # tiny | cpu | gpu | multi-gpu\n'
                   'run_dir = ""        # "" means runs/<preset> in the project\n'
-                  'overrides = ""      # preset fields to change, e.g. depth=4 seq_len=256')
+                  'overrides = ""      # preset fields to override, space-separated (see: llmbook presets)')
     cells = [v4.new_markdown_cell(f"# Chapter {chapter.number} — {chapter.title}"),
              v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}),
              v4.new_code_cell(f"from llmbook.book import *\nrun = open_chapter({chapter.number}, preset, run_dir, overrides{book_arg})"),

@@ -7,9 +7,9 @@ __all__ = ['USERS', 'BYTES', 'TRAIN_POLICIES', 'STEP_TIME_FACTOR', 'LICENSE_POLI
            'SuccessMetric', 'per_preset', 'success_metrics', 'Risk', 'risk_register', 'ModelShape', 'preset_shape',
            'parameter_counts', 'reference_config', 'reference_model', 'flops_per_token', 'training_flops',
            'activation_elements_per_token', 'training_memory', 'kv_cache_bytes', 'measure_saved_activation_bytes',
-           'measure_matmul_flops', 'measure_memory_bandwidth', 'machine_limits', 'measure_train_step',
-           'step_time_check', 'training_estimate', 'serving_estimate', 'license_allowed', 'write_spec', 'write_risks',
-           'budget', 'write_budget', 'record_results', 'produce']
+           'median_seconds', 'matmul_benchmark', 'measure_matmul_flops', 'measure_memory_bandwidth', 'machine_limits',
+           'reference_train_step', 'step_time_check', 'training_estimate', 'serving_estimate', 'license_allowed',
+           'write_spec', 'write_risks', 'budget', 'write_budget', 'record_results', 'produce']
 
 # %% ../nbs/01_foundations.ipynb #47e3bb34
 import inspect
@@ -260,27 +260,33 @@ def measure_saved_activation_bytes(model, input_ids) -> int:
         model(input_ids=input_ids, labels=input_ids)
     return sum(saved.values())
 
-# %% ../nbs/01_foundations.ipynb #14c579d3
-def _median_seconds(fn, repeats: int, device: str) -> float:
-    "Median wall time of `fn()` over `repeats` calls after one warm-up call."
+# %% ../nbs/01_foundations.ipynb #5c6a7e2f
+def median_seconds(fns: dict, repeats: int, device: str = "cpu") -> dict:
+    "Median wall time of each `fns[name]()`, calling them in turn so that all see the same load."
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fn(); sync()
-    times = []
+    times = {name: [] for name in fns}
+    for fn in fns.values(): fn(); sync()  # warm-up
     for _ in range(repeats):
-        start = time.perf_counter(); fn(); sync(); times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter(); fn(); sync(); times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
-def measure_matmul_flops(dtype=torch.float32, n: int | None = None, repeats: int = 7, device: str = "cpu") -> float:
-    "Median FLOP/s of an `n × n` matrix multiply (2·n³ FLOPs)."
+def matmul_benchmark(dtype=torch.float32, device: str = "cpu", n: int | None = None):
+    "An `n × n` matrix multiply to time, and its FLOPs (2·n³)."
     n = n or (8192 if device == "cuda" else 2048)
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    return 2 * n**3 / _median_seconds(lambda: a @ b, repeats, device)
+    return (lambda: a @ b), 2 * n**3
+
+def measure_matmul_flops(dtype=torch.float32, device: str = "cpu", repeats: int = 7) -> float:
+    "Median FLOP/s of a large square matrix multiply."
+    fn, flops = matmul_benchmark(dtype, device)
+    return flops / median_seconds(dict(matmul=fn), repeats, device)["matmul"]
 
 def measure_memory_bandwidth(mib: int = 256, repeats: int = 7, device: str = "cpu") -> float:
     "Median bytes/s of copying a `mib` MiB buffer (each byte read once and written once)."
     src = torch.ones(mib * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / _median_seconds(lambda: dst.copy_(src), repeats, device)
+    return 2 * src.numel() * 4 / median_seconds(dict(copy=lambda: dst.copy_(src)), repeats, device)["copy"]
 
 # %% ../nbs/01_foundations.ipynb #dded00ec
 def machine_limits(device: str = "cpu") -> dict:
@@ -296,12 +302,11 @@ def machine_limits(device: str = "cpu") -> dict:
         limits["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     return limits
 
-# %% ../nbs/01_foundations.ipynb #2697cfea
+# %% ../nbs/01_foundations.ipynb #97e1604b
 STEP_TIME_FACTOR = 6.0  # measured step time ≤ 6 × the peak-rate prediction; small models use the cores poorly
 
-def measure_train_step(s: ModelShape, batch_size: int, device: str = "cpu", precision: str = "fp32",
-                       steps: int = 5) -> float:
-    "Median seconds of a forward + backward + AdamW step of the reference model."
+def reference_train_step(s: ModelShape, batch_size: int, device: str = "cpu", precision: str = "fp32"):
+    "A function that runs one forward + backward + AdamW step of the reference model on a random batch."
     model = reference_model(s).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, s.vocab_size, (batch_size, s.seq_len), device=device)
@@ -311,16 +316,19 @@ def measure_train_step(s: ModelShape, batch_size: int, device: str = "cpu", prec
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return _median_seconds(step, steps, device)
+    return step
 
-# %% ../nbs/01_foundations.ipynb #f47fe201
-def step_time_check(s: ModelShape, batch_size: int, limits: dict, precision: str = "fp32") -> dict:
-    "Measured vs predicted time of one training step, and the MFU it implies."
-    peak = limits["matmul_flops_bf16" if precision == "bf16" else "matmul_flops_fp32"]
-    predicted = flops_per_token(s)["train"] * batch_size * s.seq_len / peak
-    measured = measure_train_step(s, batch_size, limits["device"], precision)
-    return dict(batch_size=batch_size, precision=precision, predicted_step_s=predicted, measured_step_s=measured,
-                ratio=measured / predicted, mfu=predicted / measured,
+# %% ../nbs/01_foundations.ipynb #455b7c39
+def step_time_check(s: ModelShape, batch_size: int, device: str = "cpu", precision: str = "fp32",
+                    repeats: int = 5) -> dict:
+    "Measured vs predicted time of one training step (matmul rate timed in turn with it), and the MFU."
+    matmul, matmul_flops = matmul_benchmark(torch.bfloat16 if precision == "bf16" else torch.float32, device)
+    step = reference_train_step(s, batch_size, device, precision)
+    seconds = median_seconds(dict(matmul=matmul, step=step), repeats, device)
+    peak = matmul_flops / seconds["matmul"]
+    predicted, measured = flops_per_token(s)["train"] * batch_size * s.seq_len / peak, seconds["step"]
+    return dict(batch_size=batch_size, precision=precision, peak_flops=peak, predicted_step_s=predicted,
+                measured_step_s=measured, ratio=measured / predicted, mfu=predicted / measured,
                 tokens_per_s=batch_size * s.seq_len / measured)
 
 # %% ../nbs/01_foundations.ipynb #c5e914b2
@@ -374,17 +382,16 @@ def write_risks(run: Run) -> list[dict]:
     atomic_write_json(run.artifact("risks.json"), risks)
     return risks
 
-# %% ../nbs/01_foundations.ipynb #17b8baff
+# %% ../nbs/01_foundations.ipynb #bfac03fa
 def budget(cfg: Preset, limits: dict, step: dict) -> dict:
     "The preset's requirements: its model, FLOPs, memory, and time, cost and serving on this machine."
     s = preset_shape(cfg)
-    flops_rate = limits[f"matmul_flops_{cfg.precision}"]
     return dict(
         preset=cfg.name, machine=limits, shape=asdict(s), parameters=parameter_counts(s), flops_per_token=flops_per_token(s),
         training_memory_bytes={p: training_memory(s, cfg.batch_size, p) for p in TRAIN_POLICIES},
         kv_cache_bytes_per_token={d: kv_cache_bytes(s, 1, d) for d in ("fp32", "bf16", "int8")},
         step_check=dict(step, factor=STEP_TIME_FACTOR),
-        training=training_estimate(s, cfg.train_tokens, flops_rate, step["mfu"], cfg.usd_per_hour),
+        training=training_estimate(s, cfg.train_tokens, step["peak_flops"], step["mfu"], cfg.usd_per_hour),
         serving=[serving_estimate(s, limits, step["mfu"], cfg.usd_per_hour, batch_size=b, weights=w)
                  for w in ("fp32", "bf16") for b in (1, 8)],
         presets={name: dict(parameters=parameter_counts(preset_shape(p))["total"],
@@ -395,7 +402,7 @@ def write_budget(run: Run, limits: dict | None = None, step: dict | None = None)
     "budget.json, measuring this machine (unless the measurements are given)."
     device = torch_device(run.cfg)
     limits = limits or machine_limits(device)
-    step = step or step_time_check(preset_shape(run.cfg), run.cfg.batch_size, limits, run.cfg.precision)
+    step = step or step_time_check(preset_shape(run.cfg), run.cfg.batch_size, device, run.cfg.precision)
     result = budget(run.cfg, limits, step)
     atomic_write_json(run.artifact("budget.json"), result)
     return result

@@ -172,3 +172,10 @@ def test_cli(tmp_path, capsys):
     assert "depth='x': expected int" in capsys.readouterr().err
     assert main(["status", "--run-dir", str(tmp_path)]) == 0
     assert "Chapter 1 (Foundations): to run (not run yet)" in capsys.readouterr().out
+
+
+def test_gpu_preset_without_gpu_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        book.torch_device(PRESETS["gpu"])
