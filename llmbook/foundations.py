@@ -353,19 +353,42 @@ def serving_estimate(s: ModelShape, limits: dict, mfu: float, usd_per_hour: floa
                 decode_ms_per_token=decode_s * 1e3, bound="memory" if read_s >= compute_s else "compute",
                 tokens_per_s=tokens_per_s, usd_per_million_tokens=usd_per_hour / 3600 / tokens_per_s * 1e6)
 
-# %% ../nbs/01_foundations.ipynb #1f5c6efa
+# %% ../nbs/01_foundations.ipynb #50cda694
 LICENSE_POLICY = dict(
     release_license="Apache-2.0",
-    allowed=["0BSD", "Apache-2.0", "BSD-2-Clause", "BSD-3-Clause", "CC0-1.0", "HPND", "ISC", "MIT", "MIT-0",
-             "PSF-2.0", "Python-2.0", "Unlicense", "Zlib"],
+    allowed=["0BSD", "Apache-2.0", "BSD-2-Clause", "BSD-3-Clause", "BSL-1.0", "CC-BY-4.0", "CC0-1.0", "CNRI-Python", "HPND", "ISC",
+             "MIT", "MIT-0", "MIT-CMU", "ODC-By-1.0", "PSF-2.0", "Python-2.0", "Unlicense", "Zlib"],
     review=["EPL-2.0", "LGPL-2.1-only", "LGPL-2.1-or-later", "LGPL-3.0-only", "LGPL-3.0-or-later", "MPL-2.0"],
     excluded=["AGPL-3.0-only", "AGPL-3.0-or-later", "GPL-2.0-only", "GPL-2.0-or-later", "GPL-3.0-only",
               "GPL-3.0-or-later", "NOASSERTION"],
 )
 
-def license_allowed(spdx_id: str, policy: dict = LICENSE_POLICY) -> bool:
-    "Whether text under `spdx_id` may be trained on for the default release."
-    return spdx_id in policy["allowed"]
+def license_allowed(expression: str, policy: dict = LICENSE_POLICY) -> bool:
+    "Whether text under an SPDX expression may be trained on: `A OR B` if either is allowed, `A AND B` if both."
+    expression = expression.strip()
+    while expression.startswith("(") and expression.endswith(")") and _balanced(expression[1:-1]):
+        expression = expression[1:-1].strip()
+    for operator, combine in ((" OR ", any), (" AND ", all)):
+        parts = _split_top_level(expression, operator)
+        if len(parts) > 1: return combine(license_allowed(p, policy) for p in parts)
+    return expression.split(" WITH ")[0].strip() in policy["allowed"]  # an exception only adds permissions
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for c in text:
+        depth += (c == "(") - (c == ")")
+        if depth < 0: return False
+    return depth == 0
+
+def _split_top_level(expression: str, operator: str) -> list[str]:
+    "Split on `operator` outside parentheses."
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(expression):
+        depth += (expression[i] == "(") - (expression[i] == ")")
+        if depth == 0 and expression.startswith(operator, i):
+            parts.append(expression[start:i]); i += len(operator); start = i; continue
+        i += 1
+    return parts + [expression[start:]]
 
 # %% ../nbs/01_foundations.ipynb #ba43c21b
 def write_spec(run: Run) -> dict:

@@ -58,6 +58,22 @@ def test_foundations_artifacts(tiny_run):
     assert [r["score"] for r in risks] == sorted((r["score"] for r in risks), reverse=True)
 
 
+def test_data_artifacts(tiny_run):
+    run_dir, _, _ = tiny_run
+    from llmbook.data import load_corpus
+    corpus = load_corpus(open_run("tiny", run_dir))
+    assert set(corpus) == {"train", "val", "heldout"} and len(corpus["train"]) > 100
+    assert set(corpus["train"]["domain"]) == {"code", "prose"} and not any(corpus["train"]["heldout"])
+    report = json.loads((run_dir / "data_report.json").read_text())
+    steps = report["steps"]
+    for previous, step in zip(steps, steps[1:]):
+        assert (step["in_docs"], step["in_bytes"]) == (previous["out_docs"], previous["out_bytes"])
+        assert step["in_bytes"] == step["kept_bytes"] + sum(b for _, b in step["dropped"].values())
+    assert report["raw_text_mb"] >= 3 and report["heldout_leaked_documents"] == 0
+    heldout = json.loads((run_dir / "data" / "heldout.json").read_text())
+    assert sorted(heldout["ids"]) == sorted(corpus["heldout"]["id"])
+
+
 def test_report_card(tiny_run):
     run_dir, _, _ = tiny_run
     report = (run_dir / "report.md").read_text()

@@ -1,0 +1,176 @@
+"""Chapter 2, Data: a corpus of malformed input accounted for to the byte, license normalization, MinHash
+and LSH (against exact Jaccard and datasketch), PII and unsafe-content detection, splits and curriculum."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from llmbook import data as D
+from llmbook.book import make_preset
+
+
+def write(path, data: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return len(data)
+
+
+@pytest.fixture(scope="module")
+def messy_corpus(tmp_path_factory):
+    """A directory and a local dataset holding every kind of bad input, with the bytes each should count."""
+    root = tmp_path_factory.mktemp("messy")
+    src, hf = root / "src", root / "hf"
+    good = {
+        "pkg/good.py": b'"""A module."""\n\ndef add(a, b):\n    """Add two numbers."""\n    return a + b  # plainly\n' * 3,
+        "pkg/latin1.py": "# -*- coding: latin-1 -*-\nname = 'Jos\xe9'\nprint(name)\n".encode("latin-1"),
+        "docs/guide.md": "# Guide\n\nSome prose about the package, long enough to be a document.\n".encode() * 4,
+        "docs/almost.txt": b"caf\xe9 " + b"fine text " * 300,                     # one bad byte: repaired
+        "docs/controls.txt": b"bell\x07 and escape\x1b[0m and CRLF\r\nend\r\n" * 10,
+    }
+    kept = sum(write(src / name, content) for name, content in good.items())
+    undecodable = write(src / "bad/latin_soup.txt", bytes(range(128, 256)) * 40)
+    binary = write(src / "bad/nul.py", b"x = 1\n\x00\x00\x00binary\n")
+    empty = write(src / "bad/empty.txt", b"")
+    with open(src / "bad/huge.txt", "wb") as fh:                               # a 100 MB single line
+        for _ in range(100):
+            fh.write(b"y" * (1 << 20))
+    huge = (src / "bad/huge.txt").stat().st_size
+    (src / "bad/dangling.py").symlink_to(src / "bad/nowhere.py")
+    (src / "bad/loop_a.txt").symlink_to(src / "bad/loop_b.txt")
+    (src / "bad/loop_b.txt").symlink_to(src / "bad/loop_a.txt")
+    link_bytes = {n: os.lstat(src / "bad" / n).st_size for n in ("dangling.py", "loop_a.txt", "loop_b.txt")}
+    write(src / "bad/image.png", b"\x89PNG\r\n")                              # not a text suffix: never an item
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [{"text": "first row of a local dataset, in prose"}, {"text": "second row, with more words in it"}]
+    hf.mkdir()
+    (hf / "part.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.table({"text": ["a parquet row"] * 200}), hf / "cut.parquet")
+    whole = (hf / "cut.parquet").read_bytes()
+    truncated = write(hf / "cut.parquet", whole[: len(whole) // 2])
+    row_bytes = sum(len(r["text"].encode()) for r in rows)
+    return dict(root=root, src=src, hf=hf, kept=kept + row_bytes, undecodable=undecodable, binary=binary, empty=empty,
+                huge=huge, links=link_bytes, truncated=truncated)
+
+
+def test_malformed_input_is_counted_to_the_byte(messy_corpus, tmp_path):
+    c = messy_corpus
+    sources = [D.directory_source(c["src"], "MIT"), D.hf_source(f"{c['hf']}|CC0-1.0")]
+    raw, acquisition, ingestion = D.ingest(sources, 1e12, tmp_path / "work", tmp_path / "manifest.jsonl")
+    dropped = acquisition.dropped
+    assert dropped["too large"] == [1, c["huge"]]
+    assert dropped["unreadable (missing)"] == [1, c["links"]["dangling.py"]]
+    assert dropped["unreadable (symbolic link loop)"] == [2, c["links"]["loop_a.txt"] + c["links"]["loop_b.txt"]]
+    malformed = [k for k in dropped if k.startswith("unreadable (malformed dataset file after 0 rows")]
+    assert len(malformed) == 1 and dropped[malformed[0]] == [1, c["truncated"]]
+    assert ingestion.dropped == {"undecodable": [1, c["undecodable"]], "binary (NUL bytes)": [1, c["binary"]], "empty": [1, 0]}
+    assert ingestion.kept_bytes == c["kept"]
+    assert acquisition.in_bytes == c["kept"] + c["undecodable"] + c["binary"] + c["huge"] + sum(c["links"].values()) + c["truncated"]
+    manifest = [json.loads(l) for l in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert len(manifest) == acquisition.in_docs and sum(m["bytes"] for m in manifest) == acquisition.in_bytes
+    texts = dict(zip(raw["path"], raw["text"]))
+    assert texts["pkg/latin1.py"].startswith("# -*- coding: latin-1 -*-\nname = 'José'")
+    assert "\x07" not in texts["docs/controls.txt"] and "\r" not in texts["docs/controls.txt"]
+    assert "\ufffd" in texts["docs/almost.txt"]
+    # the rest of the pipeline runs on it and every ledger chains to the next
+    licensed, l1 = D.license_step(raw, tmp_path / "work")
+    deduped, l2 = D.exact_dedup_step(licensed, tmp_path / "work")
+    quality, l3 = D.quality_step(deduped, tmp_path / "work")
+    near, l4 = D.near_dedup_step(quality, tmp_path / "work")
+    private, l5 = D.privacy_step(near, tmp_path / "work", D.load_blocklist())
+    D.check_chain([acquisition, ingestion, l1, l2, l3, l4, l5])
+
+
+def test_license_normalization():
+    cases = {("", "MIT License", ()): "MIT", ("", "Apache 2.0", ()): "Apache-2.0", ("", "BSD", ("License :: OSI Approved :: BSD License",)): "BSD-3-Clause",
+             ("MIT OR Apache-2.0", "", ()): "MIT OR Apache-2.0", ("", "PSFL", ()): "PSF-2.0", ("", "UNKNOWN", ()): "NOASSERTION",
+             ("", "Permission is hereby granted, free of charge, to any person", ()): "MIT", ("", "GPLv3+", ()): "GPL-3.0-or-later",
+             ("", "", ("License :: OSI Approved :: GNU General Public License v3 (GPLv3)",)): "GPL-3.0-only"}
+    for (expression, field, classifiers), spdx in cases.items():
+        assert D.normalize_license(expression, field, classifiers) == spdx, (expression, field)
+
+
+def test_minhash_is_deterministic_and_batch_independent():
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(["alpha", "beta", "gamma", "delta", "x1", "y2"]) for _ in range(rng.randint(0, 400))) for _ in range(50)]
+    texts += ["word " * 30000 + " ".join(str(i) for i in range(20000))]               # longer than one 64 KiB slice
+    together = D.minhash_signatures(texts)
+    alone = np.stack([D.minhash_signatures([t])[0] for t in texts])
+    assert (together == alone).all()
+    assert (together[[i for i, t in enumerate(texts) if not t.split()]] == 0xFFFFFFFF).all()
+    code = "import numpy as np\nfrom llmbook.data import minhash_signatures\nprint(minhash_signatures(['the same text in another process']).tobytes().hex())"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert other == D.minhash_signatures(["the same text in another process"]).tobytes().hex()
+
+
+def test_minhash_estimates_jaccard_like_datasketch():
+    from datasketch import MinHash
+    rng = random.Random(1)
+    vocabulary = [f"w{i}" for i in range(3000)]
+    base = [" ".join(rng.choice(vocabulary) for _ in range(600)) for _ in range(20)]
+    pairs = [(b, D.replace_words(b, f, rng)) for b in base for f in (0.01, 0.05, 0.1, 0.3)]
+    exact = np.array([D.jaccard(D.shingle_set(a), D.shingle_set(b)) for a, b in pairs])
+    sig = D.minhash_signatures([t for p in pairs for t in p])
+    ours = (sig[0::2] == sig[1::2]).mean(axis=1)
+    def theirs(t):
+        m = MinHash(num_perm=D.NUM_PERM); m.update_batch(list(D.shingle_set(t))); return m
+    ds = np.array([theirs(a).jaccard(theirs(b)) for a, b in pairs])
+    assert abs((ours - exact).mean()) < 0.02 and np.abs(ours - exact).mean() < 0.05
+    assert abs(np.abs(ours - exact).mean() - np.abs(ds - exact).mean()) < 0.02
+
+
+def test_planted_near_duplicates_are_found():
+    rng = random.Random(2)
+    vocabulary = [f"tok{i}" for i in range(5000)]
+    bases = [" ".join(rng.choice(vocabulary) for _ in range(400)) for _ in range(40)]
+    texts, family = D.planted_near_duplicates(bases, seed=3)
+    truth, near = D.true_duplicate_pairs(texts, family)
+    quality = D.pair_quality(D.candidate_pairs(D.minhash_signatures(texts)), truth, near)
+    assert quality["recall"] >= 0.95 and quality["precision"] >= 0.95, quality
+    assert abs(D.candidate_probability((1 / D.BANDS) ** (1 / D.ROWS)) - 0.5) < 0.15
+
+
+def test_pii_on_the_planted_set_and_scrubbing():
+    scores = D.pii_scores(D.shipped_jsonl("pii_planted.jsonl"))
+    for kind, s in scores.items():
+        assert s["precision"] >= 0.95 and s["recall"] >= 0.95, (kind, s)
+    text, counts = D.scrub("mail me at jane.roe@uni-heidelberg.de or call +49 6221 54 2000")
+    assert text == "mail me at <EMAIL> or call <PHONE>" and counts == {"EMAIL": 1, "PHONE": 1}
+    assert D.luhn_valid("79927398713") and not D.luhn_valid("79927398710")
+    assert D.find_pii("seed = np.random.default_rng(6581432544381372042)") == []
+
+
+def test_unsafe_filter_on_the_planted_set():
+    blocklist = D.load_blocklist()
+    for example in D.shipped_jsonl("unsafe_planted.jsonl"):
+        assert (D.unsafe_reason(example["text"], blocklist) is not None) == example["unsafe"], example["text"]
+
+
+def test_quality_rules():
+    assert D.quality_reason("# Auto-generated by tools/gen.py; do not edit\n" + "x = 1\n" * 30, "code") == "code: generated file"
+    assert D.quality_reason('"""Generated by passing a flag, says this docstring."""\n' + "x = 1\n" * 30, "code") is None
+    assert D.quality_reason("T = (\n" + "    0x00, 0x01, 0x02,  # row\n" * 40 + ")\n", "code") == "code: data file"
+    assert D.quality_reason("a" * 2000 + "\nb\nc\n", "code") == "code: minified or long lines"
+    assert D.quality_reason("Too short to teach anything.", "prose") == "prose: too short"
+
+
+def test_heldout_and_splits():
+    item = D.Item("python", "python-stdlib", "3.11", "fractions.py", "PSF-2.0", "py", 1, lambda: b"")
+    assert D.is_heldout(item) and D.module_name(item) == "fractions"
+    assert not D.is_heldout(D.Item("python", "numpy", "2", "fractions.py", "BSD-3-Clause", "py", 1, lambda: b""))
+    sessions = next(D.expression_source(1, seed=5).items()).read().decode().splitlines()
+    assert sessions and not any(D.expression_heldout(l[4:]) for l in sessions if l.startswith(">>> "))
+    splits = [D.split_of(dict(heldout=False, id=D.document_id(str(i)))) for i in range(4000)]
+    assert 0.03 < splits.count("val") / len(splits) < 0.07
+    assert D.mixture({"code": 900, "prose": 100}, {"code": 0.5, "prose": 0.5})["epochs"] == {"code": 1.0, "prose": 9.0}
+
+
+def test_catalog_of_presets():
+    tiny = D.catalog(make_preset("tiny"))
+    assert [s.name for s in tiny] == ["synthetic:expressions", "python"]
+    gpu = D.catalog(make_preset("gpu"))
+    assert gpu[-1].name == "hf:HuggingFaceFW/fineweb-edu"
