@@ -4,13 +4,13 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'CHAPTERS', 'Preset', 'parse_overrides', 'make_preset', 'torch_device', 'ArtifactError', 'atomic_path',
-           'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'sha256_bytes', 'sha256_file', 'sha256_tree',
-           'sha256_json', 'load_json', 'save_safetensors', 'load_safetensors', 'Chapter', 'find_chapter', 'package_dir',
-           'project_root', 'nbs_dir', 'present_chapters', 'Run', 'default_run_dir', 'open_run', 'code_digest',
-           'read_stamp', 'chapter_inputs', 'output_digests', 'chapter_status', 'start_chapter', 'manifest_digest',
-           'ensure_prerequisites', 'open_chapter', 'environment', 'target_status', 'write_report',
-           'kernel_for_this_python', 'ChapterFailed', 'failing_line', 'execute_chapter', 'run_lock', 'run_book',
-           'chapter_notebook', 'render_readme', 'main']
+           'is_interrupted_write', 'sweep_interrupted_writes', 'atomic_write_bytes', 'atomic_write_text',
+           'atomic_write_json', 'sha256_bytes', 'sha256_file', 'sha256_tree', 'sha256_json', 'load_json',
+           'save_safetensors', 'load_safetensors', 'Chapter', 'find_chapter', 'package_dir', 'project_root', 'nbs_dir',
+           'present_chapters', 'Run', 'default_run_dir', 'open_run', 'code_digest', 'read_stamp', 'chapter_inputs',
+           'output_digests', 'chapter_status', 'start_chapter', 'manifest_digest', 'ensure_prerequisites',
+           'open_chapter', 'environment', 'target_status', 'write_report', 'kernel_for_this_python', 'ChapterFailed',
+           'failing_line', 'execute_chapter', 'run_lock', 'run_book', 'chapter_notebook', 'render_readme', 'main']
 
 # %% ../nbs/00_book.ipynb #84ccd23a
 import argparse
@@ -39,7 +39,7 @@ from typing import Any
 
 from fastcore.basics import patch
 
-# %% ../nbs/00_book.ipynb #070bdfc6
+# %% ../nbs/00_book.ipynb #90f050c8
 @dataclass(frozen=True)
 class Preset:
     "Every knob of a run, typed, in one place: chapters read their settings here and nowhere else."
@@ -57,6 +57,8 @@ class Preset:
     hf_datasets: str = ""          # extra Hugging Face datasets: comma-separated `name[:config]` or local paths
     # tokenizer and model (Chapter 3); `depth` is the one knob the model's size follows
     vocab_size: int = 2048
+    tokenizer_mb: float = 4.0      # training text for the tokenizer, in MB
+    tokenizer_trainer: str = "ours"  # "ours" (from scratch, Python) or "hf" (HF tokenizers, Rust): same merges format
     depth: int = 2
     seq_len: int = 128
     # training (Chapter 4)
@@ -66,7 +68,8 @@ class Preset:
     usd_per_hour: float = 0.10     # price of the machine this preset targets
 
     def __post_init__(self):
-        choices = dict(device=("cpu", "cuda"), precision=("fp32", "bf16"), distributed=("none", "ddp", "fsdp"))
+        choices = dict(device=("cpu", "cuda"), precision=("fp32", "bf16"), distributed=("none", "ddp", "fsdp"),
+                       tokenizer_trainer=("ours", "hf"))
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"preset {self.name!r}: {key}={getattr(self, key)!r} is not one of {allowed}")
@@ -75,26 +78,27 @@ class Preset:
             if f.type in (int, float) and f.name not in ("gpus", "threads", "seed") and not value > 0:
                 raise ValueError(f"preset {self.name!r}: {f.name}={value!r} must be positive")
 
-# %% ../nbs/00_book.ipynb #9b615bb7
+# %% ../nbs/00_book.ipynb #f746f7e5
 PRESETS = {
     "tiny": Preset("tiny"),
-    "cpu": Preset("cpu", data_mb=64, vocab_size=8192, depth=4, seq_len=256, batch_size=16,
+    "cpu": Preset("cpu", data_mb=64, vocab_size=8192, tokenizer_mb=16, depth=4, seq_len=256, batch_size=16,
                   train_tokens=3_000_000),
     "gpu": Preset("gpu", device="cuda", precision="bf16", compile=True, gpus=1, data_mb=2_000,
-                  hf_datasets="HuggingFaceFW/fineweb-edu:sample-10BT", vocab_size=32_768, depth=12,
+                  hf_datasets="HuggingFaceFW/fineweb-edu:sample-10BT|ODC-By-1.0", vocab_size=32_768, tokenizer_mb=500,
+                  tokenizer_trainer="hf", depth=12,
                   seq_len=1024, batch_size=64, train_tokens=2_000_000_000, usd_per_hour=3.0),
     "multi-gpu": Preset("multi-gpu", device="cuda", precision="bf16", compile=True, distributed="fsdp",
-                        gpus=8, data_mb=20_000, hf_datasets="HuggingFaceFW/fineweb-edu:sample-10BT",
-                        vocab_size=32_768, depth=20, seq_len=2048, batch_size=256,
+                        gpus=8, data_mb=20_000, hf_datasets="HuggingFaceFW/fineweb-edu:sample-10BT|ODC-By-1.0",
+                        vocab_size=32_768, tokenizer_mb=2_000, tokenizer_trainer="hf", depth=20, seq_len=2048, batch_size=256,
                         train_tokens=9_000_000_000, usd_per_hour=24.0),
 }
 
-# %% ../nbs/00_book.ipynb #035f967c
+# %% ../nbs/00_book.ipynb #446cd63a
 def parse_overrides(overrides: str | Iterable[str] | dict | None) -> dict:
-    "`'depth=6 seq_len=512'` (papermill), `['depth=6']` (`--set`) or a dict → `{'depth': '6', ...}`."
+    "`'depth=6 seq_len=512'` (papermill), `['depth=6']` (`--set`) or a dict → `{'depth': '6', ...}`; values hold no spaces."
     if not overrides: return {}
     if isinstance(overrides, dict): return dict(overrides)
-    items = overrides.replace(",", " ").split() if isinstance(overrides, str) else list(overrides)
+    items = overrides.split() if isinstance(overrides, str) else list(overrides)
     parsed = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -182,6 +186,22 @@ def atomic_path(path: str | Path):
     finally:
         _remove(tmp)
 
+# %% ../nbs/00_book.ipynb #c250ae3a
+_INTERRUPTED = re.compile(r"^\.(.+)\.(tmp|old)-\d+-\d+$")
+
+def is_interrupted_write(path: Path) -> bool: return bool(_INTERRUPTED.match(Path(path).name))
+
+def sweep_interrupted_writes(directory: str | Path):
+    "Restore directories left half-swapped by a crash, and delete abandoned temporaries, in `directory`."
+    directory = Path(directory)
+    if not directory.is_dir(): return
+    for leftover in sorted(directory.iterdir()):
+        match = _INTERRUPTED.match(leftover.name)
+        if not match: continue
+        original = directory/match.group(1)
+        if match.group(2) == "old" and not original.exists(): os.replace(leftover, original)
+        else: _remove(leftover)
+
 # %% ../nbs/00_book.ipynb #1436db10
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     "Write `data` to `path` atomically."
@@ -205,21 +225,28 @@ def _json_default(obj):
     if dataclasses.is_dataclass(obj): return asdict(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
-# %% ../nbs/00_book.ipynb #394e5cb6
+# %% ../nbs/00_book.ipynb #e11c274b
 def sha256_bytes(data: bytes) -> str: return hashlib.sha256(data).hexdigest()
 
+_DIGESTS: dict = {}   # (path, size, mtime, inode) → sha256: a file is hashed once until it changes
+
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    "sha256 of a file, read in chunks so memory does not grow with the file."
+    "sha256 of a file, read in chunks so memory does not grow with the file (cached until the file changes)."
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key in _DIGESTS: return _DIGESTS[key]
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk_bytes): digest.update(block)
-    return digest.hexdigest()
+    _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 def sha256_tree(path: str | Path) -> str:
     "sha256 of a file, or of a directory's sorted (relative path, file digest) list."
     path = Path(path)
     if path.is_file(): return sha256_file(path)
-    lines = [f"{p.relative_to(path).as_posix()}\t{sha256_file(p)}" for p in sorted(path.rglob("*")) if p.is_file()]
+    lines = [f"{p.relative_to(path).as_posix()}\t{sha256_file(p)}" for p in sorted(path.rglob("*"))
+             if p.is_file() and not any(is_interrupted_write(q) for q in p.relative_to(path).parents if q.name) and not is_interrupted_write(p)]
     return sha256_bytes("\n".join(lines).encode())
 
 def sha256_json(obj: Any) -> str:
@@ -260,7 +287,7 @@ def load_safetensors(path: str | Path, expected_sha256: str | None = None, devic
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt") from None
 
-# %% ../nbs/00_book.ipynb #e2d2909d
+# %% ../nbs/00_book.ipynb #e1dc85e2
 @dataclass(frozen=True)
 class Chapter:
     "One chapter: its notebook, its module, and the artifacts it writes into the run directory."
@@ -278,7 +305,7 @@ class Chapter:
 CHAPTERS = (
     Chapter(1, "foundations", "Foundations", "01_foundations", ("spec.json", "risks.json", "budget.json")),
     Chapter(2, "data", "Data", "02_data", ("data", "data_report.json")),
-    Chapter(3, "modeling", "Modeling", "03_modeling", ("tokenizer", "tokens", "scaling", "recipe.json")),
+    Chapter(3, "modeling", "Modeling", "03_modeling", ("tokenizer", "tokens")),  # + scaling, recipe.json (part 2)
     Chapter(4, "training", "Training", "04_training", ("checkpoints", "model/base", "eval/base.json")),
     Chapter(5, "post_training", "Post-training", "05_post_training",
             ("model/sft", "model/dpo", "model/rl", "prm", "rag", "eval/post.json")),
@@ -354,26 +381,27 @@ class Run:
         "The same run, working on behalf of `chapter`."
         return Run(self.path, self.cfg, self.overrides, self.book, find_chapter(chapter, self.book))
 
-# %% ../nbs/00_book.ipynb #0034692e
+# %% ../nbs/00_book.ipynb #713652f3
 def default_run_dir(preset: str) -> Path:
     "`runs/<preset>` in the project (or in the working directory outside a clone)."
     return (project_root() or Path.cwd())/"runs"/preset
 
 def open_run(preset: str = "tiny", run_dir: str | Path | None = None, overrides=None,
-             book: Sequence[Chapter] = CHAPTERS) -> Run:
-    "Open (or create) a run directory for `preset` with `overrides`."
-    cfg = make_preset(preset, overrides)
-    run = Run(Path(run_dir) if run_dir else default_run_dir(preset), cfg, parse_overrides(overrides), book)
-    config = dict(preset=preset, overrides=run.overrides, config=asdict(cfg))
-    if run.config_json.exists():
-        previous = load_json(run.config_json)
-        if previous.get("preset") != preset:
-            raise ValueError(f"run dir {run.path} was made with preset {previous.get('preset')!r}, not {preset!r}: "
-                             f"open it with preset={previous.get('preset')!r} or choose another run dir")
-        if previous.get("config") == config["config"]: return run
+             book: Sequence[Chapter] = CHAPTERS, write: bool = True) -> Run:
+    "Open (or create) a run directory for `preset`; without `overrides`, those it was made with are kept."
+    path = Path(run_dir) if run_dir else default_run_dir(preset)
+    previous = load_json(path/"config.json") if (path/"config.json").exists() else None
+    if previous and previous.get("preset") != preset:
+        raise ValueError(f"run dir {path} was made with preset {previous.get('preset')!r}, not {preset!r}: "
+                         f"open it with preset={previous.get('preset')!r} or choose another run dir")
+    overrides = parse_overrides(overrides) or (previous or {}).get("overrides", {})
+    run = Run(path, make_preset(preset, overrides), overrides, book)
+    config = dict(preset=preset, overrides=run.overrides, config=asdict(run.cfg))
+    if previous and previous.get("config") == config["config"]: return run
+    if previous:
         changed = sorted(k for k, v in config["config"].items() if previous.get("config", {}).get(k) != v)
-        print(f"{run.config_json}: overrides changed ({', '.join(changed)}); chapters that depend on them will rerun")
-    atomic_write_json(run.config_json, config)
+        print(f"{path/'config.json'}: preset fields changed ({', '.join(changed)}); the chapters will run again")
+    if write: atomic_write_json(run.config_json, config)
     return run
 
 # %% ../nbs/00_book.ipynb #410aae63
@@ -411,16 +439,19 @@ def save_figure(self: Run, fig, name: str) -> Path:
     atomic_write_json(_results_path(self), results)
     return path
 
-# %% ../nbs/00_book.ipynb #d904c9c4
+# %% ../nbs/00_book.ipynb #f6a44fd6
 def _notebook_code(path: Path) -> str:
     "The code cells of a notebook, without outputs: what decides what the notebook does."
     cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
     return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
 
 def code_digest(chapter: Chapter, book: Sequence[Chapter] = CHAPTERS) -> str:
-    "Digest of the code a chapter runs: its notebook's code cells and the modules up to its own."
+    "Digest of what a chapter runs: its notebook's code cells, the modules up to its own, the files under data/."
     package = package_dir()
     parts = [("book.py", (package/"book.py").read_text(encoding="utf-8"))]
+    shipped = package.parent/"data"
+    if shipped.is_dir():
+        parts += [(f"data/{p.name}", sha256_file(p)) for p in sorted(shipped.iterdir()) if p.is_file()]
     for c in book:
         if c.number <= chapter.number and (package/f"{c.slug}.py").exists():
             parts.append((f"{c.slug}.py", (package/f"{c.slug}.py").read_text(encoding="utf-8")))
@@ -468,10 +499,14 @@ def chapter_status(run: Run, chapter: Chapter) -> tuple[bool, str]:
         if sha256_tree(path) != digest: return False, f"{output} changed"
     return True, f"finished {stamp['finished_at']}, inputs unchanged"
 
-# %% ../nbs/00_book.ipynb #415a988b
+# %% ../nbs/00_book.ipynb #97341794
 def start_chapter(run: Run):
-    "Forget the chapter's stamp and manifest entries: from now on it counts as not finished."
+    "Forget the chapter's stamp, manifest entries, results and plots; recover or sweep interrupted writes."
     _remove(_stamp_path(run, run.chapter))
+    _remove(_results_path(run))
+    for plot in run.plots_dir.glob(f"{run.chapter.notebook}-*.png"): _remove(plot)
+    for output in run.chapter.outputs:
+        sweep_interrupted_writes((run.path/output).parent); sweep_interrupted_writes(run.path/output)
     if run.manifest_json.exists():
         manifest = load_json(run.manifest_json)
         kept = {k: v for k, v in manifest.items() if v.get("chapter") != run.chapter.number}
@@ -488,7 +523,7 @@ def finish(self: Run, how: str = "notebook") -> dict:
     manifest = {k: v for k, v in manifest.items() if v.get("chapter") != chapter.number}
     for output in chapter.outputs:
         path = self.path/output
-        for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+        for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not is_interrupted_write(p)):
             manifest[f.relative_to(self.path).as_posix()] = dict(chapter=chapter.number, bytes=f.stat().st_size,
                                                                  sha256=sha256_file(f))
     atomic_write_json(self.manifest_json, dict(sorted(manifest.items())))
@@ -561,37 +596,46 @@ def target_status(value, target, direction: str) -> str:
     ok = value >= target if direction == "at_least" else value <= target if direction == "at_most" else value == target
     return "met" if ok else "not yet"
 
-# %% ../nbs/00_book.ipynb #84969aa4
+# %% ../nbs/00_book.ipynb #ef4c7d3b
 def _fmt(value) -> str:
     if isinstance(value, float): return f"{value:.4g}"
     return "—" if value is None else str(value)
 
-def _report_blocks(run: Run) -> list[tuple]:
-    "The report's content: ('h', level, text), ('p', text), ('table', header, rows) and ('img', path)."
-    spec = load_json(run.path/"spec.json") if (run.path/"spec.json").exists() else {}
-    targets = spec.get("metrics", [])
-    results = {c.number: load_json(p) for c in run.book if (p := run.results_dir/f"{c.notebook}.json").exists()}
-    blocks = [("h", 1, f"llmbook report card — preset {run.cfg.name}"),
-              ("p", f"Run directory `{run.path}`, written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. "
-                    f"Overrides: {run.overrides or 'none'}.")]
-    rows, total = [], 0.0
+def _chapter_rows(run: Run, results: dict) -> tuple[list, float, bool]:
+    "Rows of the chapters table, their total time, and whether every chapter present has finished."
+    rows, total, all_fresh = [], 0.0, True
     for chapter in run.book:
         stamp, (fresh, why) = read_stamp(run, chapter), chapter_status(run, chapter)
+        with contextlib.suppress(FileNotFoundError):
+            if chapter in present_chapters(run.book) and not fresh: all_fresh = False
         if stamp is None and chapter.number not in results: continue
         total += stamp["wall_s"] if stamp else 0
         rows.append([f"{chapter.number} {chapter.title}", "finished" if fresh else why,
                      f"{stamp['wall_s']:.1f}" if stamp else "—", stamp.get("how", "—") if stamp else "—"])
-    blocks += [("h", 2, "Chapters"), ("table", ["chapter", "status", "wall time (s)", "how"], rows),
-               ("p", f"Total chapter time: {total/60:.1f} min.")]
+    return rows, total, all_fresh and bool(rows)
+
+def _target_rows(run: Run, targets: list[dict], measured: dict) -> list[list]:
+    "Rows of the targets table: each of Chapter 1's metrics against what was measured."
+    sign = {"at_least": "≥", "at_most": "≤"}
+    return [[t["name"], t["chapter"], f"{sign.get(t['direction'], '=')} {_fmt(t['targets'].get(run.cfg.name))}",
+             _fmt(measured.get(t["name"])), target_status(measured.get(t["name"]), t["targets"].get(run.cfg.name), t["direction"])]
+            for t in targets]
+
+def _report_blocks(run: Run) -> list[tuple]:
+    "The report's content: ('h', level, text), ('p', text), ('table', header, rows) and ('img', path)."
+    spec = load_json(run.path/"spec.json") if (run.path/"spec.json").exists() else {}
+    results = {c.number: load_json(p) for c in run.book if (p := run.results_dir/f"{c.notebook}.json").exists()}
+    rows, total, all_finished = _chapter_rows(run, results)
     measured = {k: v for r in results.values() for k, v in r["metrics"].items()}
-    with contextlib.suppress(FileNotFoundError):  # the whole book's time, once every chapter present has finished
-        if all(chapter_status(run, c)[0] for c in present_chapters(run.book)): measured["book_minutes"] = total / 60
-    if targets:
-        target_rows = [[t["name"], t["chapter"], f"{'≥' if t['direction'] == 'at_least' else '≤' if t['direction'] == 'at_most' else '='} "
-                        f"{_fmt(t['targets'].get(run.cfg.name))}", _fmt(measured.get(t["name"])),
-                        target_status(measured.get(t["name"]), t["targets"].get(run.cfg.name), t["direction"])]
-                       for t in targets]
-        blocks += [("h", 2, "Targets (Chapter 1)"), ("table", ["metric", "chapter", "target", "measured", "status"], target_rows)]
+    if all_finished: measured["book_minutes"] = total / 60   # the whole book's time, once every chapter has finished
+    blocks = [("h", 1, f"llmbook report card — preset {run.cfg.name}"),
+              ("p", f"Run directory `{run.path}`, written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. "
+                    f"Overrides: {run.overrides or 'none'}."),
+              ("h", 2, "Chapters"), ("table", ["chapter", "status", "wall time (s)", "how"], rows),
+              ("p", f"Total chapter time: {total/60:.1f} min.")]
+    if spec.get("metrics"):
+        blocks += [("h", 2, "Targets (Chapter 1)"), ("table", ["metric", "chapter", "target", "measured", "status"],
+                                                     _target_rows(run, spec["metrics"], measured))]
     for chapter in run.book:
         if chapter.number not in results: continue
         r = results[chapter.number]
@@ -792,7 +836,18 @@ def _parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="only check that README.md is up to date")
     return parser
 
-# %% ../nbs/00_book.ipynb #612328c4
+# %% ../nbs/00_book.ipynb #39195bcb
+def _absolute_dataset_paths(override: str) -> str:
+    "`hf_datasets=docs/x.jsonl|MIT` → an absolute path: notebooks run in nbs/, not where the command was typed."
+    key, sep, value = override.partition("=")
+    if key.strip() != "hf_datasets" or not sep: return override
+    specs = []
+    for spec in value.split(","):
+        path, bar, license = spec.partition("|")
+        specs.append((str(Path(path).resolve()) if path and Path(path).exists() else path) + bar + license)
+    return f"{key}={','.join(specs)}"
+
+# %% ../nbs/00_book.ipynb #11c2eb66
 def main(argv: Sequence[str] | None = None) -> int:
     "The `llmbook` command."
     args = _parser().parse_args(argv)
@@ -810,7 +865,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             atomic_write_text(readme, text)
             return 0
-        run = open_run(args.preset, args.run_dir, args.overrides)
+        overrides = [_absolute_dataset_paths(o) for o in args.overrides]
+        run = open_run(args.preset, args.run_dir, overrides, write=args.command == "run")
         if args.command == "status":
             for chapter in present_chapters(run.book):
                 fresh, why = chapter_status(run, chapter)

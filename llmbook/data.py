@@ -7,20 +7,21 @@ __all__ = ['LICENSE_ALIASES', 'LICENSE_TEXT_MARKERS', 'CLASSIFIER_LICENSES', 'SU
            'MAX_FILE_BYTES', 'PROSE_KINDS', 'CODE_KINDS', 'FEATURE_TYPES', 'U64', 'NUM_PERM', 'BANDS', 'ROWS',
            'SHINGLE_WORDS', 'PERM_A', 'PERM_B', 'PLANTED_SIMILARITIES', 'THRESHOLD', 'MARGIN', 'PII_PATTERNS',
            'VAL_PERMILLE', 'DOMAIN_WEIGHTS', 'Ledger', 'spdx_expression', 'normalize_license', 'distribution_license',
-           'Item', 'Source', 'stdlib_items', 'distribution_items', 'installation_source', 'directory_source',
-           'hf_source', 'random_expression', 'expression_heldout', 'expression_source', 'catalog', 'document_id',
-           'module_name', 'is_heldout', 'reading_order', 'read_item', 'decode', 'normalize_text', 'api_documentation',
-           'comments', 'python_documents', 'domain_of', 'documents_of', 'ShardWriter', 'features', 'ingest', 'excerpt',
-           'filter_step', 'license_step', 'exact_key', 'exact_dedup_step', 'quality_signals', 'quality_reason',
-           'quality_step', 'word_bytes', 'word_hashes', 'shingle_hashes', 'minhash_signatures', 'shingle_set',
-           'jaccard', 'replace_words', 'dissimilar_bases', 'lsh_buckets', 'near_duplicate_clusters',
-           'candidate_probability', 'variant_at', 'planted_near_duplicates', 'true_duplicate_pairs', 'candidate_pairs',
-           'pair_quality', 'corpus_signatures', 'near_dedup_step', 'shannon_entropy', 'luhn_valid', 'PiiMatch',
-           'find_pii', 'scrub', 'pii_scores', 'shipped_jsonl', 'load_blocklist', 'unsafe_reason', 'privacy_step',
-           'split_of', 'unigram_model', 'mixture', 'curriculum_order', 'document_table', 'write_corpus', 'load_corpus',
-           'heldout_leaks', 'check_chain', 'write_report', 'write_heldout', 'produce']
+           'Item', 'Source', 'Unreadable', 'read_regular_file', 'stdlib_items', 'distribution_items',
+           'installation_source', 'directory_source', 'hf_source', 'random_expression', 'expression_heldout',
+           'expression_source', 'catalog', 'document_id', 'module_name', 'is_heldout', 'reading_order', 'read_item',
+           'decode', 'normalize_text', 'api_documentation', 'comments', 'python_documents', 'domain_of', 'documents_of',
+           'ShardWriter', 'features', 'ingest', 'excerpt', 'filter_step', 'license_step', 'exact_key',
+           'exact_dedup_step', 'quality_signals', 'quality_reason', 'quality_step', 'word_bytes', 'word_hashes',
+           'shingle_hashes', 'minhash_signatures', 'shingle_set', 'jaccard', 'replace_words', 'dissimilar_bases',
+           'lsh_buckets', 'near_duplicate_clusters', 'candidate_probability', 'variant_at', 'planted_near_duplicates',
+           'true_duplicate_pairs', 'candidate_pairs', 'pair_quality', 'corpus_signatures', 'near_dedup_step',
+           'shannon_entropy', 'luhn_valid', 'PiiMatch', 'find_pii', 'scrub', 'pii_scores', 'shipped_jsonl',
+           'load_blocklist', 'unsafe_reason', 'privacy_step', 'split_of', 'unigram_model', 'mixture',
+           'curriculum_order', 'document_table', 'write_corpus', 'load_corpus', 'heldout_leaks', 'check_chain',
+           'write_data_report', 'write_heldout', 'produce']
 
-# %% ../nbs/02_data.ipynb #6d0451c7
+# %% ../nbs/02_data.ipynb #bb2d92b2
 import ast
 import collections
 import hashlib
@@ -34,6 +35,7 @@ import platform
 import random
 import re
 import shutil
+import stat
 import sysconfig
 import tokenize
 import unicodedata
@@ -44,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from .book import Run, atomic_path, atomic_write_json, package_dir, sha256_bytes, sha256_json
-from .foundations import LICENSE_POLICY, license_allowed
+from .foundations import license_allowed
 
 # %% ../nbs/02_data.ipynb #e6831309
 @dataclass
@@ -166,9 +168,25 @@ class Source:
     description: str
     items: Callable[[], Iterator[Item]]
 
-# %% ../nbs/02_data.ipynb #0b3707c3
+# %% ../nbs/02_data.ipynb #f4895b7f
 SUFFIX_KINDS = {".py": "py", ".pyi": "pyi", ".rst": "rst", ".md": "md", ".txt": "txt"}
 HELDOUT_MODULES = ("fractions", "statistics", "colorsys", "difflib", "shlex", "graphlib", "calendar", "ipaddress")
+
+class Unreadable(OSError):
+    "An item that cannot be read, with the reason the ledger counts it under."
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    "A regular file's bytes (at most `limit` + 1): symbolic links are not followed, pipes and devices not opened."
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode): raise Unreadable("symbolic link (not followed)")
+        if not stat.S_ISREG(st.st_mode): raise Unreadable("not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as fh: return fh.read(limit + 1)
+    except Unreadable: raise
+    except FileNotFoundError: raise Unreadable("missing") from None
+    except PermissionError: raise Unreadable("permission denied") from None
+    except OSError as e: raise Unreadable(e.strerror or type(e).__name__) from None
 
 def _file_item(source, distribution, version, root: Path, path: Path, license: str) -> Item | None:
     kind = SUFFIX_KINDS.get(path.suffix)
@@ -176,7 +194,7 @@ def _file_item(source, distribution, version, root: Path, path: Path, license: s
     try: size = path.lstat().st_size
     except OSError: size = 0
     return Item(source, distribution, version, path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path),
-                license, kind, size, path.read_bytes)
+                license, kind, size, lambda: read_regular_file(path, MAX_FILE_BYTES))
 
 def stdlib_items() -> Iterator[Item]:
     "The standard library's files (PSF-2.0), without site-packages or bytecode."
@@ -228,7 +246,7 @@ def directory_source(root: str | Path, license: str = "NOASSERTION", name: str |
                 if item := _file_item(f"dir:{name or root.name}", name or root.name, "", root, path, license): yield item
     return Source(f"dir:{name or root.name}", license, f"text files under {root}", items)
 
-# %% ../nbs/02_data.ipynb #42b9212a
+# %% ../nbs/02_data.ipynb #5a4fc2fd
 HF_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".arrow": "arrow"}
 
 def _hf_rows(builder_or_name: str, config: str | None, data_files: list[str] | None):
@@ -252,15 +270,16 @@ def hf_source(spec: str) -> Source:
             rows_read = 0
             try:
                 rows = _hf_rows(builder, config, data_files)
-                card = getattr(rows.info, "license", None) if data_file is None else None
-                license = normalize_license(stated or card or "") if (stated or card) else "NOASSERTION"
+                license = normalize_license(stated) if stated else "NOASSERTION"
                 for row in rows:
                     data = str(row.get("text") or row.get("content") or "").encode("utf-8", "surrogatepass")
                     yield Item(f"hf:{name}", name, version, f"{label}#{rows_read}", license, "text", len(data), lambda data=data: data)
                     rows_read += 1
-            except Exception as e:  # a truncated or malformed file: one item that fails to read
-                size = data_file.stat().st_size if data_file and rows_read == 0 else 0
-                def fail(e=e): raise OSError(f"malformed dataset file after {rows_read} rows: {type(e).__name__}")
+            except Exception as e:
+                if data_file is None:  # a hub dataset that cannot be loaded is a configuration error, not bad data
+                    raise RuntimeError(f"cannot load Hugging Face dataset {spec!r}: {e} (offline? use local files)") from e
+                size = data_file.stat().st_size if rows_read == 0 else 0   # a truncated or malformed file: counted
+                def fail(e=e, n=rows_read): raise Unreadable(f"malformed dataset file after {n} rows: {type(e).__name__}")
                 yield Item(f"hf:{name}", name, version, f"{label}#error", stated or "NOASSERTION", "text", size, fail)
     return Source(f"hf:{name}", stated or "from the dataset card", f"Hugging Face dataset {spec}", items)
 
@@ -319,17 +338,14 @@ def reading_order(items: Iterable[Item]) -> list[Item]:
     "Held-out modules first, then a deterministic shuffle by provenance."
     return sorted(items, key=lambda i: (not is_heldout(i), document_id(i.source, i.distribution, i.path)))
 
-# %% ../nbs/02_data.ipynb #db3caa0c
+# %% ../nbs/02_data.ipynb #60f9d9a0
 MAX_FILE_BYTES = 2_000_000
 
 def read_item(item: Item) -> tuple[bytes | None, str]:
     "An item's bytes, or None and the reason it could not be read."
     if item.size > MAX_FILE_BYTES: return None, "too large"
     try: data = item.read()
-    except RecursionError: return None, "unreadable (symbolic link loop)"
-    except OSError as e:
-        reason = {40: "symbolic link loop", 13: "permission denied", 2: "missing", 21: "is a directory"}.get(e.errno) or str(e)
-        return None, f"unreadable ({reason})"
+    except Unreadable as e: return None, f"unreadable ({e})"
     if len(data) > MAX_FILE_BYTES: return None, "too large"
     return data, "ok"
 
@@ -395,7 +411,7 @@ def python_documents(text: str, module: str) -> list[tuple[str, str]]:
     if (notes := comments(text)).count("\n") >= 2: documents.append(("comment", notes))
     return documents
 
-# %% ../nbs/02_data.ipynb #53b7e25b
+# %% ../nbs/02_data.ipynb #3157ff10
 PROSE_KINDS = ("docstring", "comment", "rst", "md", "txt", "readme", "text")
 CODE_KINDS = ("code", "pyi", "expressions")
 
@@ -407,6 +423,8 @@ def documents_of(item: Item, text: str, sha256: str) -> list[dict]:
     parts = python_documents(text, module or Path(item.path).stem) if item.kind == "py" else [(item.kind, text)]
     rows = []
     for kind, part in parts:
+        part = normalize_text(part)   # docstrings may hold escapes (\\ud800) that only exist once evaluated
+        if not part.strip(): continue
         rows.append(dict(id=document_id(item.source, item.distribution, item.path, kind), text=part, domain=domain_of(kind),
                          kind=kind, source=item.source, distribution=item.distribution, version=item.version, path=item.path,
                          module=module, license=item.license, sha256=sha256, heldout=is_heldout(item)))
@@ -490,13 +508,23 @@ def filter_step(ds, work: Path, step: str, reason_to_drop: Callable[[dict], str 
             else: writer.write(row); ledger.keep(size)
     return writer.finish(), ledger.check()
 
-# %% ../nbs/02_data.ipynb #183bb4cc
-def license_step(ds, work: Path):
-    "Drop documents whose license Chapter 1's policy does not allow."
-    return filter_step(ds, work, "license", lambda row: None if license_allowed(row["license"]) else f"license {row['license']}")
+# %% ../nbs/02_data.ipynb #fd75b553
+def license_step(ds, work: Path, policy: dict):
+    "Drop documents whose license the policy (Chapter 1's spec.json) does not allow; a source that loses everything is an error."
+    kept_sources = collections.Counter()
+    def reason(row):
+        if license_allowed(row["license"], policy): kept_sources[row["source"]] += 1; return None
+        return f"license {row['license']}"
+    result, ledger = filter_step(ds, work, "license", reason)
+    lost = sorted(set(ds["source"]) - set(kept_sources))
+    if lost: raise ValueError(f"every document of {', '.join(lost)} was dropped by the license policy: "
+                              "state the source's license with |SPDX (e.g. hf_datasets=name|CC-BY-4.0) if it is allowed")
+    return result, ledger
 
-# %% ../nbs/02_data.ipynb #fabfcf63
-def exact_key(text: str) -> str: return sha256_bytes(" ".join(text.split()).encode())
+# %% ../nbs/02_data.ipynb #e576fe9a
+def exact_key(text: str) -> bytes:
+    "16 bytes of the sha256 of the text with whitespace collapsed (memory per document, not per byte)."
+    return hashlib.sha256(" ".join(text.split()).encode("utf-8", "surrogatepass")).digest()[:16]
 
 def exact_dedup_step(ds, work: Path):
     "Keep the first of each set of documents that are equal up to whitespace."
@@ -764,7 +792,7 @@ def pair_quality(found: set, truth: set, not_scored: set = frozenset()) -> dict:
     return dict(precision=hits / max(1, len(found)), recall=hits / max(1, len(truth)), found=len(found), true=len(truth),
                 not_scored=len(not_scored))
 
-# %% ../nbs/02_data.ipynb #d38bd585
+# %% ../nbs/02_data.ipynb #64dcacd4
 def corpus_signatures(ds, batch_size: int = 2048) -> np.ndarray:
     "MinHash signatures of a dataset's texts, batch by batch."
     return np.concatenate([minhash_signatures(batch["text"]) for batch in ds.iter(batch_size=batch_size)]) \
@@ -779,8 +807,9 @@ def near_dedup_step(ds, work: Path):
     rows = iter(range(len(ds)))
     def reason(row):
         i = next(rows)
-        if heldout[i] or representative[i] == i: return None
-        return "near duplicate of a held-out document" if cluster_has_heldout[representative[i]] else "near duplicate"
+        if heldout[i]: return None
+        if cluster_has_heldout[representative[i]]: return "near duplicate of a held-out document"
+        return None if representative[i] == i else "near duplicate"
     return filter_step(ds, work, "near dedup", reason)
 
 # %% ../nbs/02_data.ipynb #09112520
@@ -937,13 +966,14 @@ def privacy_step(ds, work: Path, blocklist: dict):
     ledger.counts["replaced"] = dict(replaced)
     return writer.finish(), ledger.check()
 
-# %% ../nbs/02_data.ipynb #ebb165a1
+# %% ../nbs/02_data.ipynb #f13899fb
 VAL_PERMILLE = 50
 
 def split_of(row: dict) -> str:
-    "heldout, val or train — deterministic from the document."
+    "heldout, val or train — from the file a document came from, so a file's code and its docstrings never split."
     if row["heldout"]: return "heldout"
-    return "val" if int(row["id"][:8], 16) % 1000 < VAL_PERMILLE else "train"
+    file_id = document_id(row["source"], row["distribution"], row["path"])
+    return "val" if int(file_id[:8], 16) % 1000 < VAL_PERMILLE else "train"
 
 # %% ../nbs/02_data.ipynb #b2498bc2
 _WORDS = re.compile(r"\w+")
@@ -958,7 +988,7 @@ def unigram_model(texts: Iterable[str]) -> Callable[[str], float]:
         return float(np.mean([-math.log2((counts[w] + 1) / (total + vocabulary)) for w in words])) if words else 0.0
     return bits_per_word
 
-# %% ../nbs/02_data.ipynb #0769a820
+# %% ../nbs/02_data.ipynb #5e84ad94
 DOMAIN_WEIGHTS = {"code": 0.6, "prose": 0.4}
 
 def mixture(bytes_by_domain: dict, weights: dict = DOMAIN_WEIGHTS) -> dict:
@@ -971,8 +1001,8 @@ def mixture(bytes_by_domain: dict, weights: dict = DOMAIN_WEIGHTS) -> dict:
 def curriculum_order(ids: list[str], difficulty: np.ndarray, buckets: int = 4) -> np.ndarray:
     "Indices: difficulty quartiles from easy to hard, a deterministic shuffle (by id) inside each."
     if len(ids) == 0: return np.zeros(0, np.int64)
-    quartile = np.minimum((np.argsort(np.argsort(difficulty)) * buckets) // len(ids), buckets - 1)
-    return np.array(sorted(range(len(ids)), key=lambda i: (quartile[i], ids[i])))
+    quartile = np.minimum((np.argsort(np.argsort(difficulty, kind="stable")) * buckets) // len(ids), buckets - 1)
+    return np.lexsort((np.asarray(ids), quartile))
 
 # %% ../nbs/02_data.ipynb #f7d7c44b
 def document_table(corpus):
@@ -985,12 +1015,13 @@ def document_table(corpus):
                                           distribution=batch["distribution"], bytes=[len(t.encode()) for t in batch["text"]])))
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["split", "domain", "kind", "license", "distribution", "bytes"])
 
-# %% ../nbs/02_data.ipynb #40672597
+# %% ../nbs/02_data.ipynb #004b0212
 def write_corpus(ds, out: Path) -> dict:
     "Split, score and order the documents; save the DatasetDict atomically; return per-split statistics."
     import datasets
     datasets.disable_progress_bars()  # the chapter's own output says what happened
-    splits = np.array([split_of(dict(heldout=h, id=i)) for h, i in zip(ds["heldout"], ds["id"])])
+    splits = np.array([split_of(dict(heldout=h, source=s, distribution=d, path=p))
+                       for h, s, d, p in zip(ds["heldout"], ds["source"], ds["distribution"], ds["path"])])
     parts = {name: ds.select(np.flatnonzero(splits == name)) for name in ("train", "val", "heldout")}
     score = unigram_model(t for batch in parts["train"].iter(batch_size=1024) for t in batch["text"])
     result = {}
@@ -1030,8 +1061,8 @@ def check_chain(ledgers: list[Ledger]):
         assert (ledger.in_docs, ledger.in_bytes) == (previous.out_docs, previous.out_bytes), (previous.step, ledger.step)
     return ledgers
 
-# %% ../nbs/02_data.ipynb #04e13472
-def write_report(run: Run, ledgers: list[Ledger], **measurements) -> dict:
+# %% ../nbs/02_data.ipynb #aec5bdd2
+def write_data_report(run: Run, ledgers: list[Ledger], **measurements) -> dict:
     "data_report.json: the ledgers (with scrubbed examples) and the chapter's measurements."
     steps = []
     for ledger in ledgers:
@@ -1050,13 +1081,13 @@ def write_heldout(run: Run, corpus) -> dict:
     atomic_write_json(run.artifact("data/heldout.json"), heldout)
     return heldout
 
-# %% ../nbs/02_data.ipynb #1ed27668
+# %% ../nbs/02_data.ipynb #fe49bb63
 def produce(run: Run):
     "Build data/ and data_report.json for `run` (what this chapter's notebook does)."
     work = run.path/".work-02_data"
     shutil.rmtree(work, ignore_errors=True)
     raw, acquisition, ingestion = ingest(catalog(run.cfg), run.cfg.data_mb * 1e6, work, run.artifact("data/raw_manifest.jsonl"))
-    licensed, license_ledger = license_step(raw, work)
+    licensed, license_ledger = license_step(raw, work, run.read_json("spec.json")["licensing"])
     deduped, exact_ledger = exact_dedup_step(licensed, work)
     quality, quality_ledger = quality_step(deduped, work)
     filtered, near_ledger = near_dedup_step(quality, work)
@@ -1070,7 +1101,7 @@ def produce(run: Run):
     pii_quality = pii_scores(shipped_jsonl("pii_planted.jsonl"))
     leaked = heldout_leaks(corpus)
     ledgers = check_chain([acquisition, ingestion, license_ledger, exact_ledger, quality_ledger, near_ledger, privacy_ledger])
-    write_report(run, ledgers, raw_text_mb=acquisition.kept_bytes / 1e6, splits=split_stats, mixture=mix, pii=pii_quality,
+    write_data_report(run, ledgers, raw_text_mb=acquisition.kept_bytes / 1e6, splits=split_stats, mixture=mix, pii=pii_quality,
                  heldout_leaked_documents=leaked, license_mix={k: int(v) for k, v in table.groupby("license")["bytes"].sum().items()})
     run.record(raw_text_mb=acquisition.kept_bytes / 1e6, pii_recall=pii_quality["overall"]["recall"],
                pii_precision=pii_quality["overall"]["precision"], heldout_leaked_documents=leaked)

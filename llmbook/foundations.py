@@ -31,7 +31,7 @@ USERS = {
     "operator": "runs the pipeline on GPUs at a bigger preset and ships the model with its report and safeguards",
 }
 
-# %% ../nbs/01_foundations.ipynb #eed96523
+# %% ../nbs/01_foundations.ipynb #f2e129f0
 @dataclass(frozen=True)
 class Task:
     "One kind of question the model must answer, with an example graded against the installation."
@@ -43,7 +43,7 @@ class Task:
 
 def first_line(obj) -> str:
     "The summary line of an object's docstring."
-    return (inspect.getdoc(obj) or "").strip().splitlines()[0]
+    return ((inspect.getdoc(obj) or "").strip().splitlines() or [""])[0]
 
 # %% ../nbs/01_foundations.ipynb #4bd6094b
 def default_tasks() -> list[Task]:

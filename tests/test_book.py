@@ -19,7 +19,7 @@ def test_presets_are_typed_and_overridable():
     assert list(PRESETS) == ["tiny", "cpu", "gpu", "multi-gpu"]
     cfg = make_preset("gpu", {"depth": "8", "compile": "no", "data_mb": "1.5", "hf_datasets": "a,b"})
     assert (cfg.depth, cfg.compile, cfg.data_mb, cfg.device) == (8, False, 1.5, "cuda")
-    assert parse_overrides("depth=2, seq_len=64") == {"depth": "2", "seq_len": "64"}
+    assert parse_overrides("depth=2 hf_datasets=a,b") == {"depth": "2", "hf_datasets": "a,b"}
     assert PRESETS["tiny"].depth < PRESETS["cpu"].depth < PRESETS["gpu"].depth < PRESETS["multi-gpu"].depth
 
 

@@ -74,6 +74,19 @@ def test_data_artifacts(tiny_run):
     assert sorted(heldout["ids"]) == sorted(corpus["heldout"]["id"])
 
 
+def test_tokenizer_artifacts(tiny_run):
+    run_dir, _, _ = tiny_run
+    from transformers import AutoTokenizer
+    from llmbook.modeling import load_tokenizer, open_tokens
+    auto = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
+    ours = load_tokenizer(run_dir / "tokenizer")
+    assert len(auto) == ours.vocab_size == open_run("tiny", run_dir).cfg.vocab_size
+    ids, index, meta = open_tokens(run_dir / "tokens", "train")
+    assert meta["tokenizer_sha256"] == sha256_file(run_dir / "tokenizer" / "bpe.json")
+    assert ids.max() < ours.vocab_size and len(index) == meta["splits"]["train"]["documents"]
+    assert "| tokenizer_parity | 3 | ≥ 1 | 1 | met |" in (run_dir / "report.md").read_text()
+
+
 def test_report_card(tiny_run):
     run_dir, _, _ = tiny_run
     report = (run_dir / "report.md").read_text()

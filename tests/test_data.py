@@ -42,6 +42,7 @@ def messy_corpus(tmp_path_factory):
     (src / "bad/dangling.py").symlink_to(src / "bad/nowhere.py")
     (src / "bad/loop_a.txt").symlink_to(src / "bad/loop_b.txt")
     (src / "bad/loop_b.txt").symlink_to(src / "bad/loop_a.txt")
+    os.mkfifo(src / "bad/pipe.txt")                                           # reading it would block forever
     link_bytes = {n: os.lstat(src / "bad" / n).st_size for n in ("dangling.py", "loop_a.txt", "loop_b.txt")}
     write(src / "bad/image.png", b"\x89PNG\r\n")                              # not a text suffix: never an item
     import pyarrow as pa
@@ -63,8 +64,8 @@ def test_malformed_input_is_counted_to_the_byte(messy_corpus, tmp_path):
     raw, acquisition, ingestion = D.ingest(sources, 1e12, tmp_path / "work", tmp_path / "manifest.jsonl")
     dropped = acquisition.dropped
     assert dropped["too large"] == [1, c["huge"]]
-    assert dropped["unreadable (missing)"] == [1, c["links"]["dangling.py"]]
-    assert dropped["unreadable (symbolic link loop)"] == [2, c["links"]["loop_a.txt"] + c["links"]["loop_b.txt"]]
+    assert dropped["unreadable (symbolic link (not followed))"] == [3, sum(c["links"].values())]
+    assert dropped["unreadable (not a regular file)"] == [1, 0]
     malformed = [k for k in dropped if k.startswith("unreadable (malformed dataset file after 0 rows")]
     assert len(malformed) == 1 and dropped[malformed[0]] == [1, c["truncated"]]
     assert ingestion.dropped == {"undecodable": [1, c["undecodable"]], "binary (NUL bytes)": [1, c["binary"]], "empty": [1, 0]}
@@ -77,7 +78,8 @@ def test_malformed_input_is_counted_to_the_byte(messy_corpus, tmp_path):
     assert "\x07" not in texts["docs/controls.txt"] and "\r" not in texts["docs/controls.txt"]
     assert "\ufffd" in texts["docs/almost.txt"]
     # the rest of the pipeline runs on it and every ledger chains to the next
-    licensed, l1 = D.license_step(raw, tmp_path / "work")
+    from llmbook.foundations import LICENSE_POLICY
+    licensed, l1 = D.license_step(raw, tmp_path / "work", LICENSE_POLICY)
     deduped, l2 = D.exact_dedup_step(licensed, tmp_path / "work")
     quality, l3 = D.quality_step(deduped, tmp_path / "work")
     near, l4 = D.near_dedup_step(quality, tmp_path / "work")
@@ -164,9 +166,24 @@ def test_heldout_and_splits():
     assert not D.is_heldout(D.Item("python", "numpy", "2", "fractions.py", "BSD-3-Clause", "py", 1, lambda: b""))
     sessions = next(D.expression_source(1, seed=5).items()).read().decode().splitlines()
     assert sessions and not any(D.expression_heldout(l[4:]) for l in sessions if l.startswith(">>> "))
-    splits = [D.split_of(dict(heldout=False, id=D.document_id(str(i)))) for i in range(4000)]
+    splits = [D.split_of(dict(heldout=False, source="python", distribution="x", path=f"m{i}.py")) for i in range(4000)]
     assert 0.03 < splits.count("val") / len(splits) < 0.07
     assert D.mixture({"code": 900, "prose": 100}, {"code": 0.5, "prose": 0.5})["epochs"] == {"code": 1.0, "prose": 9.0}
+
+
+def test_a_source_lost_to_the_license_policy_is_an_error(tmp_path):
+    from llmbook.foundations import LICENSE_POLICY
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("Some prose that nobody licensed, long enough to count as a document. " * 3)
+    raw, _, _ = D.ingest([D.directory_source(tmp_path / "docs")], 1e9, tmp_path / "work", tmp_path / "m.jsonl")
+    with pytest.raises(ValueError, match="dropped by the license policy"):
+        D.license_step(raw, tmp_path / "work", LICENSE_POLICY)
+
+
+def test_surrogate_escape_in_a_docstring(tmp_path):
+    (tmp_path / "m.py").write_text('def f():\n    """Lone \\ud800 surrogate."""\n    return 1\n' * 3)
+    raw, _, ingestion = D.ingest([D.directory_source(tmp_path, "MIT")], 1e9, tmp_path / "work", tmp_path / "m.jsonl")
+    assert ingestion.kept_docs == 1 and all("\ud800" not in t for t in raw["text"])
 
 
 def test_catalog_of_presets():
