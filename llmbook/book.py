@@ -39,7 +39,7 @@ from typing import Any
 
 from fastcore.basics import patch
 
-# %% ../nbs/00_book.ipynb #90f050c8
+# %% ../nbs/00_book.ipynb #c90fe044
 @dataclass(frozen=True)
 class Preset:
     "Every knob of a run, typed, in one place: chapters read their settings here and nowhere else."
@@ -61,6 +61,9 @@ class Preset:
     tokenizer_trainer: str = "ours"  # "ours" (from scratch, Python) or "hf" (HF tokenizers, Rust): same merges format
     depth: int = 2
     seq_len: int = 128
+    scaling_budgets: str = "1e11,3e11"   # FLOPs of the scaling-law pilots (Chapter 3), comma-separated
+    scaling_depths: str = "1,2,3"        # depths of the pilots
+    pilot_batch_size: int = 4            # sequences per step in pilots: small, so short runs still take many steps
     # training (Chapter 4)
     batch_size: int = 8
     train_tokens: int = 300_000
@@ -78,18 +81,20 @@ class Preset:
             if f.type in (int, float) and f.name not in ("gpus", "threads", "seed") and not value > 0:
                 raise ValueError(f"preset {self.name!r}: {f.name}={value!r} must be positive")
 
-# %% ../nbs/00_book.ipynb #f746f7e5
+# %% ../nbs/00_book.ipynb #30bb1c9e
 PRESETS = {
     "tiny": Preset("tiny"),
     "cpu": Preset("cpu", data_mb=64, vocab_size=8192, tokenizer_mb=16, depth=4, seq_len=256, batch_size=16,
-                  train_tokens=3_000_000),
+                  scaling_budgets="5e11,1.5e12,5e12", scaling_depths="1,2,3", train_tokens=3_000_000),
     "gpu": Preset("gpu", device="cuda", precision="bf16", compile=True, gpus=1, data_mb=2_000,
                   hf_datasets="HuggingFaceFW/fineweb-edu:sample-10BT|ODC-By-1.0", vocab_size=32_768, tokenizer_mb=500,
-                  tokenizer_trainer="hf", depth=12,
+                  tokenizer_trainer="hf", depth=12, scaling_budgets="3e17,1e18,3e18", scaling_depths="6,8,10,12,14",
+                  pilot_batch_size=32,
                   seq_len=1024, batch_size=64, train_tokens=2_000_000_000, usd_per_hour=3.0),
     "multi-gpu": Preset("multi-gpu", device="cuda", precision="bf16", compile=True, distributed="fsdp",
                         gpus=8, data_mb=20_000, hf_datasets="HuggingFaceFW/fineweb-edu:sample-10BT|ODC-By-1.0",
-                        vocab_size=32_768, tokenizer_mb=2_000, tokenizer_trainer="hf", depth=20, seq_len=2048, batch_size=256,
+                        vocab_size=32_768, tokenizer_mb=2_000, tokenizer_trainer="hf", depth=20,
+                        scaling_budgets="1e18,3e18,1e19", scaling_depths="10,14,18,22", pilot_batch_size=64, seq_len=2048, batch_size=256,
                         train_tokens=9_000_000_000, usd_per_hour=24.0),
 }
 
@@ -287,7 +292,7 @@ def load_safetensors(path: str | Path, expected_sha256: str | None = None, devic
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt") from None
 
-# %% ../nbs/00_book.ipynb #e1dc85e2
+# %% ../nbs/00_book.ipynb #e2d2909d
 @dataclass(frozen=True)
 class Chapter:
     "One chapter: its notebook, its module, and the artifacts it writes into the run directory."
@@ -305,7 +310,7 @@ class Chapter:
 CHAPTERS = (
     Chapter(1, "foundations", "Foundations", "01_foundations", ("spec.json", "risks.json", "budget.json")),
     Chapter(2, "data", "Data", "02_data", ("data", "data_report.json")),
-    Chapter(3, "modeling", "Modeling", "03_modeling", ("tokenizer", "tokens")),  # + scaling, recipe.json (part 2)
+    Chapter(3, "modeling", "Modeling", "03_modeling", ("tokenizer", "tokens", "scaling", "recipe.json")),
     Chapter(4, "training", "Training", "04_training", ("checkpoints", "model/base", "eval/base.json")),
     Chapter(5, "post_training", "Post-training", "05_post_training",
             ("model/sft", "model/dpo", "model/rl", "prm", "rag", "eval/post.json")),

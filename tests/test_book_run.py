@@ -87,6 +87,16 @@ def test_tokenizer_artifacts(tiny_run):
     assert "| tokenizer_parity | 3 | ≥ 1 | 1 | met |" in (run_dir / "report.md").read_text()
 
 
+def test_scaling_and_recipe_artifacts(tiny_run):
+    run_dir, _, _ = tiny_run
+    from llmbook.modeling import load_recipe
+    recipe, choice = load_recipe(run_dir / "recipe.json")
+    fit = json.loads((run_dir / "scaling" / "fit.json").read_text())
+    pilots = json.loads((run_dir / "scaling" / "pilots.json").read_text())
+    assert fit["choice"] == choice and recipe.optimizer in ("adamw", "muon") and choice["loss"] > 0
+    assert len(pilots) == 6 and all(p["val_loss"] > 0 for p in pilots)
+
+
 def test_report_card(tiny_run):
     run_dir, _, _ = tiny_run
     report = (run_dir / "report.md").read_text()
