@@ -39,7 +39,7 @@ from typing import Any
 
 from fastcore.basics import patch
 
-# %% ../nbs/00_book.ipynb #c90fe044
+# %% ../nbs/00_book.ipynb #d6816809
 @dataclass(frozen=True)
 class Preset:
     "Every knob of a run, typed, in one place: chapters read their settings here and nowhere else."
@@ -67,6 +67,10 @@ class Preset:
     # training (Chapter 4)
     batch_size: int = 8
     train_tokens: int = 300_000
+    ablation_seconds: float = 8.0        # wall-clock of each ablation run
+    checkpoint_every: int = 50           # optimizer steps between checkpoints
+    keep_checkpoints: int = 3
+    eval_tokens: int = 50_000            # at most this many tokens per domain in each evaluation
     # money (Chapter 1's budget)
     usd_per_hour: float = 0.10     # price of the machine this preset targets
 
@@ -81,19 +85,22 @@ class Preset:
             if f.type in (int, float) and f.name not in ("gpus", "threads", "seed") and not value > 0:
                 raise ValueError(f"preset {self.name!r}: {f.name}={value!r} must be positive")
 
-# %% ../nbs/00_book.ipynb #30bb1c9e
+# %% ../nbs/00_book.ipynb #723db188
 PRESETS = {
     "tiny": Preset("tiny"),
     "cpu": Preset("cpu", data_mb=64, vocab_size=8192, tokenizer_mb=16, depth=4, seq_len=256, batch_size=16,
-                  scaling_budgets="5e11,1.5e12,5e12", scaling_depths="1,2,3", train_tokens=3_000_000),
+                  scaling_budgets="3e11,1e12,3e12", scaling_depths="1,2,3", train_tokens=750_000,
+                  ablation_seconds=60, checkpoint_every=200, eval_tokens=200_000),
     "gpu": Preset("gpu", device="cuda", precision="bf16", compile=True, gpus=1, data_mb=2_000,
                   hf_datasets="HuggingFaceFW/fineweb-edu:sample-10BT|ODC-By-1.0", vocab_size=32_768, tokenizer_mb=500,
                   tokenizer_trainer="hf", depth=12, scaling_budgets="3e17,1e18,3e18", scaling_depths="6,8,10,12,14",
                   pilot_batch_size=32,
-                  seq_len=1024, batch_size=64, train_tokens=2_000_000_000, usd_per_hour=3.0),
+                  seq_len=1024, batch_size=64, train_tokens=2_000_000_000, ablation_seconds=600, checkpoint_every=1000,
+                  eval_tokens=2_000_000, usd_per_hour=3.0),
     "multi-gpu": Preset("multi-gpu", device="cuda", precision="bf16", compile=True, distributed="fsdp",
                         gpus=8, data_mb=20_000, hf_datasets="HuggingFaceFW/fineweb-edu:sample-10BT|ODC-By-1.0",
-                        vocab_size=32_768, tokenizer_mb=2_000, tokenizer_trainer="hf", depth=20,
+                        vocab_size=32_768, tokenizer_mb=2_000, tokenizer_trainer="hf", depth=20, ablation_seconds=600,
+                        checkpoint_every=1000, eval_tokens=5_000_000,
                         scaling_budgets="1e18,3e18,1e19", scaling_depths="10,14,18,22", pilot_batch_size=64, seq_len=2048, batch_size=256,
                         train_tokens=9_000_000_000, usd_per_hour=24.0),
 }

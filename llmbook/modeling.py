@@ -9,11 +9,11 @@ __all__ = ['GPT4_SPLIT_PATTERN', 'SPECIAL_TOKENS', 'ENDOFTEXT', 'END_OF_TURN', '
            'unigram_tokenizer', 'bytes_per_token', 'render_chat', 'to_transformers', 'save_tokenizer', 'load_tokenizer',
            'token_dtype', 'write_tokens', 'open_tokens', 'epoch_order', 'PackedLoader', 'packing_efficiency',
            'ModelConfig', 'RMSNorm', 'rope_tables', 'apply_rope', 'KVCache', 'Attention', 'MLP', 'Experts',
-           'MixtureOfExperts', 'Block', 'Transformer', 'generate', 'hf_config', 'to_hf', 'from_hf', 'save_hf',
-           'newton_schulz', 'MuonAdamW', 'Recipe', 'make_optimizer', 'lr_multiplier', 'autocast', 'train_step',
-           'evaluate', 'train', 'pilot_grid', 'run_pilots', 'fit_scaling_law', 'predicted_loss', 'compute_optimal',
-           'save_scaling', 'lr_sweep', 'write_recipe', 'load_recipe', 'distributed_check', 'single_process_reference',
-           'launch_distributed_check', 'produce']
+           'MixtureOfExperts', 'Block', 'Transformer', 'chunked_cross_entropy', 'generate', 'hf_config', 'to_hf',
+           'from_hf', 'save_hf', 'newton_schulz', 'MuonAdamW', 'Recipe', 'make_optimizer', 'lr_multiplier', 'autocast',
+           'train_step', 'evaluate', 'train', 'pilot_grid', 'run_pilots', 'fit_scaling_law', 'predicted_loss',
+           'compute_optimal', 'save_scaling', 'lr_sweep', 'write_recipe', 'load_recipe', 'distributed_check',
+           'single_process_reference', 'launch_distributed_check', 'produce']
 
 # %% ../nbs/03_modeling.ipynb #587805c7
 import collections
@@ -607,9 +607,9 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-# %% ../nbs/03_modeling.ipynb #629b53c0
+# %% ../nbs/03_modeling.ipynb #f7f11277
 class Transformer(nn.Module):
-    "The decoder-only transformer. `model(idx)` → logits; `model(idx, targets)` → (logits, loss)."
+    "The decoder-only transformer. `model(idx)` → logits; `model(idx, targets)` → (None, loss)."
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.config = c
@@ -630,7 +630,17 @@ class Transformer(nn.Module):
         for name in ("o_proj", "down_proj"):
             if isinstance(getattr(module, name, None), nn.Linear): nn.init.normal_(getattr(module, name).weight, 0.0, std / math.sqrt(2 * self.config.n_layer))
 
-# %% ../nbs/03_modeling.ipynb #5c72f6e1
+# %% ../nbs/03_modeling.ipynb #323cdf17
+def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = 16 << 20) -> torch.Tensor:
+    "Mean cross-entropy of head(hidden) against targets (−100 ignored), over chunks of rows on CPU."
+    rows = hidden.shape[0] if hidden.is_cuda else max(1, chunk_bytes // (4 * head.weight.shape[0]))
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], rows):
+        logits = head(hidden[start:start + rows]).float()
+        total = total + F.cross_entropy(logits, targets[start:start + rows], ignore_index=-100, reduction="sum")
+    return total / (targets != -100).sum().clamp(min=1)
+
+# %% ../nbs/03_modeling.ipynb #ecca71af
 @patch
 def rope(self: Transformer, start: int, t: int, device):
     "cos, sin for positions start … start + t − 1 (tables cached per length and device)."
@@ -642,17 +652,18 @@ def rope(self: Transformer, start: int, t: int, device):
 
 @patch
 def forward(self: Transformer, idx, targets=None, cache: KVCache | None = None):
+    "Logits; or, with targets, (None, loss) — the loss computed without materializing all logits at once."
     start = cache.length if cache is not None else 0
     cos, sin = self.rope(start, idx.shape[1], idx.device)
     x = self.embed_tokens(idx)
     for i, layer in enumerate(self.layers): x = layer(x, cos, sin, cache, i)
     if cache is not None: cache.length += idx.shape[1]
-    logits = self.lm_head(self.norm(x))
-    if targets is None: return logits
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    x = self.norm(x)
+    if targets is None: return self.lm_head(x)
+    loss = chunked_cross_entropy(self.lm_head, x.flatten(0, 1), targets.flatten())
     if self.config.n_experts:
         loss = loss + self.config.aux_loss_weight * sum(layer.mlp.aux_loss for layer in self.layers) / len(self.layers)
-    return logits, loss
+    return None, loss
 
 # %% ../nbs/03_modeling.ipynb #1cd75b84
 @torch.no_grad()
@@ -816,14 +827,15 @@ def lr_multiplier(step: int, total: int, recipe: Recipe) -> float:
     if step < decay_start: return 1.0
     return 1 - (1 - recipe.final_lr_frac) * (step - decay_start) / max(1, total - decay_start)
 
-# %% ../nbs/03_modeling.ipynb #a8f06107
+# %% ../nbs/03_modeling.ipynb #5771dd5f
 def autocast(recipe: Recipe, device: str):
     "The precision policy: bf16 autocast when asked (GPUs), nothing otherwise."
     return torch.autocast(device, dtype=torch.bfloat16, enabled=recipe.precision == "bf16")
 
-def train_step(model, optimizer, batches: Sequence, recipe: Recipe, step: int, total: int, device: str = "cpu") -> dict:
-    "One optimizer step over `recipe.accumulation` micro-batches; returns loss and gradient norm."
-    for group in optimizer.param_groups: group["lr"] = group["base_lr"] * lr_multiplier(step, total, recipe)
+def train_step(model, optimizer, batches: Sequence, recipe: Recipe, step: int, total: int, device: str = "cpu",
+               lr_scale: float = 1.0) -> dict:
+    "One optimizer step over `recipe.accumulation` micro-batches; a non-finite gradient skips the update."
+    for group in optimizer.param_groups: group["lr"] = group["base_lr"] * lr_multiplier(step, total, recipe) * lr_scale
     loss_sum = 0.0
     for x, y in batches:
         with autocast(recipe, device):
@@ -832,9 +844,10 @@ def train_step(model, optimizer, batches: Sequence, recipe: Recipe, step: int, t
         loss_sum += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP2: a DTensor
-    optimizer.step()
+    finite = math.isfinite(grad_norm) and math.isfinite(loss_sum)
+    if finite: optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return dict(loss=loss_sum / len(batches), grad_norm=grad_norm)
+    return dict(loss=loss_sum / len(batches), grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"], skipped=not finite)
 
 # %% ../nbs/03_modeling.ipynb #f704feae
 @torch.no_grad()

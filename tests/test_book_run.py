@@ -97,6 +97,19 @@ def test_scaling_and_recipe_artifacts(tiny_run):
     assert len(pilots) == 6 and all(p["val_loss"] > 0 for p in pilots)
 
 
+def test_training_artifacts(tiny_run):
+    run_dir, _, _ = tiny_run
+    from transformers import AutoModelForCausalLM
+    from llmbook.training import checkpoints, verify_checkpoint
+    evaluation = json.loads((run_dir / "eval" / "base.json").read_text())
+    assert evaluation["resume"]["identical"] and evaluation["val"]["all"]["bits_per_byte"] < evaluation["baselines"]["unigram"]
+    assert {"multiple_choice", "signature", "expressions", "induction"} <= set(evaluation["harness"])
+    newest = checkpoints(run_dir / "checkpoints")[0]
+    assert verify_checkpoint(newest)["step"] == evaluation["pretraining"]["steps"]
+    assert len(checkpoints(run_dir / "checkpoints")) <= 3
+    assert type(AutoModelForCausalLM.from_pretrained(run_dir / "model" / "base")).__name__ == "Qwen3ForCausalLM"
+
+
 def test_report_card(tiny_run):
     run_dir, _, _ = tiny_run
     report = (run_dir / "report.md").read_text()

@@ -1,0 +1,142 @@
+"""Chapter 4, training: exact resume after SIGKILL, corrupt-checkpoint fallback, NaN rollback, metrics on resume,
+and the evaluation harness on hand-checked examples."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from llmbook import modeling as M
+from llmbook import training as T
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    "A tokenizer and token files of a small synthetic corpus."
+    import datasets
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "value", "(", ")", ":", "\n", "    ", "x", "y", "+", "1"]
+    tok = M.BPETokenizer(M.train_bpe(M.count_chunks([" ".join(words) * 30]), 40))
+    docs = [dict(text=" ".join(rng.choice(words, rng.integers(30, 300))), domain=["code", "prose"][i % 2]) for i in range(120)]
+    corpus = datasets.DatasetDict(train=datasets.Dataset.from_list(docs), val=datasets.Dataset.from_list(docs[:10]))
+    directory = tmp_path_factory.mktemp("toy") / "tokens"
+    M.write_tokens(corpus, tok, directory, "digest")
+    return tok, directory
+
+
+def trainer(tok, directory, out, steps=12, **kw):
+    torch.manual_seed(0)
+    return T.Trainer(M.Transformer(M.ModelConfig.from_depth(1, tok.vocab_size, 32)), M.Recipe(), directory, out, steps, 2, 32,
+                     checkpoint_every=4, tensorboard=False, **kw)
+
+
+def test_exact_resume_after_sigkill(toy, tmp_path):
+    tok, directory = toy
+    result = T.exact_resume_check(directory, tmp_path, tok.vocab_size, steps=30, kill_after_checkpoints=3, seq_len=32)
+    assert result["identical"], result
+
+
+def test_corrupt_checkpoint_falls_back(toy, tmp_path):
+    tok, directory = toy
+    trainer(tok, directory, tmp_path).fit(progress=False)
+    newest, previous = T.checkpoints(tmp_path)[:2]
+    (newest / "optimizer.safetensors").write_bytes(b"truncated")
+    messages = []
+    again = trainer(tok, directory, tmp_path)
+    assert again.load_latest(messages.append) and again.step == int(previous.name.split("-")[1])
+    assert "optimizer.safetensors does not match its sha256" in messages[0]
+    (previous / "manifest.json").unlink()
+    with pytest.raises(T.CorruptCheckpoint, match="no readable manifest"):
+        T.verify_checkpoint(previous)
+
+
+def test_checkpoint_of_another_run_is_not_resumed(toy, tmp_path):
+    tok, directory = toy
+    trainer(tok, directory, tmp_path, steps=8).fit(progress=False)
+    messages = []
+    assert not trainer(tok, directory, tmp_path, steps=9).load_latest(messages.append)
+    assert "belongs to another run" in messages[0]
+
+
+def test_nan_rolls_back_and_backs_off(toy, tmp_path):
+    tok, directory = toy
+    t = trainer(tok, directory, tmp_path, steps=14)
+    t.inject_nan_at = 6
+    summary = t.fit(progress=False, log=lambda m: None)
+    assert summary["rollbacks"] == 1 and t.lr_scale == 0.5 and summary["steps"] == 14
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+    assert [e["event"] for e in summary["events"]] == ["non-finite"]
+
+
+def test_metrics_are_cut_back_to_the_resumed_step(toy, tmp_path):
+    tok, directory = toy
+    trainer(tok, directory, tmp_path, steps=12).fit(progress=False)
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 99, "loss": 1.0}\n{"step": 100, "lo')       # what a killed run could leave
+    t = trainer(tok, directory, tmp_path, steps=12)
+    t.load_latest(); t._start_logging()
+    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
+def test_optimizer_state_round_trip():
+    model = M.Transformer(M.ModelConfig.from_depth(1, 100, 16))
+    opt = M.make_optimizer(model, M.Recipe())
+    x = torch.randint(0, 100, (2, 16))
+    M.train_step(model, opt, [(x, x)], M.Recipe(), 0, 5)
+    tensors, rest = T.optimizer_tensors(opt)
+    fresh = M.make_optimizer(model, M.Recipe())
+    T.restore_optimizer(fresh, tensors, json.loads(json.dumps(rest)))   # the JSON part goes through state.json
+    restored, original = fresh.state_dict(), opt.state_dict()
+    assert restored["param_groups"] == original["param_groups"] and restored["state"].keys() == original["state"].keys()
+    for i, entry in original["state"].items():
+        assert entry.keys() == restored["state"][i].keys()
+        assert all(torch.equal(v, restored["state"][i][k]) if torch.is_tensor(v) else v == restored["state"][i][k] for k, v in entry.items())
+
+
+class Oracle(nn.Module):
+    "A stub language model: it predicts the next token of any of `sequences` whose prefix it is given, else nothing."
+    def __init__(self, vocab_size, sequences):
+        super().__init__()
+        self.vocab_size, self.sequences = vocab_size, [list(s) for s in sequences]
+        self.lm_head = nn.Linear(1, 1)                       # generate() reads the dtype from here
+        self.config = M.ModelConfig.from_depth(1, vocab_size, 512)
+
+    def forward(self, idx, targets=None, cache=None):
+        full = idx
+        if cache is not None:                                # with a KV cache only new tokens come in: keep the history
+            full = self.history = idx if cache.length == 0 else torch.cat([self.history, idx], 1)
+            cache.length += idx.shape[1]
+        logits = torch.zeros(full.shape[0], full.shape[1], self.vocab_size)
+        for b, row in enumerate(full.tolist()):
+            for s in self.sequences:
+                if s[:len(row)] == row:
+                    for i in range(len(row)):
+                        if i + 1 < len(s): logits[b, i, s[i + 1]] = 20.0
+        return logits[:, -idx.shape[1]:]
+
+
+def test_harness_on_hand_checked_examples(toy):
+    tok, _ = toy
+    document = ("mod\nA module.\n\nmod.add(a, b)\nReturn the sum of a and b.\n\nmod.neg(x)\nReturn minus x, always.\n\n"
+                "mod.Box\nA class.\n\nmod.Box.open(self)\nOpen the box now please.\n\nmod.mul(a, b)\nMultiply two numbers together.")
+    entries = T.api_entries([document])
+    assert [(e["name"], e["signature"]) for e in entries] == [("mod.add", "(a, b)"), ("mod.neg", "(x)"), ("mod.Box.open", "(self)"), ("mod.mul", "(a, b)")]
+    bos = tok.special_tokens[M.ENDOFTEXT]
+    knows = [[bos] + tok.encode_ordinary(f"{e['name']}{e['signature']}\n{e['summary']}") for e in entries]
+    result = T.multiple_choice(Oracle(tok.vocab_size, knows), tok, entries, n_choices=4)
+    assert result == dict(accuracy=1.0, items=4, chance=0.25)
+    assert T.multiple_choice(Oracle(tok.vocab_size, []), tok, entries, n_choices=4)["accuracy"] <= 1.0
+    line = [bos] + tok.encode_ordinary("mod.add(a, b)\nnext")
+    assert T.greedy_line(Oracle(tok.vocab_size, [line]), tok, "mod.add(") == "a, b)"
+    assert T.signature_completion(Oracle(tok.vocab_size, [line]), tok, entries[:1])["accuracy"] == 1.0
+    from llmbook.data import expression_heldout
+    assert all(expression_heldout(e) for e in T.heldout_expressions(20))
+
+
+def test_ngram_baselines_and_units(toy):
+    tok, directory = toy
+    b = T.ngram_baselines(directory, tok.vocab_size)
+    assert b["bigram"] < b["unigram"]
+    assert T.bits_per_byte(np.log(2), 1.0) == pytest.approx(1.0)   # ln 2 nats per token at one token per byte: one bit per byte
