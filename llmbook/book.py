@@ -12,8 +12,9 @@ __all__ = ['PRESETS', 'CHAPTERS', 'Preset', 'parse_overrides', 'make_preset', 't
            'open_chapter', 'environment', 'target_status', 'write_report', 'kernel_for_this_python', 'ChapterFailed',
            'failing_line', 'execute_chapter', 'run_lock', 'run_book', 'chapter_notebook', 'render_readme', 'main']
 
-# %% ../nbs/00_book.ipynb #84ccd23a
+# %% ../nbs/00_book.ipynb #60802d6a
 import argparse
+import atexit
 import base64
 import contextlib
 import dataclasses
@@ -39,7 +40,7 @@ from typing import Any
 
 from fastcore.basics import patch
 
-# %% ../nbs/00_book.ipynb #d6816809
+# %% ../nbs/00_book.ipynb #86e55cb7
 @dataclass(frozen=True)
 class Preset:
     "Every knob of a run, typed, in one place: chapters read their settings here and nowhere else."
@@ -71,6 +72,11 @@ class Preset:
     checkpoint_every: int = 50           # optimizer steps between checkpoints
     keep_checkpoints: int = 3
     eval_tokens: int = 50_000            # at most this many tokens per domain in each evaluation
+    # post-training (Chapter 5)
+    instruction_expressions: int = 2_000  # expression questions generated for the instruction data
+    sft_steps: int = 300
+    preference_steps: int = 60           # steps of DPO, and of the reward model
+    rl_steps: int = 20                   # GRPO steps (16 questions × 16 sampled answers each)
     # money (Chapter 1's budget)
     usd_per_hour: float = 0.10     # price of the machine this preset targets
 
@@ -85,22 +91,25 @@ class Preset:
             if f.type in (int, float) and f.name not in ("gpus", "threads", "seed") and not value > 0:
                 raise ValueError(f"preset {self.name!r}: {f.name}={value!r} must be positive")
 
-# %% ../nbs/00_book.ipynb #723db188
+# %% ../nbs/00_book.ipynb #b3322356
 PRESETS = {
     "tiny": Preset("tiny"),
     "cpu": Preset("cpu", data_mb=64, vocab_size=8192, tokenizer_mb=16, depth=4, seq_len=256, batch_size=16,
                   scaling_budgets="3e11,1e12,3e12", scaling_depths="1,2,3", train_tokens=750_000,
-                  ablation_seconds=60, checkpoint_every=200, eval_tokens=200_000),
+                  ablation_seconds=60, checkpoint_every=200, eval_tokens=200_000,
+                  instruction_expressions=4_000, sft_steps=1_500, preference_steps=200, rl_steps=150),
     "gpu": Preset("gpu", device="cuda", precision="bf16", compile=True, gpus=1, data_mb=2_000,
                   hf_datasets="HuggingFaceFW/fineweb-edu:sample-10BT|ODC-By-1.0", vocab_size=32_768, tokenizer_mb=500,
                   tokenizer_trainer="hf", depth=12, scaling_budgets="3e17,1e18,3e18", scaling_depths="6,8,10,12,14",
                   pilot_batch_size=32,
                   seq_len=1024, batch_size=64, train_tokens=2_000_000_000, ablation_seconds=600, checkpoint_every=1000,
-                  eval_tokens=2_000_000, usd_per_hour=3.0),
+                  eval_tokens=2_000_000, usd_per_hour=3.0,
+                  instruction_expressions=20_000, sft_steps=5_000, preference_steps=1_000, rl_steps=500),
     "multi-gpu": Preset("multi-gpu", device="cuda", precision="bf16", compile=True, distributed="fsdp",
                         gpus=8, data_mb=20_000, hf_datasets="HuggingFaceFW/fineweb-edu:sample-10BT|ODC-By-1.0",
                         vocab_size=32_768, tokenizer_mb=2_000, tokenizer_trainer="hf", depth=20, ablation_seconds=600,
-                        checkpoint_every=1000, eval_tokens=5_000_000,
+                        checkpoint_every=1000, eval_tokens=5_000_000, instruction_expressions=20_000, sft_steps=5_000,
+                        preference_steps=1_000, rl_steps=500,
                         scaling_budgets="1e18,3e18,1e19", scaling_depths="10,14,18,22", pilot_batch_size=64, seq_len=2048, batch_size=256,
                         train_tokens=9_000_000_000, usd_per_hour=24.0),
 }
@@ -299,7 +308,7 @@ def load_safetensors(path: str | Path, expected_sha256: str | None = None, devic
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt") from None
 
-# %% ../nbs/00_book.ipynb #e2d2909d
+# %% ../nbs/00_book.ipynb #6e880fd5
 @dataclass(frozen=True)
 class Chapter:
     "One chapter: its notebook, its module, and the artifacts it writes into the run directory."
@@ -320,7 +329,7 @@ CHAPTERS = (
     Chapter(3, "modeling", "Modeling", "03_modeling", ("tokenizer", "tokens", "scaling", "recipe.json")),
     Chapter(4, "training", "Training", "04_training", ("checkpoints", "model/base", "eval/base.json")),
     Chapter(5, "post_training", "Post-training", "05_post_training",
-            ("model/sft", "model/dpo", "model/rl", "prm", "rag", "eval/post.json")),
+            ("model/sft", "model/dpo", "model/rl", "eval/post.json")),   # the second half adds prm/ and rag/
     Chapter(6, "specialization", "Specialization", "06_specialization",
             ("model/long", "adapters", "model/compressed")),
     Chapter(7, "deployment", "Deployment", "07_deployment", ("release", "serve")),
@@ -698,7 +707,7 @@ def write_report(run: Run) -> tuple[Path, Path]:
     atomic_write_text(run.report_html, _render_html(blocks))
     return run.report_md, run.report_html
 
-# %% ../nbs/00_book.ipynb #870bdad1
+# %% ../nbs/00_book.ipynb #21a6a848
 _KERNEL_DIR: Path | None = None
 
 def kernel_for_this_python() -> str:
@@ -707,6 +716,7 @@ def kernel_for_this_python() -> str:
     name = "llmbook-" + sha256_bytes(sys.executable.encode())[:10]
     if _KERNEL_DIR is None:
         _KERNEL_DIR = Path(tempfile.mkdtemp(prefix="llmbook-kernels-"))
+        atexit.register(shutil.rmtree, _KERNEL_DIR, ignore_errors=True)
         spec = dict(argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
                           "--IPKernelApp.log_level=ERROR"],  # not the warning about TCP on localhost
                     display_name=f"Python ({sys.executable})", language="python", metadata=dict(debugger=False))

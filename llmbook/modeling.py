@@ -640,7 +640,7 @@ def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.
         total = total + F.cross_entropy(logits, targets[start:start + rows], ignore_index=-100, reduction="sum")
     return total / (targets != -100).sum().clamp(min=1)
 
-# %% ../nbs/03_modeling.ipynb #ecca71af
+# %% ../nbs/03_modeling.ipynb #719012ef
 @patch
 def rope(self: Transformer, start: int, t: int, device):
     "cos, sin for positions start … start + t − 1 (tables cached per length and device)."
@@ -651,28 +651,34 @@ def rope(self: Transformer, start: int, t: int, device):
     return cos[start:start + t], sin[start:start + t]
 
 @patch
-def forward(self: Transformer, idx, targets=None, cache: KVCache | None = None):
-    "Logits; or, with targets, (None, loss) — the loss computed without materializing all logits at once."
+def hidden_states(self: Transformer, idx, cache: KVCache | None = None):
+    "The final (normalized) hidden states, (batch, t, n_embd): what the head reads — and a reward model's features."
     start = cache.length if cache is not None else 0
     cos, sin = self.rope(start, idx.shape[1], idx.device)
     x = self.embed_tokens(idx)
     for i, layer in enumerate(self.layers): x = layer(x, cos, sin, cache, i)
     if cache is not None: cache.length += idx.shape[1]
-    x = self.norm(x)
+    return self.norm(x)
+
+@patch
+def forward(self: Transformer, idx, targets=None, cache: KVCache | None = None):
+    "Logits; or, with targets, (None, loss) — the loss computed without materializing all logits at once."
+    x = self.hidden_states(idx, cache)
     if targets is None: return self.lm_head(x)
     loss = chunked_cross_entropy(self.lm_head, x.flatten(0, 1), targets.flatten())
     if self.config.n_experts:
         loss = loss + self.config.aux_loss_weight * sum(layer.mlp.aux_loss for layer in self.layers) / len(self.layers)
     return None, loss
 
-# %% ../nbs/03_modeling.ipynb #1cd75b84
+# %% ../nbs/03_modeling.ipynb #8d4e3d86
 @torch.no_grad()
 def generate(model: Transformer, idx, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              stop: Sequence[int] = (), generator: torch.Generator | None = None):
-    "Continue `idx` (batch, t) by up to `max_new_tokens` tokens."
+    "Continue `idx` (batch, t) by up to `max_new_tokens` tokens; stops once every row has emitted a `stop` token."
     model.eval()
     cache = KVCache(model.config, idx.shape[0], idx.shape[1] + max_new_tokens, idx.device, model.lm_head.weight.dtype)
     logits, out = model(idx, cache=cache)[:, -1], idx
+    stop, finished = torch.tensor(list(stop), dtype=torch.long, device=idx.device), torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         if temperature == 0: token = logits.argmax(-1, keepdim=True)
         else:
@@ -680,7 +686,8 @@ def generate(model: Transformer, idx, max_new_tokens: int, temperature: float = 
             if top_k: scaled[scaled < scaled.topk(top_k, -1).values[:, -1:]] = -math.inf
             token = torch.multinomial(F.softmax(scaled, -1), 1, generator=generator)
         out = torch.cat([out, token], dim=1)
-        if stop and all(t in stop for t in token[:, 0].tolist()): break
+        finished |= torch.isin(token[:, 0], stop)
+        if finished.all(): break
         logits = model(token, cache=cache)[:, -1]
     return out
 

@@ -110,6 +110,35 @@ def test_training_artifacts(tiny_run):
     assert type(AutoModelForCausalLM.from_pretrained(run_dir / "model" / "base")).__name__ == "Qwen3ForCausalLM"
 
 
+def test_post_training_artifacts(tiny_run):
+    run_dir, _, _ = tiny_run
+    from transformers import AutoModelForCausalLM
+    post = json.loads((run_dir / "eval" / "post.json").read_text())
+    table = post["before_after"]
+    assert set(table) >= {"base", "SFT", "DPO", "RL"}
+    assert table["SFT"]["exact_match"]["all"] > table["base"]["exact_match"]["all"]
+    assert post["parity"]["sft"]["same_tokens"] and post["parity"]["sft"]["difference"] < 1e-5
+    assert post["parity"]["dpo"]["difference"] < 2e-3
+    for name in ("sft", "dpo", "rl"):
+        assert type(AutoModelForCausalLM.from_pretrained(run_dir / "model" / name)).__name__ == "Qwen3ForCausalLM"
+
+
+def test_post_training_through_the_package(tiny_run, tmp_path):
+    "What a later chapter does on a run directory without Chapter 5: `post_training.produce` writes its outputs."
+    import shutil
+    from llmbook import post_training
+    from llmbook.book import chapter_status, start_chapter
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_run[0], run_dir, ignore=shutil.ignore_patterns("sft", "dpo", "rl", "post.json", "05_*"))
+    run = open_run("tiny", run_dir).for_chapter(5)
+    assert not chapter_status(run, run.chapter)[0]
+    start_chapter(run)
+    post_training.produce(run)
+    run.finish(how="package")
+    assert chapter_status(run, run.chapter)[0]
+    assert json.loads((run_dir / "eval" / "post.json").read_text())["before_after"]["SFT"]["exact_match"]["all"] > 0
+
+
 def test_report_card(tiny_run):
     run_dir, _, _ = tiny_run
     report = (run_dir / "report.md").read_text()
