@@ -969,7 +969,7 @@ def load_recipe(path: Path) -> tuple[Recipe, dict]:
     recipe = spec["recipe"]
     return Recipe(**{**recipe, "betas": tuple(recipe["betas"])}), spec["model"]
 
-# %% ../nbs/03_modeling.ipynb #743f301f
+# %% ../nbs/03_modeling.ipynb #075cbd8e
 def distributed_check(tokens_dir: str, out: str, depth: int, vocab_size: int, seq_len: int, batch_size: int, steps: int):
     "Run under torchrun: losses of DDP and FSDP2 training, and their checkpoints, for comparison with one process."
     import torch.distributed as dist
@@ -998,6 +998,7 @@ def distributed_check(tokens_dir: str, out: str, depth: int, vocab_size: int, se
             save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}, f"{out}/{mode}.safetensors")
             results[mode] = losses
     if rank == 0: atomic_write_json(Path(out)/"losses.json", results)
+    dist.barrier()                 # no rank tears gloo down while another still writes
     dist.destroy_process_group()
 
 # %% ../nbs/03_modeling.ipynb #fad71e29
@@ -1027,7 +1028,7 @@ def _main(argv: Sequence[str] | None = None):
 
 if __name__ == "__main__" and "ipykernel" not in sys.modules: _main()
 
-# %% ../nbs/03_modeling.ipynb #c72ecfca
+# %% ../nbs/03_modeling.ipynb #65cdc29e
 def launch_distributed_check(tokens_dir: Path, out: Path, nproc: int = 2, **sizes) -> dict:
     "torchrun the check on `nproc` processes; return its losses (raises with its output if it fails)."
     import subprocess, sys
@@ -1036,9 +1037,11 @@ def launch_distributed_check(tokens_dir: Path, out: Path, nproc: int = 2, **size
             "distributed-check", "--tokens-dir", str(tokens_dir), "--out", str(out)]
     args += [a for k, v in sizes.items() for a in (f"--{k.replace('_', '-')}", str(v))]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(args, capture_output=True, text=True, env=env)
-    if result.returncode: raise RuntimeError(f"torchrun failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return load_json(out/"losses.json")
+    for attempt in range(2):   # gloo can abort at process exit ("terminate called without an active exception")
+        (out/"losses.json").unlink(missing_ok=True)
+        result = subprocess.run(args, capture_output=True, text=True, env=env)
+        if (out/"losses.json").exists(): return load_json(out/"losses.json")   # rank 0 writes it after every collective step
+    raise RuntimeError(f"torchrun failed ({result.returncode}):\n{result.stderr[-3000:]}")
 
 # %% ../nbs/03_modeling.ipynb #aac1ad9a
 def produce(run: Run):

@@ -144,12 +144,12 @@ def sft(model, tok: BPETokenizer, conversations: list[list[dict]], steps: int, p
     model.eval()
     return log
 
-# %% ../nbs/05_post_training.ipynb #2f916815
+# %% ../nbs/05_post_training.ipynb #8ebdf10d
 def sft_parity(model: Transformer, tok: BPETokenizer, conversations: list[list[dict]], scratch: Path) -> dict:
     "Our SFT loss and TRL's `SFTTrainer` loss on the same conversations (as one batch)."
     import datasets
     from trl import SFTConfig, SFTTrainer
-    args = SFTConfig(output_dir=str(scratch), assistant_only_loss=True, use_cpu=True, report_to=[], max_length=1 << 16,
+    args = SFTConfig(output_dir=str(scratch), assistant_only_loss=True, use_cpu=True, bf16=False, report_to=[], max_length=1 << 16,
                      per_device_train_batch_size=len(conversations), logging_strategy="no", save_strategy="no")
     trainer = SFTTrainer(model=to_hf(model.cpu()).train(), args=args, processing_class=to_transformers(tok),
                          train_dataset=datasets.Dataset.from_list([dict(messages=c) for c in conversations]))
@@ -191,7 +191,7 @@ def exact_match(model, tok: BPETokenizer, tasks: list[dict], shots: Sequence[dic
         hits[t["kind"]].append(s == t["answer"]); hits["all"].append(s == t["answer"])
     return dict({k: float(np.mean(v)) for k, v in hits.items()}, answers=said)
 
-# %% ../nbs/05_post_training.ipynb #a24ded22
+# %% ../nbs/05_post_training.ipynb #0d9efcf7
 def steps_per_second(train_one_step, steps: int) -> float:
     "Median rate of `train_one_step()` over `steps` calls (after one warm-up call)."
     train_one_step()
@@ -213,7 +213,7 @@ def sft_speed(model: Transformer, tok: BPETokenizer, conversations: list[list[di
         def __init__(self): self.times = []
         def on_step_begin(self, *args, **kwargs): self.started = time.perf_counter()
         def on_step_end(self, *args, **kwargs): self.times.append(time.perf_counter() - self.started)
-    args = SFTConfig(output_dir=str(scratch), assistant_only_loss=True, use_cpu=True, report_to=[], max_length=post.max_len,
+    args = SFTConfig(output_dir=str(scratch), assistant_only_loss=True, use_cpu=True, bf16=False, report_to=[], max_length=post.max_len,
                      per_device_train_batch_size=len(conversations), max_steps=steps + 1, learning_rate=post.sft_lr,
                      logging_strategy="no", save_strategy="no", disable_tqdm=True)
     timer = StepTimes()
@@ -267,14 +267,14 @@ def preference_accuracy(model, tok: BPETokenizer, pairs: list[dict], device: str
             wins[p["kind"]].append(w); wins["all"].append(w)
     return {k: float(np.mean(v)) for k, v in wins.items()}
 
-# %% ../nbs/05_post_training.ipynb #f29dfa4d
+# %% ../nbs/05_post_training.ipynb #9bea724b
 def dpo_parity(policy: Transformer, reference: Transformer, tok: BPETokenizer, pairs: list[dict], scratch: Path,
                beta: float = 0.1) -> dict:
     "Our DPO loss and TRL's `DPOTrainer` loss on TRL's batch of `pairs`."
     import datasets
     from trl import DPOConfig, DPOTrainer
     save_hf(reference.cpu(), tok, scratch/"reference")
-    args = DPOConfig(output_dir=str(scratch/"dpo"), use_cpu=True, report_to=[], beta=beta, per_device_train_batch_size=len(pairs),
+    args = DPOConfig(output_dir=str(scratch/"dpo"), use_cpu=True, bf16=False, report_to=[], beta=beta, per_device_train_batch_size=len(pairs),
                      logging_strategy="no", save_strategy="no")
     trainer = DPOTrainer(model=str(scratch/"reference"), args=args, processing_class=to_transformers(tok),
                          train_dataset=datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]))
