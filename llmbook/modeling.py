@@ -11,9 +11,9 @@ __all__ = ['GPT4_SPLIT_PATTERN', 'SPECIAL_TOKENS', 'ENDOFTEXT', 'END_OF_TURN', '
            'ModelConfig', 'RMSNorm', 'rope_tables', 'apply_rope', 'KVCache', 'Attention', 'MLP', 'Experts',
            'MixtureOfExperts', 'Block', 'Transformer', 'chunked_cross_entropy', 'generate', 'hf_config', 'to_hf',
            'from_hf', 'save_hf', 'newton_schulz', 'MuonAdamW', 'Recipe', 'make_optimizer', 'lr_multiplier', 'autocast',
-           'train_step', 'evaluate', 'train', 'pilot_grid', 'run_pilots', 'fit_scaling_law', 'predicted_loss',
-           'compute_optimal', 'save_scaling', 'lr_sweep', 'write_recipe', 'load_recipe', 'distributed_check',
-           'single_process_reference', 'launch_distributed_check', 'produce']
+           'optimizer_update', 'train_step', 'evaluate', 'train', 'pilot_grid', 'run_pilots', 'fit_scaling_law',
+           'predicted_loss', 'compute_optimal', 'save_scaling', 'lr_sweep', 'write_recipe', 'load_recipe',
+           'distributed_check', 'single_process_reference', 'launch_distributed_check', 'produce']
 
 # %% ../nbs/03_modeling.ipynb #587805c7
 import collections
@@ -640,14 +640,15 @@ def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.
         total = total + F.cross_entropy(logits, targets[start:start + rows], ignore_index=-100, reduction="sum")
     return total / (targets != -100).sum().clamp(min=1)
 
-# %% ../nbs/03_modeling.ipynb #719012ef
+# %% ../nbs/03_modeling.ipynb #8b62e8bf
 @patch
 def rope(self: Transformer, start: int, t: int, device):
-    "cos, sin for positions start … start + t − 1 (tables cached per length and device)."
-    key = (start + t, str(device))
-    if key not in self._rope_cache:
-        self._rope_cache = {key: rope_tables(torch.arange(start + t, device=device), self.config.head_dim, self.config.rope_theta)}
-    cos, sin = self._rope_cache[key]
+    "cos, sin for positions start … start + t − 1 (tables cached per device, for the longest length asked so far)."
+    tables = self._rope_cache.get(str(device))
+    if tables is None or tables[0].shape[0] < start + t:   # decoding one token at a time reuses the tables
+        positions = torch.arange(max(start + t, self.config.seq_len), device=device)
+        tables = self._rope_cache[str(device)] = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+    cos, sin = tables
     return cos[start:start + t], sin[start:start + t]
 
 @patch
@@ -834,27 +835,33 @@ def lr_multiplier(step: int, total: int, recipe: Recipe) -> float:
     if step < decay_start: return 1.0
     return 1 - (1 - recipe.final_lr_frac) * (step - decay_start) / max(1, total - decay_start)
 
-# %% ../nbs/03_modeling.ipynb #5771dd5f
+# %% ../nbs/03_modeling.ipynb #06442fbb
 def autocast(recipe: Recipe, device: str):
     "The precision policy: bf16 autocast when asked (GPUs), nothing otherwise."
     return torch.autocast(device, dtype=torch.bfloat16, enabled=recipe.precision == "bf16")
 
+def optimizer_update(model, optimizer, recipe: Recipe, step: int, total: int, lr_scale: float = 1.0,
+                     loss_finite: bool = True) -> tuple[float, bool]:
+    "After backward: the scheduled learning rate, clipping, a step unless gradient or loss is not finite; → (gradient norm, stepped)."
+    for group in optimizer.param_groups: group["lr"] = group["base_lr"] * lr_multiplier(step, total, recipe) * lr_scale
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP2: a DTensor
+    stepped = loss_finite and math.isfinite(grad_norm)
+    if stepped: optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, stepped
+
 def train_step(model, optimizer, batches: Sequence, recipe: Recipe, step: int, total: int, device: str = "cpu",
                lr_scale: float = 1.0) -> dict:
     "One optimizer step over `recipe.accumulation` micro-batches; a non-finite gradient skips the update."
-    for group in optimizer.param_groups: group["lr"] = group["base_lr"] * lr_multiplier(step, total, recipe) * lr_scale
     loss_sum = 0.0
     for x, y in batches:
         with autocast(recipe, device):
             _, loss = model(x.to(device), y.to(device))
         (loss / len(batches)).backward()
         loss_sum += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP2: a DTensor
-    finite = math.isfinite(grad_norm) and math.isfinite(loss_sum)
-    if finite: optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return dict(loss=loss_sum / len(batches), grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"], skipped=not finite)
+    grad_norm, stepped = optimizer_update(model, optimizer, recipe, step, total, lr_scale, math.isfinite(loss_sum))
+    return dict(loss=loss_sum / len(batches), grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"], skipped=not stepped)
 
 # %% ../nbs/03_modeling.ipynb #f704feae
 @torch.no_grad()

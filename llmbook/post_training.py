@@ -4,13 +4,14 @@
 
 # %% auto #0
 __all__ = ['REFUSAL', 'QUESTIONS', 'OUT_OF_SCOPE', 'OUT_OF_SCOPE_TOPICS', 'PostTrainingRecipe', 'instruction_entries',
-           'instruction_tasks', 'is_eval_task', 'evaluation_sample', 'chat', 'chat_batch', 'sampled_batches', 'sft',
-           'sft_parity', 'first_stop', 'answers', 'exact_match', 'steps_per_second', 'sft_speed', 'preference_pairs',
-           'sequence_logps', 'dpo_loss', 'pair_batches', 'preference_accuracy', 'dpo_parity', 'optimizer_step', 'dpo',
-           'kl_divergence', 'RewardModel', 'reward_inputs', 'pair_rewards', 'train_reward_model', 'reward_accuracy',
-           'sample_group', 'completion_reward', 'grpo_loss', 'sequences_batch', 'grpo', 'sampled_accuracy', 'produce']
+           'instruction_tasks', 'is_eval_task', 'evaluation_sample', 'chat', 'trained_batch', 'chat_batch',
+           'sampled_batches', 'sft', 'trl_sft_trainer', 'sft_parity', 'first_stop', 'answers', 'accuracy_by_kind',
+           'exact_match', 'steps_per_second', 'sft_speed', 'preference_pairs', 'token_logps', 'sequence_logps',
+           'dpo_loss', 'pair_batches', 'preference_accuracy', 'dpo_parity', 'optimizer_step', 'dpo', 'kl_divergence',
+           'RewardModel', 'reward_inputs', 'pair_rewards', 'train_reward_model', 'reward_accuracy', 'sample_group',
+           'completion_reward', 'grpo_loss', 'sequences_batch', 'grpo', 'sampled_accuracy', 'produce']
 
-# %% ../nbs/05_post_training.ipynb #feeeadde
+# %% ../nbs/05_post_training.ipynb #fb27619b
 import collections
 import copy
 import math
@@ -25,10 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .book import Run, atomic_write_json, sha256_bytes
+from .book import Run, atomic_write_json, sha256_bytes, torch_device
 from .data import HELDOUT_MODULES, expression_heldout, load_corpus, random_expression
 from .modeling import (END_OF_TURN, ENDOFTEXT, BPETokenizer, Recipe, Transformer, from_hf, generate, load_tokenizer,
-                              lr_multiplier, make_optimizer, render_chat, save_hf, to_hf, to_transformers, train_step)
+                              make_optimizer, optimizer_update, render_chat, save_hf, to_hf, to_transformers, train_step)
 from .training import api_entries
 
 # %% ../nbs/05_post_training.ipynb #a842cd99
@@ -108,14 +109,13 @@ def evaluation_sample(tasks: list[dict], per_kind: int, seed: int = 0) -> list[d
     rng = random.Random(seed)
     return [t for kind in sorted(by_kind) for t in rng.sample(by_kind[kind], min(per_kind, len(by_kind[kind])))]
 
-# %% ../nbs/05_post_training.ipynb #0a1eacff
+# %% ../nbs/05_post_training.ipynb #dbfb2181
 def chat(question: str, answer: str) -> list[dict]:
     "A one-turn conversation."
     return [dict(role="user", content=question), dict(role="assistant", content=answer)]
 
-def chat_batch(tok: BPETokenizer, conversations: Sequence[list[dict]], max_len: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    "(inputs, targets) of conversations, right-padded; targets are −100 except on the assistant's tokens."
-    rows = [render_chat(tok, c) for c in conversations]
+def trained_batch(tok: BPETokenizer, rows: Sequence[tuple[list[int], list[int]]], max_len: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    "(inputs, targets) of (ids, trained mask) rows, right-padded; targets are −100 except on the trained tokens."
     width = min(max_len, max(len(ids) for ids, _ in rows)) - 1
     x = torch.full((len(rows), width), tok.special_tokens[ENDOFTEXT])
     y = torch.full((len(rows), width), -100)
@@ -124,6 +124,10 @@ def chat_batch(tok: BPETokenizer, conversations: Sequence[list[dict]], max_len: 
         x[i, :len(ids) - 1] = ids[:-1]
         y[i, :len(ids) - 1] = torch.where(mask[1:].bool(), ids[1:], -100)
     return x, y
+
+def chat_batch(tok: BPETokenizer, conversations: Sequence[list[dict]], max_len: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    "(inputs, targets) of conversations; targets are −100 except on the assistant's tokens."
+    return trained_batch(tok, [render_chat(tok, c) for c in conversations], max_len)
 
 # %% ../nbs/05_post_training.ipynb #e762ed9c
 def sampled_batches(items: list, batch_size: int, steps: int, seed: int = 0):
@@ -142,15 +146,19 @@ def sft(model, tok: BPETokenizer, conversations: list[list[dict]], steps: int, p
     model.eval()
     return log
 
-# %% ../nbs/05_post_training.ipynb #8ebdf10d
-def sft_parity(model: Transformer, tok: BPETokenizer, conversations: list[list[dict]], scratch: Path) -> dict:
-    "Our SFT loss and TRL's `SFTTrainer` loss on the same conversations (as one batch)."
+# %% ../nbs/05_post_training.ipynb #48e22267
+def trl_sft_trainer(model: Transformer, tok: BPETokenizer, conversations: list[list[dict]], scratch: Path, callbacks=(), **config):
+    "TRL's `SFTTrainer` on the transformers copy of `model`, one batch per step, in fp32 (TRL defaults to bf16, even on a CPU)."
     import datasets
     from trl import SFTConfig, SFTTrainer
-    args = SFTConfig(output_dir=str(scratch), assistant_only_loss=True, use_cpu=True, bf16=False, report_to=[], max_length=1 << 16,
-                     per_device_train_batch_size=len(conversations), logging_strategy="no", save_strategy="no")
-    trainer = SFTTrainer(model=to_hf(model.cpu()).train(), args=args, processing_class=to_transformers(tok),
-                         train_dataset=datasets.Dataset.from_list([dict(messages=c) for c in conversations]))
+    args = SFTConfig(output_dir=str(scratch), assistant_only_loss=True, use_cpu=True, bf16=False, report_to=[], logging_strategy="no",
+                     save_strategy="no", disable_tqdm=True, per_device_train_batch_size=len(conversations), **config)
+    return SFTTrainer(model=to_hf(model.cpu()).train(), args=args, processing_class=to_transformers(tok), callbacks=list(callbacks),
+                      train_dataset=datasets.Dataset.from_list([dict(messages=c) for c in conversations]))
+
+def sft_parity(model: Transformer, tok: BPETokenizer, conversations: list[list[dict]], scratch: Path) -> dict:
+    "Our SFT loss and TRL's `SFTTrainer` loss on the same conversations (as one batch)."
+    trainer = trl_sft_trainer(model, tok, conversations, scratch, max_length=1 << 16)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(conversations))])
     trl_loss = trainer.compute_loss(trainer.model, batch).item()
     x, y = chat_batch(tok, conversations, 1 << 16)
@@ -180,16 +188,19 @@ def answers(model, tok: BPETokenizer, questions: Sequence[str], shots: Sequence[
             for i, ids in zip(part, generated[:, length:].tolist()): out[i] = tok.decode(first_stop(ids, stop)).strip()
     return out
 
-# %% ../nbs/05_post_training.ipynb #6faac332
+# %% ../nbs/05_post_training.ipynb #a045e89d
+def accuracy_by_kind(items: Sequence[dict], correct: Sequence[bool]) -> dict:
+    "Share of correct outcomes, overall (`all`) and by each item's `kind`."
+    outcomes = collections.defaultdict(list)
+    for item, c in zip(items, correct): outcomes[item["kind"]].append(c); outcomes["all"].append(c)
+    return {k: float(np.mean(v)) for k, v in outcomes.items()}
+
 def exact_match(model, tok: BPETokenizer, tasks: list[dict], shots: Sequence[dict] = (), device: str = "cpu") -> dict:
     "Exact-match accuracy, overall and by kind of question, and the answers given."
     said = answers(model, tok, [t["question"] for t in tasks], shots, device=device)
-    hits = collections.defaultdict(list)
-    for t, s in zip(tasks, said):
-        hits[t["kind"]].append(s == t["answer"]); hits["all"].append(s == t["answer"])
-    return dict({k: float(np.mean(v)) for k, v in hits.items()}, answers=said)
+    return dict(accuracy_by_kind(tasks, [s == t["answer"] for t, s in zip(tasks, said)]), answers=said)
 
-# %% ../nbs/05_post_training.ipynb #0d9efcf7
+# %% ../nbs/05_post_training.ipynb #5c477a8c
 def steps_per_second(train_one_step, steps: int) -> float:
     "Median rate of `train_one_step()` over `steps` calls (after one warm-up call)."
     train_one_step()
@@ -201,8 +212,6 @@ def steps_per_second(train_one_step, steps: int) -> float:
 def sft_speed(model: Transformer, tok: BPETokenizer, conversations: list[list[dict]], post: PostTrainingRecipe, scratch: Path,
               steps: int = 5) -> dict:
     "Optimizer steps per second: our loop against TRL's `SFTTrainer`, on the same batch of conversations."
-    import datasets
-    from trl import SFTConfig, SFTTrainer
     ours, recipe = copy.deepcopy(model).cpu().train(), post.adamw(post.sft_lr)
     optimizer, batch = make_optimizer(ours, recipe), chat_batch(tok, conversations, post.max_len)
     ours_rate = steps_per_second(lambda: train_step(ours, optimizer, [batch], recipe, 10, 100), steps)
@@ -211,12 +220,8 @@ def sft_speed(model: Transformer, tok: BPETokenizer, conversations: list[list[di
         def __init__(self): self.times = []
         def on_step_begin(self, *args, **kwargs): self.started = time.perf_counter()
         def on_step_end(self, *args, **kwargs): self.times.append(time.perf_counter() - self.started)
-    args = SFTConfig(output_dir=str(scratch), assistant_only_loss=True, use_cpu=True, bf16=False, report_to=[], max_length=post.max_len,
-                     per_device_train_batch_size=len(conversations), max_steps=steps + 1, learning_rate=post.sft_lr,
-                     logging_strategy="no", save_strategy="no", disable_tqdm=True)
     timer = StepTimes()
-    SFTTrainer(model=to_hf(model.cpu()).train(), args=args, processing_class=to_transformers(tok), callbacks=[timer],
-               train_dataset=datasets.Dataset.from_list([dict(messages=c) for c in conversations])).train()
+    trl_sft_trainer(model, tok, conversations, scratch, [timer], max_length=post.max_len, max_steps=steps + 1, learning_rate=post.sft_lr).train()
     return dict(ours_steps_per_s=ours_rate, trl_steps_per_s=1 / float(np.median(timer.times[1:])))
 
 # %% ../nbs/05_post_training.ipynb #2816bf40
@@ -236,18 +241,22 @@ def preference_pairs(tasks: list[dict], seed: int = 0) -> list[dict]:
                           chosen=[dict(role="assistant", content=t["answer"])], rejected=[dict(role="assistant", content=wrong)]))
     return pairs
 
-# %% ../nbs/05_post_training.ipynb #cdf2a69a
-def sequence_logps(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    "Sum of the log-probabilities of the target tokens (those not −100), per row."
+# %% ../nbs/05_post_training.ipynb #1e56e292
+def token_logps(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    "Log-probability of each target token (0 where the target is −100)."
     logps = F.log_softmax(model(x).float(), dim=-1)
-    return (logps.gather(-1, y.clamp(min=0)[..., None])[..., 0] * (y != -100)).sum(-1)
+    return logps.gather(-1, y.clamp(min=0)[..., None])[..., 0] * (y != -100)
+
+def sequence_logps(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    "Sum of the log-probabilities of the target tokens, per row."
+    return token_logps(model, x, y).sum(-1)
 
 def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     "The DPO loss (mean over pairs) and each pair's reward margin."
     margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
     return -F.logsigmoid(margin).mean(), margin.detach()
 
-# %% ../nbs/05_post_training.ipynb #acd95e58
+# %% ../nbs/05_post_training.ipynb #9edbb683
 def pair_batches(tok: BPETokenizer, pairs: list[dict], max_len: int = 256):
     "(chosen inputs, chosen targets, rejected inputs, rejected targets): targets only on the completions."
     chosen = chat_batch(tok, [p["prompt"] + p["chosen"] for p in pairs], max_len)
@@ -258,12 +267,11 @@ def pair_batches(tok: BPETokenizer, pairs: list[dict], max_len: int = 256):
 def preference_accuracy(model, tok: BPETokenizer, pairs: list[dict], device: str = "cpu", batch_size: int = 64) -> dict:
     "How often the model finds the chosen answer likelier than the rejected one, overall and by kind."
     model.eval()
-    wins = collections.defaultdict(list)
+    wins = []
     for start in range(0, len(pairs), batch_size):
         xc, yc, xr, yr = (t.to(device) for t in pair_batches(tok, pairs[start:start + batch_size]))
-        for p, w in zip(pairs[start:start + batch_size], (sequence_logps(model, xc, yc) > sequence_logps(model, xr, yr)).tolist()):
-            wins[p["kind"]].append(w); wins["all"].append(w)
-    return {k: float(np.mean(v)) for k, v in wins.items()}
+        wins += (sequence_logps(model, xc, yc) > sequence_logps(model, xr, yr)).tolist()
+    return accuracy_by_kind(pairs, wins)
 
 # %% ../nbs/05_post_training.ipynb #9bea724b
 def dpo_parity(policy: Transformer, reference: Transformer, tok: BPETokenizer, pairs: list[dict], scratch: Path,
@@ -289,15 +297,11 @@ def dpo_parity(policy: Transformer, reference: Transformer, tok: BPETokenizer, p
     return dict(trl_loss=trl_loss, our_loss=our_loss, difference=abs(trl_loss - our_loss),
                 max_logits_difference=logits_difference[batch["attention_mask"].bool()].max().item())
 
-# %% ../nbs/05_post_training.ipynb #b2d36ef6
+# %% ../nbs/05_post_training.ipynb #1708f19d
 def optimizer_step(model, optimizer, loss: torch.Tensor, recipe: Recipe, step: int, steps: int) -> float:
-    "Backward, clip, step on the recipe's schedule; returns the gradient norm."
-    for group in optimizer.param_groups: group["lr"] = group["base_lr"] * lr_multiplier(step, steps, recipe)
+    "Backward, then Chapter 3's update (schedule, clipping, skip if not finite); returns the gradient norm."
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip).item()
-    if math.isfinite(grad_norm): optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return optimizer_update(model, optimizer, recipe, step, steps, loss_finite=math.isfinite(loss.item()))[0]
 
 def dpo(model, reference, tok: BPETokenizer, pairs: list[dict], steps: int, post: PostTrainingRecipe, seed: int = 0,
         device: str = "cpu") -> list[dict]:
@@ -347,7 +351,7 @@ def reward_inputs(tok: BPETokenizer, conversations: Sequence[list[dict]]) -> tup
     for i, r in enumerate(rows): x[i, :len(r)] = torch.tensor(r)
     return x, torch.tensor([len(r) for r in rows])
 
-# %% ../nbs/05_post_training.ipynb #2da92665
+# %% ../nbs/05_post_training.ipynb #696e8172
 def pair_rewards(rm: RewardModel, tok: BPETokenizer, pairs: list[dict], device: str = "cpu"):
     "Rewards of the chosen and of the rejected conversations."
     chosen, rejected = (reward_inputs(tok, [p["prompt"] + p[side] for p in pairs]) for side in ("chosen", "rejected"))
@@ -371,11 +375,11 @@ def train_reward_model(rm: RewardModel, tok: BPETokenizer, pairs: list[dict], st
 def reward_accuracy(rm: RewardModel, tok: BPETokenizer, pairs: list[dict], device: str = "cpu", batch_size: int = 64) -> dict:
     "Share of pairs whose chosen conversation gets the higher reward, overall and by kind."
     rm.eval()
-    wins = collections.defaultdict(list)
+    wins = []
     for start in range(0, len(pairs), batch_size):
         chosen, rejected = pair_rewards(rm, tok, pairs[start:start + batch_size], device)
-        for p, w in zip(pairs[start:start + batch_size], (chosen > rejected).tolist()): wins[p["kind"]].append(w); wins["all"].append(w)
-    return {k: float(np.mean(v)) for k, v in wins.items()}
+        wins += (chosen > rejected).tolist()
+    return accuracy_by_kind(pairs, wins)
 
 # %% ../nbs/05_post_training.ipynb #14bc4242
 @torch.no_grad()
@@ -393,24 +397,20 @@ def completion_reward(tok: BPETokenizer, completion: list[int], answer: str) -> 
     stopped = completion and completion[-1] == tok.special_tokens[END_OF_TURN]
     return float(bool(stopped) and tok.decode(completion[:-1]).strip() == answer)
 
-# %% ../nbs/05_post_training.ipynb #aaaa6a37
+# %% ../nbs/05_post_training.ipynb #ce0fd7a5
 def grpo_loss(model, reference, x: torch.Tensor, y: torch.Tensor, advantages: torch.Tensor, beta: float):
     "GRPO's loss on sampled completions (targets −100 outside them), and the mean k3 KL to the reference."
     mask = (y != -100).float()
-    logp = F.log_softmax(model(x).float(), -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
-    with torch.no_grad(): ref = F.log_softmax(reference(x).float(), -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    logp = token_logps(model, x, y)
+    with torch.no_grad(): ref = token_logps(reference, x, y)
     kl = torch.exp(ref - logp) - (ref - logp) - 1
     per_token = -advantages[:, None] * torch.exp(logp - logp.detach()) + beta * kl   # exp(logπ − logπ.detach()) = 1, with π's gradient
     return (per_token * mask).sum() / mask.sum(), ((kl * mask).sum() / mask.sum()).item()
 
 def sequences_batch(tok: BPETokenizer, prompts: list[list[int]], completions: list[list[int]], device: str = "cpu"):
     "(inputs, targets) of prompt + completion rows, with targets only on the completion."
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions)) - 1
-    x = torch.full((len(prompts), width), tok.special_tokens[ENDOFTEXT]); y = torch.full((len(prompts), width), -100)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids = torch.tensor(p + c)
-        x[i, :len(ids) - 1] = ids[:-1]; y[i, len(p) - 1:len(ids) - 1] = ids[len(p):]
-    return x.to(device), y.to(device)
+    rows = [(p + c, [0] * len(p) + [1] * len(c)) for p, c in zip(prompts, completions)]
+    return tuple(t.to(device) for t in trained_batch(tok, rows, max_len=1 << 30))
 
 # %% ../nbs/05_post_training.ipynb #d390649d
 def grpo(model, reference, tok: BPETokenizer, tasks: list[dict], steps: int, post: PostTrainingRecipe, seed: int = 0,
@@ -445,11 +445,11 @@ def sampled_accuracy(model, tok: BPETokenizer, tasks: list[dict], samples: int =
                for c in sample_group(model, tok, t["question"], samples, generator, device=device)[1]]
     return float(np.mean(rewards))
 
-# %% ../nbs/05_post_training.ipynb #ee5b2c40
+# %% ../nbs/05_post_training.ipynb #33a368fd
 def produce(run: Run):
     "SFT, DPO and GRPO from model/base/ without the parity checks and plots: model/sft, model/dpo, model/rl, eval/post.json."
     from transformers import AutoModelForCausalLM
-    cfg, post, device = run.cfg, PostTrainingRecipe(), "cuda" if run.cfg.device == "cuda" else "cpu"
+    cfg, post, device = run.cfg, PostTrainingRecipe(), torch_device(run.cfg)
     tok = load_tokenizer(run.artifact("tokenizer"))
     base = from_hf(AutoModelForCausalLM.from_pretrained(run.artifact("model/base"))).to(device)
     tasks = instruction_tasks(instruction_entries(load_corpus(run)["train"]), cfg.instruction_expressions, cfg.seed)

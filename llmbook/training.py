@@ -10,7 +10,7 @@ __all__ = ['DOMAIN_NAMES', 'GPT2', 'gpt2_like', 'val_tokens_per_byte', 'bits_per
            'greedy_line', 'signature_completion', 'heldout_expressions', 'expression_values', 'induction', 'write_eval',
            'produce']
 
-# %% ../nbs/04_training.ipynb #6e7f6a6a
+# %% ../nbs/04_training.ipynb #c6a2d81c
 import json
 import math
 import os
@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from fastcore.basics import patch
 
-from .book import (Run, atomic_path, atomic_write_json, load_json, load_safetensors, sha256_file, sha256_json,
+from .book import (Run, atomic_path, atomic_write_json, load_json, load_safetensors, sha256_file, sha256_json, torch_device,
                           sweep_interrupted_writes)
 from .data import expression_heldout, load_corpus, random_expression
 from .foundations import flops_per_token
-from .modeling import (ENDOFTEXT, BPETokenizer, ModelConfig, PackedLoader, Recipe, Transformer, evaluate, generate,
+from .modeling import (DOMAIN_CODES, ENDOFTEXT, BPETokenizer, ModelConfig, PackedLoader, Recipe, Transformer, evaluate, generate,
                               load_recipe, load_tokenizer, make_optimizer, open_tokens, save_hf, train_step)
 
 # %% ../nbs/04_training.ipynb #fc57dd3d
@@ -353,8 +353,8 @@ def document_scores(model: nn.Module, tokens_dir: Path, split: str, seq_len: int
     scored = counted > 0
     return pd.DataFrame(dict(doc=np.flatnonzero(scored), domain=index["domain"][scored], tokens=counted[scored], nats=nats[scored]))
 
-# %% ../nbs/04_training.ipynb #5a4352d4
-DOMAIN_NAMES = {0: "code", 1: "prose"}
+# %% ../nbs/04_training.ipynb #58adeb84
+DOMAIN_NAMES = {code: name for name, code in DOMAIN_CODES.items()}
 
 def bits_per_byte_by_domain(scores, texts: Sequence[str]) -> dict:
     "Bits per byte and nats per token, per domain and overall, from document scores and the documents' texts."
@@ -464,12 +464,12 @@ def write_eval(path: Path, **results) -> dict:
     atomic_write_json(path, results)
     return results
 
-# %% ../nbs/04_training.ipynb #8c722491
+# %% ../nbs/04_training.ipynb #aeafbe98
 def produce(run: Run):
     "Pretrain the chosen model and evaluate it: checkpoints/, model/base/, eval/base.json (without the ablations)."
     tok, (recipe, choice) = load_tokenizer(run.artifact("tokenizer")), load_recipe(run.artifact("recipe.json"))
     config = ModelConfig.from_depth(choice["depth"], tok.vocab_size, run.cfg.seq_len)
-    tokens_dir, device = run.artifact("tokens"), "cuda" if run.cfg.device == "cuda" else "cpu"
+    tokens_dir, device = run.artifact("tokens"), torch_device(run.cfg)
     torch.manual_seed(run.cfg.seed)
     model = Transformer(config).to(device)
     steps = max(1, choice["tokens"] // (run.cfg.batch_size * run.cfg.seq_len * recipe.accumulation))
