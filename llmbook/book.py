@@ -40,7 +40,7 @@ from typing import Any
 
 from fastcore.basics import patch
 
-# %% ../nbs/00_book.ipynb #86e55cb7
+# %% ../nbs/00_book.ipynb #bca109d9
 @dataclass(frozen=True)
 class Preset:
     "Every knob of a run, typed, in one place: chapters read their settings here and nowhere else."
@@ -77,6 +77,13 @@ class Preset:
     sft_steps: int = 300
     preference_steps: int = 60           # steps of DPO, and of the reward model
     rl_steps: int = 20                   # GRPO steps (16 questions × 16 sampled answers each)
+    reasoning_problems: int = 6_000      # distinct step-by-step problems (a tenth held out)
+    reasoning_steps: int = 200           # SFT steps of the step-by-step solver
+    prm_problems: int = 500              # training problems sampled 4 times each to label steps for the PRM
+    prm_steps: int = 100                 # process reward model steps
+    tool_problems: int = 4_000           # distinct tool problems (a tenth held out)
+    tool_steps: int = 200                # SFT steps on tool traces
+    rag_steps: int = 100                 # SFT steps with retrieved passages (RAFT)
     # money (Chapter 1's budget)
     usd_per_hour: float = 0.10     # price of the machine this preset targets
 
@@ -91,25 +98,28 @@ class Preset:
             if f.type in (int, float) and f.name not in ("gpus", "threads", "seed") and not value > 0:
                 raise ValueError(f"preset {self.name!r}: {f.name}={value!r} must be positive")
 
-# %% ../nbs/00_book.ipynb #b3322356
+# %% ../nbs/00_book.ipynb #0a018bfa
 PRESETS = {
     "tiny": Preset("tiny"),
     "cpu": Preset("cpu", data_mb=64, vocab_size=8192, tokenizer_mb=16, depth=4, seq_len=256, batch_size=16,
                   scaling_budgets="3e11,1e12,3e12", scaling_depths="1,2,3", train_tokens=750_000,
                   ablation_seconds=60, checkpoint_every=200, eval_tokens=200_000,
-                  instruction_expressions=4_000, sft_steps=1_500, preference_steps=200, rl_steps=150),
+                  instruction_expressions=4_000, sft_steps=1_500, preference_steps=200, rl_steps=150,
+                  reasoning_steps=1_000, prm_problems=2_000, prm_steps=1_000, tool_steps=1_000, rag_steps=300),
     "gpu": Preset("gpu", device="cuda", precision="bf16", compile=True, gpus=1, data_mb=2_000,
                   hf_datasets="HuggingFaceFW/fineweb-edu:sample-10BT|ODC-By-1.0", vocab_size=32_768, tokenizer_mb=500,
                   tokenizer_trainer="hf", depth=12, scaling_budgets="3e17,1e18,3e18", scaling_depths="6,8,10,12,14",
                   pilot_batch_size=32,
                   seq_len=1024, batch_size=64, train_tokens=2_000_000_000, ablation_seconds=600, checkpoint_every=1000,
                   eval_tokens=2_000_000, usd_per_hour=3.0,
-                  instruction_expressions=20_000, sft_steps=5_000, preference_steps=1_000, rl_steps=500),
+                  instruction_expressions=20_000, sft_steps=5_000, preference_steps=1_000, rl_steps=500,
+                  reasoning_steps=3_000, prm_problems=5_000, prm_steps=2_000, tool_problems=20_000, tool_steps=2_000, rag_steps=2_000),
     "multi-gpu": Preset("multi-gpu", device="cuda", precision="bf16", compile=True, distributed="fsdp",
                         gpus=8, data_mb=20_000, hf_datasets="HuggingFaceFW/fineweb-edu:sample-10BT|ODC-By-1.0",
                         vocab_size=32_768, tokenizer_mb=2_000, tokenizer_trainer="hf", depth=20, ablation_seconds=600,
                         checkpoint_every=1000, eval_tokens=5_000_000, instruction_expressions=20_000, sft_steps=5_000,
-                        preference_steps=1_000, rl_steps=500,
+                        preference_steps=1_000, rl_steps=500, reasoning_steps=3_000, prm_problems=5_000, prm_steps=2_000,
+                        tool_problems=20_000, tool_steps=2_000, rag_steps=2_000,
                         scaling_budgets="1e18,3e18,1e19", scaling_depths="10,14,18,22", pilot_batch_size=64, seq_len=2048, batch_size=256,
                         train_tokens=9_000_000_000, usd_per_hour=24.0),
 }
@@ -308,7 +318,7 @@ def load_safetensors(path: str | Path, expected_sha256: str | None = None, devic
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt") from None
 
-# %% ../nbs/00_book.ipynb #6e880fd5
+# %% ../nbs/00_book.ipynb #7def0ccf
 @dataclass(frozen=True)
 class Chapter:
     "One chapter: its notebook, its module, and the artifacts it writes into the run directory."
@@ -329,7 +339,7 @@ CHAPTERS = (
     Chapter(3, "modeling", "Modeling", "03_modeling", ("tokenizer", "tokens", "scaling", "recipe.json")),
     Chapter(4, "training", "Training", "04_training", ("checkpoints", "model/base", "eval/base.json")),
     Chapter(5, "post_training", "Post-training", "05_post_training",
-            ("model/sft", "model/dpo", "model/rl", "eval/post.json")),   # the second half adds prm/ and rag/
+            ("model/sft", "model/dpo", "model/rl", "model/tools", "prm", "rag", "eval/post.json")),
     Chapter(6, "specialization", "Specialization", "06_specialization",
             ("model/long", "adapters", "model/compressed")),
     Chapter(7, "deployment", "Deployment", "07_deployment", ("release", "serve")),

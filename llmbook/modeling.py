@@ -11,9 +11,9 @@ __all__ = ['GPT4_SPLIT_PATTERN', 'SPECIAL_TOKENS', 'ENDOFTEXT', 'END_OF_TURN', '
            'ModelConfig', 'RMSNorm', 'rope_tables', 'apply_rope', 'KVCache', 'Attention', 'MLP', 'Experts',
            'MixtureOfExperts', 'Block', 'Transformer', 'chunked_cross_entropy', 'generate', 'hf_config', 'to_hf',
            'from_hf', 'save_hf', 'newton_schulz', 'MuonAdamW', 'Recipe', 'make_optimizer', 'lr_multiplier', 'autocast',
-           'optimizer_update', 'train_step', 'evaluate', 'train', 'pilot_grid', 'run_pilots', 'fit_scaling_law',
-           'predicted_loss', 'compute_optimal', 'save_scaling', 'lr_sweep', 'write_recipe', 'load_recipe',
-           'distributed_check', 'single_process_reference', 'launch_distributed_check', 'produce']
+           'optimizer_update', 'train_step', 'evaluate', 'train', 'pilot_grid', 'candidate_depths', 'run_pilots',
+           'fit_scaling_law', 'predicted_loss', 'compute_optimal', 'save_scaling', 'lr_sweep', 'write_recipe',
+           'load_recipe', 'distributed_check', 'single_process_reference', 'launch_distributed_check', 'produce']
 
 # %% ../nbs/03_modeling.ipynb #587805c7
 import collections
@@ -889,12 +889,16 @@ def train(config: ModelConfig, recipe: Recipe, tokens_dir: Path, tokens: int, ba
     val = PackedLoader(tokens_dir, "val", config.seq_len, batch_size, seed=seed)
     return dict(model=model, losses=history, val_loss=evaluate(model, val, eval_batches, device, recipe), steps=steps)
 
-# %% ../nbs/03_modeling.ipynb #870a7990
+# %% ../nbs/03_modeling.ipynb #2c326075
 def pilot_grid(cfg) -> list[tuple[float, int]]:
     "(compute budget, depth) of every pilot run the preset asks for."
     budgets = [float(b) for b in str(cfg.scaling_budgets).split(",")]
     depths = [int(d) for d in str(cfg.scaling_depths).split(",")]
     return [(c, d) for c in budgets for d in depths]
+
+def candidate_depths(cfg) -> range:
+    "Depths the scaling law may choose: from the shallowest pilot's (no extrapolating below what was measured) to twice the preset's."
+    return range(min(int(d) for d in str(cfg.scaling_depths).split(",")), 2 * cfg.depth + 1)
 
 def run_pilots(cfg, tokens_dir: Path, vocab_size: int, epochs_by_domain: dict | None, recipe: Recipe = Recipe()) -> list[dict]:
     "Train every pilot; return (budget, depth, N, D, validation loss) of each."
@@ -1050,7 +1054,7 @@ def launch_distributed_check(tokens_dir: Path, out: Path, nproc: int = 2, **size
         if (out/"losses.json").exists(): return load_json(out/"losses.json")   # rank 0 writes it after every collective step
     raise RuntimeError(f"torchrun failed ({result.returncode}):\n{result.stderr[-3000:]}")
 
-# %% ../nbs/03_modeling.ipynb #aac1ad9a
+# %% ../nbs/03_modeling.ipynb #ba2c32a6
 def produce(run: Run):
     "Write tokenizer/, tokens/, scaling/ and recipe.json for `run` (what this chapter's notebook does)."
     corpus = load_corpus(run)
@@ -1061,7 +1065,7 @@ def produce(run: Run):
     pilots = run_pilots(run.cfg, run.artifact("tokens"), tok.vocab_size, epochs)
     law = fit_scaling_law([p["parameters"] for p in pilots], [p["tokens"] for p in pilots], [p["val_loss"] for p in pilots])
     budget = training_flops(preset_shape(run.cfg), run.cfg.train_tokens)
-    choice = compute_optimal(law, budget, tok.vocab_size, run.cfg.seq_len, range(1, 2 * run.cfg.depth + 1))
+    choice = compute_optimal(law, budget, tok.vocab_size, run.cfg.seq_len, candidate_depths(run.cfg))
     save_scaling(run.artifact("scaling"), pilots, law, choice, budget)
     sweep = lr_sweep(run.cfg, run.artifact("tokens"), tok.vocab_size, epochs, {"adamw": [1e-3, 3e-3, 1e-2], "muon": [0.01, 0.02, 0.05]})
     best = {o: min((r for r in sweep if r["optimizer"] == o), key=lambda r: r["val_loss"]) for o in ("adamw", "muon")}

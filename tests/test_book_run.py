@@ -119,8 +119,18 @@ def test_post_training_artifacts(tiny_run):
     assert table["SFT"]["exact_match"]["all"] > table["base"]["exact_match"]["all"]
     assert post["parity"]["sft"]["same_tokens"] and post["parity"]["sft"]["difference"] < 1e-5
     assert post["parity"]["dpo"]["difference"] < 1e-5
-    for name in ("sft", "dpo", "rl"):
+    for name in ("sft", "dpo", "rl", "tools"):
         assert type(AutoModelForCausalLM.from_pretrained(run_dir / "model" / name)).__name__ == "Qwen3ForCausalLM"
+    # the second half
+    assert post["tools"]["escapes"] == [] and post["tools"]["hostile_expressions"] >= 40
+    assert post["retrieval"]["bm25_parity"]["max_score_difference"] < 1e-4 and post["retrieval"]["recall"]["recall@10"]["all"] > 0.9
+    assert set(post["process_supervision"]["selection"]) >= {"majority voting", "best-of-N (PRM, min over steps)", "step-level search (PRM)"}
+    from llmbook.post_training import load_reward_model
+    prm = load_reward_model(run_dir / "prm" / "reward_model")
+    assert type(AutoModelForCausalLM.from_pretrained(run_dir / "prm" / "solver")).__name__ == "Qwen3ForCausalLM" and prm.score.weight.abs().sum() > 0
+    passages = (run_dir / "rag" / "passages.jsonl").read_text().splitlines()
+    assert len(passages) == post["retrieval"]["passages"] and json.loads(passages[0])["id"] == 0
+    assert type(AutoModelForCausalLM.from_pretrained(run_dir / "rag" / "reader")).__name__ == "Qwen3ForCausalLM"
 
 
 def test_post_training_through_the_package(tiny_run, tmp_path):
@@ -129,7 +139,7 @@ def test_post_training_through_the_package(tiny_run, tmp_path):
     from llmbook import post_training
     from llmbook.book import chapter_status, start_chapter
     run_dir = tmp_path / "tiny"
-    shutil.copytree(tiny_run[0], run_dir, ignore=shutil.ignore_patterns("sft", "dpo", "rl", "post.json", "05_*"))
+    shutil.copytree(tiny_run[0], run_dir, ignore=shutil.ignore_patterns("sft", "dpo", "rl", "tools", "prm", "rag", "post.json", "05_*"))
     run = open_run("tiny", run_dir).for_chapter(5)
     assert not chapter_status(run, run.chapter)[0]
     start_chapter(run)
@@ -137,6 +147,8 @@ def test_post_training_through_the_package(tiny_run, tmp_path):
     run.finish(how="package")
     assert chapter_status(run, run.chapter)[0]
     assert json.loads((run_dir / "eval" / "post.json").read_text())["before_after"]["SFT"]["exact_match"]["all"] > 0
+    for output in ("model/tools", "prm/solver", "prm/reward_model/head.safetensors", "rag/passages.jsonl", "rag/reader"):
+        assert (run_dir / output).exists(), output
 
 
 def test_report_card(tiny_run):

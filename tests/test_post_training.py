@@ -1,5 +1,7 @@
-"""Chapter 5, post-training (first half): instruction data and its splits, the SFT and DPO losses against TRL on the
-same batch, the DPO loss on a hand-checked example, the reward model, and GRPO's reward and update direction."""
+"""Chapter 5, post-training. First half: instruction data and its splits, the SFT and DPO losses against TRL on the
+same batch, the DPO loss on a hand-checked example, the reward model, and GRPO's reward and update direction.
+Second half: the sandbox against hostile expressions, the tools, step-by-step reductions and their labels, the
+process reward model's reading positions, the tool-call loop, BM25 against bm25s, RAFT data and citations."""
 import copy
 import math
 import os
@@ -127,3 +129,123 @@ def test_sft_lowers_the_loss(tok, model):
     trained = copy.deepcopy(model)
     log = P.sft(trained, tok, conversations(8), steps=30, post=P.PostTrainingRecipe(batch_size=8))
     assert log[-1]["loss"] < log[0]["loss"] * 0.7
+
+
+# ---- second half ----
+
+def test_sandbox_refuses_every_hostile_expression():
+    assert P.sandbox_escapes() == []
+    for e in P.HOSTILE_EXPRESSIONS:
+        with pytest.raises(P.SandboxError): P.sandbox_eval(e)
+
+
+def test_sandbox_evaluates_the_allowed_subset():
+    assert P.sandbox_eval("max(3, 14) * 2 + len('abc')") == "31"
+    assert P.sandbox_eval("2 ** 10, -7 // 2, 7 % 3, abs(-2.5), round(2.675, 2)") == repr((1024, -4, 1, 2.5, round(2.675, 2)))
+    assert P.sandbox_eval("1 < 2 <= 2 != 3") == "True" and P.sandbox_eval("[1, 2] + [3]") == "[1, 2, 3]"
+    tight = P.SandboxLimits(max_steps=5)
+    with pytest.raises(P.SandboxError, match="more than 5 steps"): P.sandbox_eval("1 + 1 + 1 + 1 + 1", tight)
+    with pytest.raises(P.SandboxError, match="digits"): P.sandbox_eval("10 ** 99 * 10 ** 99")
+    with pytest.raises(P.SandboxError, match="an expression is text"): P.sandbox_eval(b"1 + 1")
+
+
+def test_tools_and_their_errors():
+    assert P.calculator("(1234 + 66) * 2 / 4") == "650.0"
+    with pytest.raises(P.SandboxError, match="the calculator takes"): P.calculator("max(1, 2)")
+    assert P.call_tool(dict(name="python", arguments=dict(expression="len('four')"))) == "4"
+    assert P.call_tool(dict(name="python", arguments=dict(expression="open('x')"))).startswith("error: Call is not allowed")
+    assert P.call_tool(dict(name="rm", arguments=dict(expression="1"))) == "error: no tool named 'rm'"
+    assert P.call_tool(dict(arguments=1)).startswith("error: a call is")
+    problems = P.tool_problems(60, seed=3)
+    assert len({p["expression"] for p in problems}) == 60 and {p["tool"] for p in problems} == {"calculator", "python"}
+    for p in problems: assert p["answer"] == repr(eval(p["expression"]))
+
+
+def test_tool_trace_renders_and_trains_the_call(tok):
+    problem = P.tool_problems(1, seed=0)[0]
+    row = dict(messages=P.tool_trace(problem), tools=P.TOOLS)
+    ids, mask = M.render_chat(tok, row["messages"], tools=P.TOOLS)
+    trained = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert "<|tool_call|>" in trained and problem["expression"] in trained and trained.endswith(problem["answer"] + M.END_OF_TURN)
+    x, y = P.chat_batch(tok, [row, P.chat("a", "b")], 1 << 16)
+    assert tok.decode(y[0][y[0] != -100].tolist()) == trained
+
+
+def test_run_with_tools_executes_the_call(tok, model, monkeypatch):
+    call = '{"name": "calculator", "arguments": {"expression": "1234 * 5"}}'
+    replies = iter([[tok.special_tokens["<|tool_call|>"]] + tok.encode_ordinary(call), tok.encode_ordinary("6170")])
+    monkeypatch.setattr(P, "complete", lambda *args, **kwargs: [next(replies)])
+    conversation = P.run_with_tools(model, tok, ["What is the value of `1234 * 5`?"])[0]
+    assert [m["role"] for m in conversation] == ["user", "assistant", "tool", "assistant"]
+    assert conversation[1]["tool_calls"][0]["function"]["arguments"]["expression"] == "1234 * 5"
+    assert conversation[2]["content"] == "6170" and conversation[3]["content"] == "6170"
+
+
+def test_reductions_and_their_labels():
+    assert P.reduction_steps("7 - 2 * (3 + 4)") == ["7 - 2 * 7", "7 - 14", "-7"]
+    assert P.reduction_steps("(2 + 3) * (4 - 6)") == ["5 * (4 - 6)", "5 * -2", "-10"]
+    assert P.label_steps("7 - 2 * (3 + 4)", ["7 - 2 * 7", "7 - 15", "-8", "__import__('os')"]) == [True, False, False, False]
+    assert P.label_steps("7 - 2 * (3 + 4)", ["7 - 2 * 7", "7 - 14"]) == [True, False]          # stopped before the value
+    assert P.label_steps("2 + 3", ["5"]) == [True]
+    train, held = P.reasoning_problems(300, seed=1)
+    assert len(train) + len(held) == 300 and held and not set(train) & set(held)
+    for p in train[:50]: assert P.reduction_steps(p)[-1] == repr(eval(p))
+
+
+def test_process_reward_model_reads_every_step_end(tok, model):
+    newlines = P.newline_tokens(tok)
+    assert newlines and all("\n" in tok.decode([t]) for t in newlines)
+    problem, end = "2 + 3 * 4", tok.special_tokens[M.END_OF_TURN]
+    newline = min(newlines)
+    completion = tok.encode_ordinary("2 + 12") + [newline] + tok.encode_ordinary("15") + [end]
+    row = P.labelled_solution(tok, problem, completion, newlines)
+    prompt = P.reasoning_prompt(tok, problem)
+    assert row["labels"] == [True, False] and row["ends"] == [len(prompt) + completion.index(newline), len(prompt) + len(completion) - 1]
+    prm = P.RewardModel(copy.deepcopy(model))
+    torch.nn.init.normal_(prm.score.weight)
+    x, y = P.step_batch(tok, [row])
+    assert (y >= 0).sum() == 2 and y[0, row["ends"]].tolist() == [1.0, 0.0]
+    probabilities = P.step_probabilities(prm, tok, [row])[0]
+    scores = prm.token_scores(x)[0, row["ends"]]
+    torch.testing.assert_close(torch.tensor(probabilities), torch.sigmoid(scores).detach())
+    assert P.final_answer(tok, completion) == "15"
+    assert P.majority_vote(["3", "4", "4", "3"]) == "3" and P.weighted_vote(["3", "4", "4"], [0.9, 0.3, 0.3]) == "3"
+
+
+def test_reward_model_round_trip(tok, model, tmp_path):
+    rm = P.RewardModel(copy.deepcopy(model))
+    torch.nn.init.normal_(rm.score.weight)
+    P.save_reward_model(rm, tok, tmp_path/"rm")
+    again = P.load_reward_model(tmp_path/"rm")
+    x, lengths = P.reward_inputs(tok, [P.chat("What is `a`?", "b")])
+    torch.testing.assert_close(again(x, lengths), rm(x, lengths))
+    (tmp_path/"rm"/"head.safetensors").write_bytes(b"not a safetensors file")
+    from llmbook.book import ArtifactError
+    with pytest.raises(ArtifactError): P.load_reward_model(tmp_path/"rm")
+
+
+def test_bm25_equals_bm25s():
+    documents = [P.passage(e) for e in ENTRIES] + ["statistics.fmean(data): Convert data to floats and compute the arithmetic mean."]
+    queries = ["What does `statistics.fmean` do?", "Which module defines `func7`?", "Return x plus 3", "nothing matches zzz"]
+    result = P.bm25_parity(documents, queries)
+    assert result["max_score_difference"] < 1e-5 and result["top10_agreement"] == 1.0, result
+    index = P.BM25(documents)
+    assert index.search(queries[0], 1) == [len(ENTRIES)] and index.search("pkg mod7 func7", 1) == [7]
+    assert P.words("statistics.fmean(data)") == ["statistics", "fmean", "data"]
+
+
+def test_raft_conversations_cite_the_right_passage():
+    documents = [P.passage(e) for e in ENTRIES]
+    document_of = {e["name"]: i for i, e in enumerate(ENTRIES)}
+    tasks = [t for t in P.instruction_tasks(ENTRIES, 0) if t["kind"] in P.RAG_KINDS]
+    conversations = P.raft_conversations(tasks, documents, document_of, P.BM25(documents), golden=0.8, seed=0)
+    with_citation = 0
+    for t, (user, assistant) in zip(tasks, conversations):
+        answer, n = P.cited(assistant["content"])
+        assert answer == t["answer"] and user["content"].startswith(t["question"])
+        shown = user["content"].split("Sources:\n", 1)[1].split("\n")
+        assert len(shown) == P.RAG_PASSAGES and shown[-1].startswith("[1] ")
+        passages = {int(line[1:line.index("]")]): line[line.index("]") + 2:] for line in shown}
+        if n is None: assert documents[document_of[t["key"]]] not in passages.values()
+        else: with_citation += 1; assert passages[n] == documents[document_of[t["key"]]]
+    assert 0.7 < with_citation / len(tasks) < 0.9
