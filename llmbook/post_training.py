@@ -8,8 +8,8 @@ __all__ = ['REFUSAL', 'QUESTIONS', 'OUT_OF_SCOPE', 'OUT_OF_SCOPE_TOPICS', 'HOSTI
            'is_eval_task', 'evaluation_sample', 'chat', 'trained_batch', 'chat_batch', 'sampled_batches', 'sft',
            'trl_sft_trainer', 'sft_parity', 'first_stop', 'complete', 'answers', 'accuracy_by_kind', 'exact_match',
            'steps_per_second', 'sft_speed', 'preference_pairs', 'token_logps', 'sequence_logps', 'dpo_loss',
-           'pair_batches', 'preference_accuracy', 'dpo_parity', 'optimizer_step', 'dpo', 'kl_divergence', 'RewardModel',
-           'reward_inputs', 'pair_rewards', 'train_reward_model', 'reward_accuracy', 'sample_group',
+           'pair_batches', 'preference_accuracy', 'dpo_parity', 'optimizer_step', 'optimize', 'dpo', 'kl_divergence',
+           'RewardModel', 'reward_inputs', 'pair_rewards', 'train_reward_model', 'reward_accuracy', 'sample_group',
            'completion_reward', 'grpo_loss', 'sequences_batch', 'grpo', 'sampled_accuracy', 'SandboxLimits',
            'SandboxError', 'sandbox_eval', 'sandbox_escapes', 'reasoning_problem', 'reduce_once', 'reduction_steps',
            'label_steps', 'reasoning_problems', 'fine_tuned', 'worked_solutions', 'newline_tokens', 'step_ends',
@@ -320,27 +320,34 @@ def dpo_parity(policy: Transformer, reference: Transformer, tok: BPETokenizer, p
     return dict(trl_loss=trl_loss, our_loss=our_loss, difference=abs(trl_loss - our_loss),
                 max_logits_difference=logits_difference[batch["attention_mask"].bool()].max().item())
 
-# %% ../nbs/05_post_training.ipynb #1708f19d
+# %% ../nbs/05_post_training.ipynb #3432e4cd
 def optimizer_step(model, optimizer, loss: torch.Tensor, recipe: Recipe, step: int, steps: int) -> float:
     "Backward, then Chapter 3's update (schedule, clipping, skip if not finite); returns the gradient norm."
     loss.backward()
     return optimizer_update(model, optimizer, recipe, step, steps, loss_finite=math.isfinite(loss.item()))[0]
 
+def optimize(model, items: list, steps: int, lr: float, post: PostTrainingRecipe, seed: int, batch_loss) -> list[dict]:
+    "AdamW at `lr` on random batches of `items`; `batch_loss(batch)` gives the loss and what else to log. Returns the log of each step."
+    recipe = post.adamw(lr)
+    optimizer, log = make_optimizer(model, recipe), []
+    model.train()
+    for step, batch in sampled_batches(items, post.batch_size, steps, seed):
+        loss, record = batch_loss(batch)
+        grad_norm = optimizer_step(model, optimizer, loss, recipe, step, steps)
+        log.append(dict(step=step, loss=loss.item(), **record, grad_norm=grad_norm))
+    model.eval()
+    return log
+
 def dpo(model, reference, tok: BPETokenizer, pairs: list[dict], steps: int, post: PostTrainingRecipe, seed: int = 0,
         device: str = "cpu") -> list[dict]:
     "DPO against a frozen reference; returns the log of each step."
-    recipe = post.adamw(post.dpo_lr)
-    optimizer, log = make_optimizer(model, recipe), []
-    reference.eval(); model.train()
-    for step, batch in sampled_batches(pairs, post.batch_size, steps, seed):
+    def batch_loss(batch):
         xc, yc, xr, yr = (t.to(device) for t in pair_batches(tok, batch, post.max_len))
         with torch.no_grad(): ref_c, ref_r = sequence_logps(reference, xc, yc), sequence_logps(reference, xr, yr)
         loss, margin = dpo_loss(sequence_logps(model, xc, yc), sequence_logps(model, xr, yr), ref_c, ref_r, post.dpo_beta)
-        grad_norm = optimizer_step(model, optimizer, loss, recipe, step, steps)
-        log.append(dict(step=step, loss=loss.item(), margin=margin.mean().item(), accuracy=(margin > 0).float().mean().item(),
-                        grad_norm=grad_norm))
-    model.eval()
-    return log
+        return loss, dict(margin=margin.mean().item(), accuracy=(margin > 0).float().mean().item())
+    reference.eval()
+    return optimize(model, pairs, steps, post.dpo_lr, post, seed, batch_loss)
 
 # %% ../nbs/05_post_training.ipynb #a13bf043
 @torch.no_grad()
@@ -377,7 +384,7 @@ def reward_inputs(tok: BPETokenizer, conversations: Sequence[list[dict]]) -> tup
     for i, r in enumerate(rows): x[i, :len(r)] = torch.tensor(r)
     return x, torch.tensor([len(r) for r in rows])
 
-# %% ../nbs/05_post_training.ipynb #696e8172
+# %% ../nbs/05_post_training.ipynb #a0536db6
 def pair_rewards(rm: RewardModel, tok: BPETokenizer, pairs: list[dict], device: str = "cpu"):
     "Rewards of the chosen and of the rejected conversations."
     chosen, rejected = (reward_inputs(tok, [p["prompt"] + p[side] for p in pairs]) for side in ("chosen", "rejected"))
@@ -386,16 +393,10 @@ def pair_rewards(rm: RewardModel, tok: BPETokenizer, pairs: list[dict], device: 
 def train_reward_model(rm: RewardModel, tok: BPETokenizer, pairs: list[dict], steps: int, post: PostTrainingRecipe, seed: int = 0,
                        device: str = "cpu") -> list[dict]:
     "Bradley–Terry training on preference pairs; returns the log of each step."
-    recipe = post.adamw(post.reward_lr)
-    optimizer, log = make_optimizer(rm, recipe), []
-    rm.train()
-    for step, batch in sampled_batches(pairs, post.batch_size, steps, seed):
+    def batch_loss(batch):
         chosen, rejected = pair_rewards(rm, tok, batch, device)
-        loss = -F.logsigmoid(chosen - rejected).mean()
-        optimizer_step(rm, optimizer, loss, recipe, step, steps)
-        log.append(dict(step=step, loss=loss.item(), accuracy=(chosen > rejected).float().mean().item()))
-    rm.eval()
-    return log
+        return -F.logsigmoid(chosen - rejected).mean(), dict(accuracy=(chosen > rejected).float().mean().item())
+    return optimize(rm, pairs, steps, post.reward_lr, post, seed, batch_loss)
 
 @torch.no_grad()
 def reward_accuracy(rm: RewardModel, tok: BPETokenizer, pairs: list[dict], device: str = "cpu", batch_size: int = 64) -> dict:
@@ -407,16 +408,14 @@ def reward_accuracy(rm: RewardModel, tok: BPETokenizer, pairs: list[dict], devic
         wins += (chosen > rejected).tolist()
     return accuracy_by_kind(pairs, wins)
 
-# %% ../nbs/05_post_training.ipynb #14bc4242
+# %% ../nbs/05_post_training.ipynb #484ff0f9
 @torch.no_grad()
 def sample_group(model, tok: BPETokenizer, question: str, group: int, generator: torch.Generator, temperature: float = 1.0,
                  max_new_tokens: int = 8, device: str = "cpu") -> tuple[list[int], list[list[int]]]:
     "A question's prompt ids and `group` sampled completions (each ending with the end-of-turn token if it stopped)."
-    stop = {tok.special_tokens[END_OF_TURN], tok.special_tokens[ENDOFTEXT]}
     prompt = render_chat(tok, [dict(role="user", content=question)], add_generation_prompt=True)[0]
-    out = generate(model, torch.tensor([prompt] * group, device=device), max_new_tokens, temperature=temperature, stop=stop,
-                   generator=generator)[:, len(prompt):].tolist()
-    return prompt, [ids[:len(first_stop(ids, stop)) + 1] for ids in out]
+    return prompt, complete(model, tok, [prompt] * group, max_new_tokens, temperature=temperature, generator=generator, keep_stop=True,
+                            device=device)
 
 def completion_reward(tok: BPETokenizer, completion: list[int], answer: str) -> float:
     "1 if the completion says exactly `answer` and stops, else 0."
@@ -641,7 +640,7 @@ def final_answer(tok: BPETokenizer, completion: Sequence[int]) -> str:
     "The last line of a solution."
     return tok.decode([t for t in completion if t not in tok.special_tokens.values()]).strip().split("\n")[-1].strip()
 
-# %% ../nbs/05_post_training.ipynb #b7abd76b
+# %% ../nbs/05_post_training.ipynb #3f05a11e
 def reasoning_prompt(tok: BPETokenizer, problem: str) -> list[int]:
     return render_chat(tok, [dict(role="user", content=REDUCE_QUESTION.format(expression=problem))], add_generation_prompt=True)[0]
 
@@ -674,17 +673,12 @@ def step_batch(tok: BPETokenizer, rows: Sequence[dict]) -> tuple[torch.Tensor, t
 def train_process_reward_model(prm: RewardModel, tok: BPETokenizer, rows: list[dict], steps: int, post: PostTrainingRecipe,
                                seed: int = 0, device: str = "cpu") -> list[dict]:
     "Binary cross-entropy on the label at every step's end; returns the log of each step."
-    recipe = post.adamw(post.reward_lr)
-    optimizer, log = make_optimizer(prm, recipe), []
-    prm.train()
-    for step, batch in sampled_batches(rows, post.batch_size, steps, seed):
+    def batch_loss(batch):
         x, y = (t.to(device) for t in step_batch(tok, batch))
         logits, labelled = prm.token_scores(x), y >= 0
-        loss = F.binary_cross_entropy_with_logits(logits[labelled], y[labelled])
-        optimizer_step(prm, optimizer, loss, recipe, step, steps)
-        log.append(dict(step=step, loss=loss.item(), accuracy=((logits[labelled] > 0) == y[labelled].bool()).float().mean().item()))
-    prm.eval()
-    return log
+        return (F.binary_cross_entropy_with_logits(logits[labelled], y[labelled]),
+                dict(accuracy=((logits[labelled] > 0) == y[labelled].bool()).float().mean().item()))
+    return optimize(prm, rows, steps, post.reward_lr, post, seed, batch_loss)
 
 @torch.no_grad()
 def step_probabilities(prm: RewardModel, tok: BPETokenizer, rows: Sequence[dict], device: str = "cpu", batch_size: int = 64) -> list[list[float]]:
@@ -762,18 +756,18 @@ def call_tool(call: dict) -> str:
     except SandboxError as e: return f"error: {e}"
     except (KeyError, TypeError): return "error: a call is {\"name\": ..., \"arguments\": {\"expression\": ...}}"
 
-# %% ../nbs/05_post_training.ipynb #f9a74858
+# %% ../nbs/05_post_training.ipynb #733fceed
 WORDS = ("alpha", "token", "python", "model", "data", "sandbox", "tensor", "book", "chapter", "layer", "vector", "batch")
 
 def tool_problem(rng: random.Random) -> dict:
-    "A question for the calculator (multi-digit arithmetic) or for the Python evaluator, with its tool and answer."
+    "A question for the calculator (multi-digit arithmetic) or for the Python evaluator; its `kind` is the tool it needs."
     a, b, c = rng.randint(100, 9999), rng.randint(10, 999), rng.randint(2, 9)
     if rng.random() < 0.5: expression, tool = f"{a} {rng.choice('+-*')} {b}", "calculator"
     else:
         w = rng.choice(WORDS)
         expression, tool = rng.choice([f"max({a}, {b}) // {c}", f"min({a}, {b}) % {c}", f"abs({b} - {a}) + {c}",
                                        f"len('{w}') * {b}", f"{a} // {b} + {c}", f"{a} % {b} - {c}"]), "python"
-    return dict(kind=tool, expression=expression, tool=tool, question=QUESTIONS["expression"][0].format(expression=expression),
+    return dict(kind=tool, expression=expression, question=QUESTIONS["expression"][0].format(expression=expression),
                 answer=sandbox_eval(expression))
 
 def tool_problems(n: int, seed: int = 0) -> list[dict]:
@@ -785,7 +779,7 @@ def tool_problems(n: int, seed: int = 0) -> list[dict]:
 
 def tool_trace(problem: dict) -> list[dict]:
     "Question, tool call, the tool's answer, final answer."
-    call = dict(name=problem["tool"], arguments=dict(expression=problem["expression"]))
+    call = dict(name=problem["kind"], arguments=dict(expression=problem["expression"]))
     return [dict(role="user", content=problem["question"]),
             dict(role="assistant", content="", tool_calls=[dict(type="function", function=call)]),
             dict(role="tool", content=call_tool(call)), dict(role="assistant", content=problem["answer"])]
@@ -797,7 +791,7 @@ def tool_conversations(problems: list[dict], seed: int = 0) -> list:
     random.Random(seed).shuffle(conversations)
     return conversations
 
-# %% ../nbs/05_post_training.ipynb #459b3955
+# %% ../nbs/05_post_training.ipynb #90bd466e
 @torch.no_grad()
 def run_with_tools(model, tok: BPETokenizer, questions: Sequence[str], tools: list | None = TOOLS, max_calls: int = 2,
                    max_new_tokens: int = 48, device: str = "cpu") -> list[list[dict]]:
@@ -824,7 +818,7 @@ def run_with_tools(model, tok: BPETokenizer, questions: Sequence[str], tools: li
 def tool_accuracy(model, tok: BPETokenizer, problems: list[dict], tools: list | None, device: str = "cpu") -> dict:
     "Exact match of the final answers, overall and by tool; tool calls per problem; the conversations."
     conversations = run_with_tools(model, tok, [p["question"] for p in problems], tools, device=device)
-    correct = [c[-1]["role"] == "assistant" and not c[-1].get("tool_calls") and c[-1]["content"] == p["answer"] for c, p in zip(conversations, problems)]
+    correct = [c[-1]["role"] == "assistant" and c[-1]["content"] == p["answer"] for c, p in zip(conversations, problems)]
     return dict(accuracy_by_kind(problems, correct), calls=float(np.mean([sum(m["role"] == "tool" for m in c) for c in conversations])),
                 conversations=conversations)
 

@@ -157,7 +157,7 @@ def test_tools_and_their_errors():
     assert P.call_tool(dict(name="rm", arguments=dict(expression="1"))) == "error: no tool named 'rm'"
     assert P.call_tool(dict(arguments=1)).startswith("error: a call is")
     problems = P.tool_problems(60, seed=3)
-    assert len({p["expression"] for p in problems}) == 60 and {p["tool"] for p in problems} == {"calculator", "python"}
+    assert len({p["expression"] for p in problems}) == 60 and {p["kind"] for p in problems} == {"calculator", "python"}
     for p in problems: assert p["answer"] == repr(eval(p["expression"]))
 
 
