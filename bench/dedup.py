@@ -6,6 +6,7 @@ and the precision and recall of the candidate pairs each finds, against the exac
 
     .venv/bin/python bench/dedup.py [--bases 200] [--repeats 3]
 """
+
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -37,14 +38,17 @@ def ours(texts):
 def datasketch(texts):
     minhashes = MinHash.bulk([list(D.shingle_set(t)) for t in texts], num_perm=D.NUM_PERM)
     lsh = MinHashLSH(num_perm=D.NUM_PERM, params=(D.BANDS, D.ROWS))
-    for i, m in enumerate(minhashes): lsh.insert(i, m)
+    for i, m in enumerate(minhashes):
+        lsh.insert(i, m)
     return {(min(i, j), max(i, j)) for i, m in enumerate(minhashes) for j in lsh.query(m) if j != i}
 
 
 def timed(fn, texts, repeats):
     times, result = [], None
     for _ in range(repeats):
-        start = time.perf_counter(); result = fn(texts); times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        result = fn(texts)
+        times.append(time.perf_counter() - start)
     return statistics.median(times), result
 
 
@@ -60,20 +64,39 @@ def main():
     rows = {}
     for name, fn in (("llmbook", ours), ("datasketch", datasketch)):
         seconds, found = timed(fn, texts, args.repeats)
-        rows[name] = dict(seconds=seconds, docs_per_s=len(texts) / seconds, mb_per_s=megabytes / seconds,
-                          **D.pair_quality(found, truth, near_threshold))
-    print(f"{len(texts)} documents ({len(bases)} bases + {len(D.PLANTED_SIMILARITIES)} variants each), {megabytes:.1f} MB; "
-          f"{len(truth)} true duplicate pairs, {len(near_threshold)} pairs within {D.MARGIN} of the threshold not scored")
+        rows[name] = dict(
+            seconds=seconds,
+            docs_per_s=len(texts) / seconds,
+            mb_per_s=megabytes / seconds,
+            **D.pair_quality(found, truth, near_threshold),
+        )
+    print(
+        f"{len(texts)} documents ({len(bases)} bases + {len(D.PLANTED_SIMILARITIES)} variants each), {megabytes:.1f} MB; "
+        f"{len(truth)} true duplicate pairs, {len(near_threshold)} pairs within {D.MARGIN} of the threshold not scored"
+    )
     print(f"{'':>11} {'seconds':>8} {'docs/s':>9} {'MB/s':>6} {'precision':>9} {'recall':>7}")
     for name, r in rows.items():
-        print(f"{name:>11} {r['seconds']:8.3f} {r['docs_per_s']:9.0f} {r['mb_per_s']:6.2f} {r['precision']:9.3f} {r['recall']:7.3f}")
+        print(
+            f"{name:>11} {r['seconds']:8.3f} {r['docs_per_s']:9.0f} {r['mb_per_s']:6.2f} {r['precision']:9.3f} {r['recall']:7.3f}"
+        )
     ratio = rows["llmbook"]["docs_per_s"] / rows["datasketch"]["docs_per_s"]
     print(f"llmbook / datasketch throughput: {ratio:.1f}×")
-    print(json.dumps(dict(bench="dedup", docs=len(texts), mb=round(megabytes, 2), ratio_vs_datasketch=round(ratio, 2),
-                          docs_per_s=round(rows["llmbook"]["docs_per_s"]), datasketch_docs_per_s=round(rows["datasketch"]["docs_per_s"]),
-                          precision=round(rows["llmbook"]["precision"], 4), recall=round(rows["llmbook"]["recall"], 4),
-                          datasketch_precision=round(rows["datasketch"]["precision"], 4),
-                          datasketch_recall=round(rows["datasketch"]["recall"], 4))))
+    print(
+        json.dumps(
+            dict(
+                bench="dedup",
+                docs=len(texts),
+                mb=round(megabytes, 2),
+                ratio_vs_datasketch=round(ratio, 2),
+                docs_per_s=round(rows["llmbook"]["docs_per_s"]),
+                datasketch_docs_per_s=round(rows["datasketch"]["docs_per_s"]),
+                precision=round(rows["llmbook"]["precision"], 4),
+                recall=round(rows["llmbook"]["recall"], 4),
+                datasketch_precision=round(rows["datasketch"]["precision"], 4),
+                datasketch_recall=round(rows["datasketch"]["recall"], 4),
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -4,12 +4,13 @@ thread and batched, on the same text with the same merges.
 
     .venv/bin/python bench/tokenizer.py [--train-mb 8] [--encode-mb 6] [--vocab 8192] [--threads 2]
 """
+
 import argparse
 import os
 import sys
 
 THREADS = next((sys.argv[i + 1] for i, a in enumerate(sys.argv) if a == "--threads"), "2")
-os.environ["RAYON_NUM_THREADS"] = THREADS          # HF tokenizers' and rustbpe's thread pool
+os.environ["RAYON_NUM_THREADS"] = THREADS  # HF tokenizers' and rustbpe's thread pool
 os.environ["TOKENIZERS_PARALLELISM"] = "true"
 
 import json
@@ -28,16 +29,20 @@ def stdlib_texts(skip_mb: float, mb: float) -> list[str]:
     for path in sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts):
         text = path.read_text(encoding="utf-8", errors="replace")
         size = len(text.encode())
-        if seen >= skip_mb * 1e6: texts.append(text)
+        if seen >= skip_mb * 1e6:
+            texts.append(text)
         seen += size
-        if seen >= (skip_mb + mb) * 1e6: break
+        if seen >= (skip_mb + mb) * 1e6:
+            break
     return texts
 
 
 def seconds(fn, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
-        start = time.perf_counter(); fn(); times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
@@ -53,16 +58,25 @@ def main():
     encode_mb = sum(len(t.encode()) for t in held_out) / 1e6
 
     training = {}
-    start = time.perf_counter(); ours = M.BPETokenizer(M.train_bpe(M.count_chunks(train), n_merges)); training["llmbook (Python)"] = time.perf_counter() - start
-    start = time.perf_counter(); M.hf_bpe_merges(train, n_merges); training["HF tokenizers (Rust)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    ours = M.BPETokenizer(M.train_bpe(M.count_chunks(train), n_merges))
+    training["llmbook (Python)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    M.hf_bpe_merges(train, n_merges)
+    training["HF tokenizers (Rust)"] = time.perf_counter() - start
     try:
         import rustbpe
-        start = time.perf_counter(); rustbpe.Tokenizer().train_from_iterator(iter(train), n_merges + 256); training["rustbpe (Rust)"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        rustbpe.Tokenizer().train_from_iterator(iter(train), n_merges + 256)
+        training["rustbpe (Rust)"] = time.perf_counter() - start
     except ImportError:
         print("rustbpe is not installed: pip install rustbpe to compare with it")
 
     backend, encoding = M.plain_text_backend(ours), M.to_tiktoken(ours)
-    assert M.parity(ours, held_out[:200])["fraction"] == 1.0, "the three implementations must agree before they are timed"
+    assert M.parity(ours, held_out[:200])["fraction"] == 1.0, (
+        "the three implementations must agree before they are timed"
+    )
     single = {
         "llmbook (Python)": lambda: [M.BPETokenizer(ours.merges).encode_ordinary(t) for t in held_out],
         "tiktoken": lambda: [encoding.encode_ordinary(t) for t in held_out],
@@ -76,20 +90,37 @@ def main():
     speed |= {f"{name}, batched ×{args.threads}": encode_mb / seconds(fn) for name, fn in batched.items()}
 
     print(f"training: {args.train_mb:g} MB of standard-library source, vocabulary {args.vocab}")
-    for name, s in training.items(): print(f"  {name:<24} {s:7.2f} s   ({s / training['HF tokenizers (Rust)']:.1f}× HF)")
+    for name, s in training.items():
+        print(f"  {name:<24} {s:7.2f} s   ({s / training['HF tokenizers (Rust)']:.1f}× HF)")
     print(f"encoding: {encode_mb:.1f} MB of other standard-library source, same merges (identical ids checked)")
-    for name, v in speed.items(): print(f"  {name:<28} {v:7.2f} MB/s")
-    pipeline = "tiktoken"   # what Chapter 3 measured fastest and the token files are written with
-    ratios = dict(pipeline_vs_hf_single=speed[f"{pipeline}, 1 thread"] / speed["HF tokenizers, 1 thread"],
-                  pipeline_vs_hf_batched=speed[f"{pipeline}, batched ×{args.threads}"] / speed[f"HF tokenizers, batched ×{args.threads}"],
-                  pipeline_vs_tiktoken=1.0, ours_vs_tiktoken_single=speed["llmbook (Python), 1 thread"] / speed["tiktoken, 1 thread"],
-                  train_ours_vs_hf=training["llmbook (Python)"] / training["HF tokenizers (Rust)"])
-    print(f"pipeline (tiktoken) vs HF tokenizers: {ratios['pipeline_vs_hf_single']:.1f}× one thread, "
-          f"{ratios['pipeline_vs_hf_batched']:.1f}× batched; the from-scratch trainer costs {ratios['train_ours_vs_hf']:.0f}× HF's")
-    print(json.dumps(dict(bench="tokenizer", vocab=args.vocab, train_mb=args.train_mb, encode_mb=round(encode_mb, 2),
-                          **{k: round(v, 3) for k, v in ratios.items()},
-                          train_seconds={k: round(v, 2) for k, v in training.items()},
-                          encode_mb_per_s={k: round(v, 2) for k, v in speed.items()})))
+    for name, v in speed.items():
+        print(f"  {name:<28} {v:7.2f} MB/s")
+    pipeline = "tiktoken"  # what Chapter 3 measured fastest and the token files are written with
+    ratios = dict(
+        pipeline_vs_hf_single=speed[f"{pipeline}, 1 thread"] / speed["HF tokenizers, 1 thread"],
+        pipeline_vs_hf_batched=speed[f"{pipeline}, batched ×{args.threads}"]
+        / speed[f"HF tokenizers, batched ×{args.threads}"],
+        pipeline_vs_tiktoken=1.0,
+        ours_vs_tiktoken_single=speed["llmbook (Python), 1 thread"] / speed["tiktoken, 1 thread"],
+        train_ours_vs_hf=training["llmbook (Python)"] / training["HF tokenizers (Rust)"],
+    )
+    print(
+        f"pipeline (tiktoken) vs HF tokenizers: {ratios['pipeline_vs_hf_single']:.1f}× one thread, "
+        f"{ratios['pipeline_vs_hf_batched']:.1f}× batched; the from-scratch trainer costs {ratios['train_ours_vs_hf']:.0f}× HF's"
+    )
+    print(
+        json.dumps(
+            dict(
+                bench="tokenizer",
+                vocab=args.vocab,
+                train_mb=args.train_mb,
+                encode_mb=round(encode_mb, 2),
+                **{k: round(v, 3) for k, v in ratios.items()},
+                train_seconds={k: round(v, 2) for k, v in training.items()},
+                encode_mb_per_s={k: round(v, 2) for k, v in speed.items()},
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ measured fp32 matmul rate (Chapter 1's measure, taken in turn with the steps).
 
     .venv/bin/python bench/train_step.py [--depth 4] [--vocab 8192] [--seq-len 256] [--batch 16] [--threads 2] [--no-compile]
 """
+
 import argparse
 import json
 import statistics
@@ -18,11 +19,13 @@ from llmbook.modeling import ModelConfig, Transformer
 def step_fn(model, hf: bool, x, compiled: bool):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     forward = torch.compile(model) if compiled else model
+
     def step():
         loss = forward(input_ids=x[:, :-1], labels=x[:, :-1]).loss if hf else forward(x[:, :-1], x[:, 1:])[1]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -41,35 +44,54 @@ def main():
     x = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1))
     step_flops = flops_per_token(config)["train"] * args.batch * args.seq_len
     variants = [("llmbook", False, False), ("transformers", True, False)]
-    if not args.no_compile: variants += [("llmbook", False, True), ("transformers", True, True)]
+    if not args.no_compile:
+        variants += [("llmbook", False, True), ("transformers", True, True)]
     steps = {}
     for name, hf, compiled in variants:
         torch.manual_seed(0)
         model = reference_model(config) if hf else Transformer(config)
         fn = step_fn(model, hf, x, compiled)
-        fn(); fn()   # warm-up (and compilation)
+        fn()
+        fn()  # warm-up (and compilation)
         steps[(name, compiled)] = fn
     matmul, matmul_flops = matmul_benchmark(torch.float32)
     times = {key: [] for key in steps} | {"matmul": []}
-    for _ in range(args.repeats):   # every variant and the matmul in turn, so all see the same load
+    for _ in range(args.repeats):  # every variant and the matmul in turn, so all see the same load
         for key, fn in list(steps.items()) + [("matmul", matmul)]:
-            start = time.perf_counter(); fn(); times[key].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
     peak = matmul_flops / statistics.median(times.pop("matmul"))
     rows = {f"{name}{' compiled' if compiled else ''}": statistics.median(t) for (name, compiled), t in times.items()}
-    print(f"depth {args.depth} (d={config.n_embd}), vocab {args.vocab}, {args.batch}×{args.seq_len} tokens, fp32, "
-          f"{args.threads} threads; matmul peak {peak / 1e9:.0f} GFLOP/s")
+    print(
+        f"depth {args.depth} (d={config.n_embd}), vocab {args.vocab}, {args.batch}×{args.seq_len} tokens, fp32, "
+        f"{args.threads} threads; matmul peak {peak / 1e9:.0f} GFLOP/s"
+    )
     print(f"{'':>22} {'ms/step':>8} {'tokens/s':>9} {'MFU':>5}")
     for name, s in rows.items():
         print(f"{name:>22} {s * 1e3:8.1f} {args.batch * args.seq_len / s:9.0f} {step_flops / s / peak:5.0%}")
     ratios = {"eager": rows["transformers"] / rows["llmbook"]}
     if "llmbook compiled" in rows:
-        ratios |= {"compiled": rows["transformers compiled"] / rows["llmbook compiled"],
-                   "compiled_vs_transformers_eager": rows["transformers"] / rows["llmbook compiled"]}
+        ratios |= {
+            "compiled": rows["transformers compiled"] / rows["llmbook compiled"],
+            "compiled_vs_transformers_eager": rows["transformers"] / rows["llmbook compiled"],
+        }
     print("llmbook / transformers tokens/s: " + ", ".join(f"{k} {v:.2f}×" for k, v in ratios.items()))
-    print(json.dumps(dict(bench="train_step", depth=args.depth, vocab=args.vocab, seq_len=args.seq_len, batch=args.batch,
-                          peak_gflops=round(peak / 1e9, 1), **{f"ratio_vs_transformers_{k}": round(v, 3) for k, v in ratios.items()},
-                          tokens_per_s={k: round(args.batch * args.seq_len / s) for k, s in rows.items()},
-                          mfu={k: round(step_flops / s / peak, 3) for k, s in rows.items()})))
+    print(
+        json.dumps(
+            dict(
+                bench="train_step",
+                depth=args.depth,
+                vocab=args.vocab,
+                seq_len=args.seq_len,
+                batch=args.batch,
+                peak_gflops=round(peak / 1e9, 1),
+                **{f"ratio_vs_transformers_{k}": round(v, 3) for k, v in ratios.items()},
+                tokens_per_s={k: round(args.batch * args.seq_len / s) for k, s in rows.items()},
+                mfu={k: round(step_flops / s / peak, 3) for k, s in rows.items()},
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

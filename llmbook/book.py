@@ -44,52 +44,57 @@ from fastcore.basics import patch
 @dataclass(frozen=True)
 class Preset:
     "Every knob of a run, typed, in one place: chapters read their settings here and nowhere else."
+
     name: str
     # where and how the arithmetic runs
-    device: str = "cpu"            # "cpu" or "cuda"
-    precision: str = "fp32"        # "fp32", or "bf16" autocast
-    compile: bool = False          # torch.compile the model
-    distributed: str = "none"      # "none", "ddp" or "fsdp" (launched with torchrun)
-    gpus: int = 0                  # GPUs the budget plans for
-    threads: int = 0               # torch CPU threads; 0 means every core
+    device: str = "cpu"  # "cpu" or "cuda"
+    precision: str = "fp32"  # "fp32", or "bf16" autocast
+    compile: bool = False  # torch.compile the model
+    distributed: str = "none"  # "none", "ddp" or "fsdp" (launched with torchrun)
+    gpus: int = 0  # GPUs the budget plans for
+    threads: int = 0  # torch CPU threads; 0 means every core
     seed: int = 1337
     # data (Chapter 2)
-    data_mb: float = 4.0           # raw text gathered from the local Python installation, in MB
-    hf_datasets: str = ""          # extra Hugging Face datasets: comma-separated `name[:config]` or local paths
+    data_mb: float = 4.0  # raw text gathered from the local Python installation, in MB
+    hf_datasets: str = ""  # extra Hugging Face datasets: comma-separated `name[:config]` or local paths
     # tokenizer and model (Chapter 3); `depth` is the one knob the model's size follows
     vocab_size: int = 2048
-    tokenizer_mb: float = 4.0      # training text for the tokenizer, in MB
+    tokenizer_mb: float = 4.0  # training text for the tokenizer, in MB
     tokenizer_trainer: str = "ours"  # "ours" (from scratch, Python) or "hf" (HF tokenizers, Rust): same merges format
     depth: int = 2
     seq_len: int = 128
-    scaling_budgets: str = "1e11,3e11"   # FLOPs of the scaling-law pilots (Chapter 3), comma-separated
-    scaling_depths: str = "1,2,3"        # depths of the pilots
-    pilot_batch_size: int = 4            # sequences per step in pilots: small, so short runs still take many steps
+    scaling_budgets: str = "1e11,3e11"  # FLOPs of the scaling-law pilots (Chapter 3), comma-separated
+    scaling_depths: str = "1,2,3"  # depths of the pilots
+    pilot_batch_size: int = 4  # sequences per step in pilots: small, so short runs still take many steps
     # training (Chapter 4)
     batch_size: int = 8
     train_tokens: int = 300_000
-    ablation_seconds: float = 8.0        # wall-clock of each ablation run
-    checkpoint_every: int = 50           # optimizer steps between checkpoints
+    ablation_seconds: float = 8.0  # wall-clock of each ablation run
+    checkpoint_every: int = 50  # optimizer steps between checkpoints
     keep_checkpoints: int = 3
-    eval_tokens: int = 50_000            # at most this many tokens per domain in each evaluation
+    eval_tokens: int = 50_000  # at most this many tokens per domain in each evaluation
     # post-training (Chapter 5)
     instruction_expressions: int = 2_000  # expression questions generated for the instruction data
     sft_steps: int = 300
-    preference_steps: int = 60           # steps of DPO, and of the reward model
-    rl_steps: int = 20                   # GRPO steps (16 questions × 16 sampled answers each)
-    reasoning_problems: int = 6_000      # distinct step-by-step problems (a tenth held out)
-    reasoning_steps: int = 200           # SFT steps of the step-by-step solver
-    prm_problems: int = 500              # training problems sampled 4 times each to label steps for the PRM
-    prm_steps: int = 100                 # process reward model steps
-    tool_problems: int = 4_000           # distinct tool problems (a tenth held out)
-    tool_steps: int = 200                # SFT steps on tool traces
-    rag_steps: int = 100                 # SFT steps with retrieved passages (RAFT)
+    preference_steps: int = 60  # steps of DPO, and of the reward model
+    rl_steps: int = 20  # GRPO steps (16 questions × 16 sampled answers each)
+    reasoning_problems: int = 6_000  # distinct step-by-step problems (a tenth held out)
+    reasoning_steps: int = 200  # SFT steps of the step-by-step solver
+    prm_problems: int = 500  # training problems sampled 4 times each to label steps for the PRM
+    prm_steps: int = 100  # process reward model steps
+    tool_problems: int = 4_000  # distinct tool problems (a tenth held out)
+    tool_steps: int = 200  # SFT steps on tool traces
+    rag_steps: int = 100  # SFT steps with retrieved passages (RAFT)
     # money (Chapter 1's budget)
-    usd_per_hour: float = 0.10     # price of the machine this preset targets
+    usd_per_hour: float = 0.10  # price of the machine this preset targets
 
     def __post_init__(self):
-        choices = dict(device=("cpu", "cuda"), precision=("fp32", "bf16"), distributed=("none", "ddp", "fsdp"),
-                       tokenizer_trainer=("ours", "hf"))
+        choices = dict(
+            device=("cpu", "cuda"),
+            precision=("fp32", "bf16"),
+            distributed=("none", "ddp", "fsdp"),
+            tokenizer_trainer=("ours", "hf"),
+        )
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"preset {self.name!r}: {key}={getattr(self, key)!r} is not one of {allowed}")
@@ -101,34 +106,106 @@ class Preset:
 # %% ../nbs/00_book.ipynb #0a018bfa
 PRESETS = {
     "tiny": Preset("tiny"),
-    "cpu": Preset("cpu", data_mb=64, vocab_size=8192, tokenizer_mb=16, depth=4, seq_len=256, batch_size=16,
-                  scaling_budgets="3e11,1e12,3e12", scaling_depths="1,2,3", train_tokens=750_000,
-                  ablation_seconds=60, checkpoint_every=200, eval_tokens=200_000,
-                  instruction_expressions=4_000, sft_steps=1_500, preference_steps=200, rl_steps=150,
-                  reasoning_steps=1_000, prm_problems=2_000, prm_steps=1_000, tool_steps=1_000, rag_steps=300),
-    "gpu": Preset("gpu", device="cuda", precision="bf16", compile=True, gpus=1, data_mb=2_000,
-                  hf_datasets="HuggingFaceFW/fineweb-edu:sample-10BT|ODC-By-1.0", vocab_size=32_768, tokenizer_mb=500,
-                  tokenizer_trainer="hf", depth=12, scaling_budgets="3e17,1e18,3e18", scaling_depths="6,8,10,12,14",
-                  pilot_batch_size=32,
-                  seq_len=1024, batch_size=64, train_tokens=2_000_000_000, ablation_seconds=600, checkpoint_every=1000,
-                  eval_tokens=2_000_000, usd_per_hour=3.0,
-                  instruction_expressions=20_000, sft_steps=5_000, preference_steps=1_000, rl_steps=500,
-                  reasoning_steps=3_000, prm_problems=5_000, prm_steps=2_000, tool_problems=20_000, tool_steps=2_000, rag_steps=2_000),
-    "multi-gpu": Preset("multi-gpu", device="cuda", precision="bf16", compile=True, distributed="fsdp",
-                        gpus=8, data_mb=20_000, hf_datasets="HuggingFaceFW/fineweb-edu:sample-10BT|ODC-By-1.0",
-                        vocab_size=32_768, tokenizer_mb=2_000, tokenizer_trainer="hf", depth=20, ablation_seconds=600,
-                        checkpoint_every=1000, eval_tokens=5_000_000, instruction_expressions=20_000, sft_steps=5_000,
-                        preference_steps=1_000, rl_steps=500, reasoning_steps=3_000, prm_problems=5_000, prm_steps=2_000,
-                        tool_problems=20_000, tool_steps=2_000, rag_steps=2_000,
-                        scaling_budgets="1e18,3e18,1e19", scaling_depths="10,14,18,22", pilot_batch_size=64, seq_len=2048, batch_size=256,
-                        train_tokens=9_000_000_000, usd_per_hour=24.0),
+    "cpu": Preset(
+        "cpu",
+        data_mb=64,
+        vocab_size=8192,
+        tokenizer_mb=16,
+        depth=4,
+        seq_len=256,
+        batch_size=16,
+        scaling_budgets="3e11,1e12,3e12",
+        scaling_depths="1,2,3",
+        train_tokens=750_000,
+        ablation_seconds=60,
+        checkpoint_every=200,
+        eval_tokens=200_000,
+        instruction_expressions=4_000,
+        sft_steps=1_500,
+        preference_steps=200,
+        rl_steps=150,
+        reasoning_steps=1_000,
+        prm_problems=2_000,
+        prm_steps=1_000,
+        tool_steps=1_000,
+        rag_steps=300,
+    ),
+    "gpu": Preset(
+        "gpu",
+        device="cuda",
+        precision="bf16",
+        compile=True,
+        gpus=1,
+        data_mb=2_000,
+        hf_datasets="HuggingFaceFW/fineweb-edu:sample-10BT|ODC-By-1.0",
+        vocab_size=32_768,
+        tokenizer_mb=500,
+        tokenizer_trainer="hf",
+        depth=12,
+        scaling_budgets="3e17,1e18,3e18",
+        scaling_depths="6,8,10,12,14",
+        pilot_batch_size=32,
+        seq_len=1024,
+        batch_size=64,
+        train_tokens=2_000_000_000,
+        ablation_seconds=600,
+        checkpoint_every=1000,
+        eval_tokens=2_000_000,
+        usd_per_hour=3.0,
+        instruction_expressions=20_000,
+        sft_steps=5_000,
+        preference_steps=1_000,
+        rl_steps=500,
+        reasoning_steps=3_000,
+        prm_problems=5_000,
+        prm_steps=2_000,
+        tool_problems=20_000,
+        tool_steps=2_000,
+        rag_steps=2_000,
+    ),
+    "multi-gpu": Preset(
+        "multi-gpu",
+        device="cuda",
+        precision="bf16",
+        compile=True,
+        distributed="fsdp",
+        gpus=8,
+        data_mb=20_000,
+        hf_datasets="HuggingFaceFW/fineweb-edu:sample-10BT|ODC-By-1.0",
+        vocab_size=32_768,
+        tokenizer_mb=2_000,
+        tokenizer_trainer="hf",
+        depth=20,
+        ablation_seconds=600,
+        checkpoint_every=1000,
+        eval_tokens=5_000_000,
+        instruction_expressions=20_000,
+        sft_steps=5_000,
+        preference_steps=1_000,
+        rl_steps=500,
+        reasoning_steps=3_000,
+        prm_problems=5_000,
+        prm_steps=2_000,
+        tool_problems=20_000,
+        tool_steps=2_000,
+        rag_steps=2_000,
+        scaling_budgets="1e18,3e18,1e19",
+        scaling_depths="10,14,18,22",
+        pilot_batch_size=64,
+        seq_len=2048,
+        batch_size=256,
+        train_tokens=9_000_000_000,
+        usd_per_hour=24.0,
+    ),
 }
 
 # %% ../nbs/00_book.ipynb #446cd63a
 def parse_overrides(overrides: str | Iterable[str] | dict | None) -> dict:
     "`'depth=6 seq_len=512'` (papermill), `['depth=6']` (`--set`) or a dict → `{'depth': '6', ...}`; values hold no spaces."
-    if not overrides: return {}
-    if isinstance(overrides, dict): return dict(overrides)
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
     items = overrides.split() if isinstance(overrides, str) else list(overrides)
     parsed = {}
     for item in items:
@@ -141,20 +218,27 @@ def parse_overrides(overrides: str | Iterable[str] | dict | None) -> dict:
 # %% ../nbs/00_book.ipynb #913b8e83
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
+
 def _coerce(field_type: type, key: str, raw: Any) -> Any:
     "Convert an override's text to its field's type, or say which value was wrong."
-    if isinstance(raw, field_type) and not (field_type is int and isinstance(raw, bool)): return raw
+    if isinstance(raw, field_type) and not (field_type is int and isinstance(raw, bool)):
+        return raw
     text = str(raw).strip()
     try:
         if field_type is bool:
-            if text.lower() in _TRUE: return True
-            if text.lower() in _FALSE: return False
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
             raise ValueError
-        if field_type is int: return int(float(text)) if "e" in text.lower() else int(text.replace("_", ""))
-        if field_type is float: return float(text.replace("_", ""))
+        if field_type is int:
+            return int(float(text)) if "e" in text.lower() else int(text.replace("_", ""))
+        if field_type is float:
+            return float(text.replace("_", ""))
         return text
     except ValueError:
         raise ValueError(f"override {key}={raw!r}: expected {field_type.__name__}") from None
+
 
 def make_preset(name: str, overrides: str | Iterable[str] | dict | None = None) -> Preset:
     "The preset called `name`, with `overrides` applied and checked."
@@ -174,25 +258,34 @@ def make_preset(name: str, overrides: str | Iterable[str] | dict | None = None) 
 def torch_device(cfg: Preset) -> str:
     "The torch device the preset asks for, checked to exist; applies the preset's CPU thread count."
     import torch
-    if cfg.threads: torch.set_num_threads(cfg.threads)
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"preset {cfg.name!r} needs a CUDA GPU and torch {torch.__version__} sees none: "
-                           "use --preset cpu or tiny, or --set device=cpu precision=fp32")
+        raise RuntimeError(
+            f"preset {cfg.name!r} needs a CUDA GPU and torch {torch.__version__} sees none: "
+            "use --preset cpu or tiny, or --set device=cpu precision=fp32"
+        )
     return cfg.device
 
 # %% ../nbs/00_book.ipynb #3d217cb6
 class ArtifactError(RuntimeError):
     "An artifact is missing, corrupt, or not what the manifest says."
 
+
 def _fsync_tree(path: Path):
     "Flush a file, or every file under a directory, to disk."
     targets = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     for target in targets:
-        with open(target, "rb") as fh: os.fsync(fh.fileno())
+        with open(target, "rb") as fh:
+            os.fsync(fh.fileno())
+
 
 def _remove(path: Path):
-    if path.is_dir() and not path.is_symlink(): shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink(): path.unlink()
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 # %% ../nbs/00_book.ipynb #547a01f4
 @contextlib.contextmanager
@@ -212,73 +305,104 @@ def atomic_path(path: str | Path):
         else:
             os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
-        try: os.fsync(dir_fd)
-        finally: os.close(dir_fd)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     finally:
         _remove(tmp)
 
 # %% ../nbs/00_book.ipynb #c250ae3a
 _INTERRUPTED = re.compile(r"^\.(.+)\.(tmp|old)-\d+-\d+$")
 
-def is_interrupted_write(path: Path) -> bool: return bool(_INTERRUPTED.match(Path(path).name))
+
+def is_interrupted_write(path: Path) -> bool:
+    return bool(_INTERRUPTED.match(Path(path).name))
+
 
 def sweep_interrupted_writes(directory: str | Path):
     "Restore directories left half-swapped by a crash, and delete abandoned temporaries, in `directory`."
     directory = Path(directory)
-    if not directory.is_dir(): return
+    if not directory.is_dir():
+        return
     for leftover in sorted(directory.iterdir()):
         match = _INTERRUPTED.match(leftover.name)
-        if not match: continue
-        original = directory/match.group(1)
-        if match.group(2) == "old" and not original.exists(): os.replace(leftover, original)
-        else: _remove(leftover)
+        if not match:
+            continue
+        original = directory / match.group(1)
+        if match.group(2) == "old" and not original.exists():
+            os.replace(leftover, original)
+        else:
+            _remove(leftover)
 
 # %% ../nbs/00_book.ipynb #1436db10
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     "Write `data` to `path` atomically."
-    with atomic_path(path) as tmp: tmp.write_bytes(data)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return Path(path)
+
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     "Write `text` (UTF-8) to `path` atomically."
     return atomic_write_bytes(path, text.encode("utf-8"))
 
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     "Write `obj` as indented JSON atomically; NaN and infinity are refused (JSON has no such numbers)."
-    try: text = json.dumps(obj, indent=2, allow_nan=False, default=_json_default)
-    except ValueError as e: raise ValueError(f"cannot write {path}: {e}") from None
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False, default=_json_default)
+    except ValueError as e:
+        raise ValueError(f"cannot write {path}: {e}") from None
     return atomic_write_text(path, text + "\n")
+
 
 def _json_default(obj):
     "Numbers from numpy and torch, paths and dataclasses, as plain JSON."
-    if hasattr(obj, "item") and callable(obj.item): return obj.item()
-    if isinstance(obj, Path): return str(obj)
-    if dataclasses.is_dataclass(obj): return asdict(obj)
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if dataclasses.is_dataclass(obj):
+        return asdict(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 # %% ../nbs/00_book.ipynb #e11c274b
-def sha256_bytes(data: bytes) -> str: return hashlib.sha256(data).hexdigest()
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
-_DIGESTS: dict = {}   # (path, size, mtime, inode) → sha256: a file is hashed once until it changes
+
+_DIGESTS: dict = {}  # (path, size, mtime, inode) → sha256: a file is hashed once until it changes
+
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     "sha256 of a file, read in chunks so memory does not grow with the file (cached until the file changes)."
     st = os.stat(path)
     key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-    if key in _DIGESTS: return _DIGESTS[key]
+    if key in _DIGESTS:
+        return _DIGESTS[key]
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while block := fh.read(chunk_bytes): digest.update(block)
+        while block := fh.read(chunk_bytes):
+            digest.update(block)
     _DIGESTS[key] = digest.hexdigest()
     return _DIGESTS[key]
+
 
 def sha256_tree(path: str | Path) -> str:
     "sha256 of a file, or of a directory's sorted (relative path, file digest) list."
     path = Path(path)
-    if path.is_file(): return sha256_file(path)
-    lines = [f"{p.relative_to(path).as_posix()}\t{sha256_file(p)}" for p in sorted(path.rglob("*"))
-             if p.is_file() and not any(is_interrupted_write(q) for q in p.relative_to(path).parents if q.name) and not is_interrupted_write(p)]
+    if path.is_file():
+        return sha256_file(path)
+    lines = [
+        f"{p.relative_to(path).as_posix()}\t{sha256_file(p)}"
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+        and not any(is_interrupted_write(q) for q in p.relative_to(path).parents if q.name)
+        and not is_interrupted_write(p)
+    ]
     return sha256_bytes("\n".join(lines).encode())
+
 
 def sha256_json(obj: Any) -> str:
     "Digest of a JSON-able object, independent of key order."
@@ -289,14 +413,18 @@ def _check_digest(path: Path, expected_sha256: str | None):
     if not path.exists():
         raise ArtifactError(f"{path} does not exist: run the chapter that writes it")
     if expected_sha256 and (actual := sha256_file(path)) != expected_sha256:
-        raise ArtifactError(f"{path} has sha256 {actual[:12]}…, but {expected_sha256[:12]}… was recorded when it "
-                            "was written: it changed or is corrupt; rerun the chapter that writes it")
+        raise ArtifactError(
+            f"{path} has sha256 {actual[:12]}…, but {expected_sha256[:12]}… was recorded when it "
+            "was written: it changed or is corrupt; rerun the chapter that writes it"
+        )
+
 
 def load_json(path: str | Path, expected_sha256: str | None = None) -> Any:
     "Read a JSON artifact, checking its digest when one is given."
     path = Path(path)
     _check_digest(path, expected_sha256)
-    try: return json.loads(path.read_bytes())
+    try:
+        return json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path} is not valid JSON ({e}): the file is truncated or corrupt") from None
 
@@ -304,17 +432,21 @@ def load_json(path: str | Path, expected_sha256: str | None = None) -> Any:
 def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> str:
     "Save a dict of tensors as safetensors atomically; return the file's sha256."
     from safetensors.torch import save_file
+
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return sha256_file(path)
+
 
 def load_safetensors(path: str | Path, expected_sha256: str | None = None, device: str = "cpu") -> dict:
     "Load tensors from safetensors (never pickle), checking the digest when one is given."
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
     path = Path(path)
     _check_digest(path, expected_sha256)
-    try: return load_file(str(path), device=device)
+    try:
+        return load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt") from None
 
@@ -322,26 +454,34 @@ def load_safetensors(path: str | Path, expected_sha256: str | None = None, devic
 @dataclass(frozen=True)
 class Chapter:
     "One chapter: its notebook, its module, and the artifacts it writes into the run directory."
+
     number: int
-    slug: str                   # module name: llmbook.<slug>
+    slug: str  # module name: llmbook.<slug>
     title: str
-    notebook: str               # notebook stem under nbs/
-    outputs: tuple[str, ...]    # paths relative to the run directory
+    notebook: str  # notebook stem under nbs/
+    outputs: tuple[str, ...]  # paths relative to the run directory
 
     @property
-    def module(self) -> str: return f"llmbook.{self.slug}"
+    def module(self) -> str:
+        return f"llmbook.{self.slug}"
 
-    def __str__(self): return f"Chapter {self.number} ({self.title})"
+    def __str__(self):
+        return f"Chapter {self.number} ({self.title})"
+
 
 CHAPTERS = (
     Chapter(1, "foundations", "Foundations", "01_foundations", ("spec.json", "risks.json", "budget.json")),
     Chapter(2, "data", "Data", "02_data", ("data", "data_report.json")),
     Chapter(3, "modeling", "Modeling", "03_modeling", ("tokenizer", "tokens", "scaling", "recipe.json")),
     Chapter(4, "training", "Training", "04_training", ("checkpoints", "model/base", "eval/base.json")),
-    Chapter(5, "post_training", "Post-training", "05_post_training",
-            ("model/sft", "model/dpo", "model/rl", "model/tools", "prm", "rag", "eval/post.json")),
-    Chapter(6, "specialization", "Specialization", "06_specialization",
-            ("model/long", "adapters", "model/compressed")),
+    Chapter(
+        5,
+        "post_training",
+        "Post-training",
+        "05_post_training",
+        ("model/sft", "model/dpo", "model/rl", "model/tools", "prm", "rag", "eval/post.json"),
+    ),
+    Chapter(6, "specialization", "Specialization", "06_specialization", ("model/long", "adapters", "model/compressed")),
     Chapter(7, "deployment", "Deployment", "07_deployment", ("release", "serve")),
     Chapter(8, "governance", "Governance", "08_governance", ("governance", "registry")),
     Chapter(9, "improvement", "Continuous improvement", "09_continuous_improvement", ("improve",)),
@@ -350,63 +490,81 @@ CHAPTERS = (
 # %% ../nbs/00_book.ipynb #b4c38873
 def find_chapter(ref: "int | str | Chapter", book: Sequence[Chapter] = CHAPTERS) -> Chapter:
     "A chapter by number (`3`, `'03'`), module name (`'modeling'`) or notebook (`'03_modeling'`)."
-    if isinstance(ref, Chapter): return ref
+    if isinstance(ref, Chapter):
+        return ref
     text = str(ref).strip().removesuffix(".ipynb")
     for chapter in book:
         if text in (chapter.slug, chapter.notebook) or (text.isdigit() and int(text) == chapter.number):
             return chapter
     raise ValueError(f"no chapter {ref!r}; chapters: " + ", ".join(f"{c.number} {c.slug}" for c in book))
 
+
 def package_dir() -> Path:
     "The installed `llmbook` package's directory (this file's, also when a notebook runs this code)."
     return Path(importlib.util.find_spec("llmbook").origin).parent
+
 
 def project_root() -> Path | None:
     "The directory holding settings.ini, looking up from the working directory, then from the package."
     for start in (Path.cwd(), package_dir()):
         for directory in (start, *start.parents):
-            if (directory/"settings.ini").exists() and (directory/"nbs").is_dir(): return directory
+            if (directory / "settings.ini").exists() and (directory / "nbs").is_dir():
+                return directory
     return None
+
 
 def nbs_dir() -> Path:
     "Where the chapter notebooks are: `$LLMBOOK_NBS`, else `nbs/` in the project."
-    if os.environ.get("LLMBOOK_NBS"): return Path(os.environ["LLMBOOK_NBS"]).resolve()
+    if os.environ.get("LLMBOOK_NBS"):
+        return Path(os.environ["LLMBOOK_NBS"]).resolve()
     root = project_root()
     if root is None:
         raise FileNotFoundError("cannot find the book's notebooks: run from a clone of llmbook, or set LLMBOOK_NBS")
-    return root/"nbs"
+    return root / "nbs"
+
 
 def present_chapters(book: Sequence[Chapter] = CHAPTERS) -> list[Chapter]:
     "The chapters whose notebooks exist (the book is written chapter by chapter)."
-    return [c for c in book if (nbs_dir()/f"{c.notebook}.ipynb").exists()]
+    return [c for c in book if (nbs_dir() / f"{c.notebook}.ipynb").exists()]
 
 # %% ../nbs/00_book.ipynb #3b702aec
 class Run:
     "A run directory and the preset it runs: where chapters read their inputs and write their artifacts."
-    def __init__(self, path: str | Path, cfg: Preset, overrides: dict | None = None,
-                 book: Sequence[Chapter] = CHAPTERS, chapter: Chapter | None = None):
+
+    def __init__(
+        self,
+        path: str | Path,
+        cfg: Preset,
+        overrides: dict | None = None,
+        book: Sequence[Chapter] = CHAPTERS,
+        chapter: Chapter | None = None,
+    ):
         self.path, self.cfg, self.overrides = Path(path).resolve(), cfg, dict(overrides or {})
         self.book, self.chapter, self.started = tuple(book), chapter, time.time()
 
-    def __repr__(self): return f"Run({str(self.path)!r}, preset={self.cfg.name!r}, chapter={self.chapter})"
+    def __repr__(self):
+        return f"Run({str(self.path)!r}, preset={self.cfg.name!r}, chapter={self.chapter})"
 
     # the book's own files
-    config_json = property(lambda self: self.path/"config.json")
-    manifest_json = property(lambda self: self.path/"manifest.json")
-    notebooks_dir = property(lambda self: self.path/"notebooks")
-    stamps_dir = property(lambda self: self.path/"stamps")
-    results_dir = property(lambda self: self.path/"results")
-    plots_dir = property(lambda self: self.path/"plots")
-    report_md = property(lambda self: self.path/"report.md")
-    report_html = property(lambda self: self.path/"report.html")
+    config_json = property(lambda self: self.path / "config.json")
+    manifest_json = property(lambda self: self.path / "manifest.json")
+    notebooks_dir = property(lambda self: self.path / "notebooks")
+    stamps_dir = property(lambda self: self.path / "stamps")
+    results_dir = property(lambda self: self.path / "results")
+    plots_dir = property(lambda self: self.path / "plots")
+    report_md = property(lambda self: self.path / "report.md")
+    report_html = property(lambda self: self.path / "report.html")
 
     def artifact(self, name: str) -> Path:
         "Path of an artifact declared in the chapter table (or a path inside one)."
         for chapter in self.book:
             for output in chapter.outputs:
-                if name == output or name.startswith(output.rstrip("/") + "/"): return self.path/name
-        raise ValueError(f"{name!r} is not an artifact of any chapter; declared: "
-                         + ", ".join(o for c in self.book for o in c.outputs))
+                if name == output or name.startswith(output.rstrip("/") + "/"):
+                    return self.path / name
+        raise ValueError(
+            f"{name!r} is not an artifact of any chapter; declared: "
+            + ", ".join(o for c in self.book for o in c.outputs)
+        )
 
     def for_chapter(self, chapter: "int | str | Chapter") -> "Run":
         "The same run, working on behalf of `chapter`."
@@ -415,34 +573,47 @@ class Run:
 # %% ../nbs/00_book.ipynb #713652f3
 def default_run_dir(preset: str) -> Path:
     "`runs/<preset>` in the project (or in the working directory outside a clone)."
-    return (project_root() or Path.cwd())/"runs"/preset
+    return (project_root() or Path.cwd()) / "runs" / preset
 
-def open_run(preset: str = "tiny", run_dir: str | Path | None = None, overrides=None,
-             book: Sequence[Chapter] = CHAPTERS, write: bool = True) -> Run:
+
+def open_run(
+    preset: str = "tiny",
+    run_dir: str | Path | None = None,
+    overrides=None,
+    book: Sequence[Chapter] = CHAPTERS,
+    write: bool = True,
+) -> Run:
     "Open (or create) a run directory for `preset`; without `overrides`, those it was made with are kept."
     path = Path(run_dir) if run_dir else default_run_dir(preset)
-    previous = load_json(path/"config.json") if (path/"config.json").exists() else None
+    previous = load_json(path / "config.json") if (path / "config.json").exists() else None
     if previous and previous.get("preset") != preset:
-        raise ValueError(f"run dir {path} was made with preset {previous.get('preset')!r}, not {preset!r}: "
-                         f"open it with preset={previous.get('preset')!r} or choose another run dir")
+        raise ValueError(
+            f"run dir {path} was made with preset {previous.get('preset')!r}, not {preset!r}: "
+            f"open it with preset={previous.get('preset')!r} or choose another run dir"
+        )
     overrides = parse_overrides(overrides) or (previous or {}).get("overrides", {})
     run = Run(path, make_preset(preset, overrides), overrides, book)
     config = dict(preset=preset, overrides=run.overrides, config=asdict(run.cfg))
-    if previous and previous.get("config") == config["config"]: return run
+    if previous and previous.get("config") == config["config"]:
+        return run
     if previous:
         changed = sorted(k for k, v in config["config"].items() if previous.get("config", {}).get(k) != v)
-        print(f"{path/'config.json'}: preset fields changed ({', '.join(changed)}); the chapters will run again")
-    if write: atomic_write_json(run.config_json, config)
+        print(f"{path / 'config.json'}: preset fields changed ({', '.join(changed)}); the chapters will run again")
+    if write:
+        atomic_write_json(run.config_json, config)
     return run
 
 # %% ../nbs/00_book.ipynb #410aae63
 def _results_path(run: Run) -> Path:
-    if run.chapter is None: raise ValueError("this Run is not working for a chapter: use open_chapter(...)")
-    return run.results_dir/f"{run.chapter.notebook}.json"
+    if run.chapter is None:
+        raise ValueError("this Run is not working for a chapter: use open_chapter(...)")
+    return run.results_dir / f"{run.chapter.notebook}.json"
+
 
 def _load_results(run: Run) -> dict:
     path = _results_path(run)
     return load_json(path) if path.exists() else dict(chapter=run.chapter.number, metrics={}, plots=[], notes=[])
+
 
 @patch
 def record(self: Run, **metrics) -> dict:
@@ -452,6 +623,7 @@ def record(self: Run, **metrics) -> dict:
     atomic_write_json(_results_path(self), results)
     return results["metrics"]
 
+
 @patch
 def note(self: Run, text: str):
     "Add a sentence to the chapter's section of the report card."
@@ -459,11 +631,13 @@ def note(self: Run, text: str):
     results["notes"] = [n for n in results["notes"] if n != text] + [text]
     atomic_write_json(_results_path(self), results)
 
+
 @patch
 def save_figure(self: Run, fig, name: str) -> Path:
     "Save a matplotlib figure under plots/ (PNG) and register it with the chapter's results."
-    path = self.plots_dir/f"{self.chapter.notebook}-{name}.png"
-    with atomic_path(path) as tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    path = self.plots_dir / f"{self.chapter.notebook}-{name}.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     results = _load_results(self)
     rel = path.relative_to(self.path).as_posix()
     results["plots"] = [p for p in results["plots"] if p != rel] + [rel]
@@ -476,29 +650,36 @@ def _notebook_code(path: Path) -> str:
     cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
     return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
 
+
 def code_digest(chapter: Chapter, book: Sequence[Chapter] = CHAPTERS) -> str:
     "Digest of what a chapter runs: its notebook's code cells, the modules up to its own, the files under data/."
     package = package_dir()
-    parts = [("book.py", (package/"book.py").read_text(encoding="utf-8"))]
-    shipped = package.parent/"data"
+    parts = [("book.py", (package / "book.py").read_text(encoding="utf-8"))]
+    shipped = package.parent / "data"
     if shipped.is_dir():
         parts += [(f"data/{p.name}", sha256_file(p)) for p in sorted(shipped.iterdir()) if p.is_file()]
     for c in book:
-        if c.number <= chapter.number and (package/f"{c.slug}.py").exists():
-            parts.append((f"{c.slug}.py", (package/f"{c.slug}.py").read_text(encoding="utf-8")))
+        if c.number <= chapter.number and (package / f"{c.slug}.py").exists():
+            parts.append((f"{c.slug}.py", (package / f"{c.slug}.py").read_text(encoding="utf-8")))
     with contextlib.suppress(FileNotFoundError):
-        notebook = nbs_dir()/f"{chapter.notebook}.ipynb"
-        if notebook.exists(): parts.append((notebook.name, _notebook_code(notebook)))
+        notebook = nbs_dir() / f"{chapter.notebook}.ipynb"
+        if notebook.exists():
+            parts.append((notebook.name, _notebook_code(notebook)))
     return sha256_json(parts)
 
 # %% ../nbs/00_book.ipynb #a566194f
-def _stamp_path(run: Run, chapter: Chapter) -> Path: return run.stamps_dir/f"{chapter.notebook}.json"
+def _stamp_path(run: Run, chapter: Chapter) -> Path:
+    return run.stamps_dir / f"{chapter.notebook}.json"
+
 
 def read_stamp(run: Run, chapter: Chapter) -> dict | None:
     "The chapter's stamp, or None if it has not finished (a corrupt stamp counts as none)."
     path = _stamp_path(run, chapter)
-    try: return load_json(path) if path.exists() else None
-    except ArtifactError: return None
+    try:
+        return load_json(path) if path.exists() else None
+    except ArtifactError:
+        return None
+
 
 def chapter_inputs(run: Run, chapter: Chapter) -> dict:
     "What a chapter's results depend on: the preset, the code, and the outputs of earlier chapters."
@@ -508,26 +689,34 @@ def chapter_inputs(run: Run, chapter: Chapter) -> dict:
             upstream[earlier.notebook] = sha256_json(stamp["outputs"])
     return dict(config=sha256_json(asdict(run.cfg)), code=code_digest(chapter, run.book), upstream=upstream)
 
+
 def output_digests(run: Run, chapter: Chapter) -> dict:
     "sha256 of each of the chapter's outputs; a missing one is an error that names it."
-    missing = [o for o in chapter.outputs if not (run.path/o).exists()]
-    if missing: raise ArtifactError(f"{chapter} did not write {', '.join(missing)} in {run.path}")
-    return {o: sha256_tree(run.path/o) for o in chapter.outputs}
+    missing = [o for o in chapter.outputs if not (run.path / o).exists()]
+    if missing:
+        raise ArtifactError(f"{chapter} did not write {', '.join(missing)} in {run.path}")
+    return {o: sha256_tree(run.path / o) for o in chapter.outputs}
 
 # %% ../nbs/00_book.ipynb #26351e54
 def chapter_status(run: Run, chapter: Chapter) -> tuple[bool, str]:
     "(fresh, why): whether the chapter's stamp still holds, and if not, what changed."
     stamp = read_stamp(run, chapter)
-    if stamp is None: return False, "not run yet"
+    if stamp is None:
+        return False, "not run yet"
     now, then = chapter_inputs(run, chapter), stamp["inputs"]
-    if now["config"] != then["config"]: return False, "the preset changed"
-    if now["code"] != then["code"]: return False, "its code changed"
+    if now["config"] != then["config"]:
+        return False, "the preset changed"
+    if now["code"] != then["code"]:
+        return False, "its code changed"
     for key in sorted(set(now["upstream"]) | set(then["upstream"])):
-        if now["upstream"].get(key) != then["upstream"].get(key): return False, f"the outputs of {key} changed"
+        if now["upstream"].get(key) != then["upstream"].get(key):
+            return False, f"the outputs of {key} changed"
     for output, digest in stamp["outputs"].items():
-        path = run.path/output
-        if not path.exists(): return False, f"{output} is missing"
-        if sha256_tree(path) != digest: return False, f"{output} changed"
+        path = run.path / output
+        if not path.exists():
+            return False, f"{output} is missing"
+        if sha256_tree(path) != digest:
+            return False, f"{output} changed"
     return True, f"finished {stamp['finished_at']}, inputs unchanged"
 
 # %% ../nbs/00_book.ipynb #97341794
@@ -535,28 +724,43 @@ def start_chapter(run: Run):
     "Forget the chapter's stamp, manifest entries, results and plots; recover or sweep interrupted writes."
     _remove(_stamp_path(run, run.chapter))
     _remove(_results_path(run))
-    for plot in run.plots_dir.glob(f"{run.chapter.notebook}-*.png"): _remove(plot)
+    for plot in run.plots_dir.glob(f"{run.chapter.notebook}-*.png"):
+        _remove(plot)
     for output in run.chapter.outputs:
-        sweep_interrupted_writes((run.path/output).parent); sweep_interrupted_writes(run.path/output)
+        sweep_interrupted_writes((run.path / output).parent)
+        sweep_interrupted_writes(run.path / output)
     if run.manifest_json.exists():
         manifest = load_json(run.manifest_json)
         kept = {k: v for k, v in manifest.items() if v.get("chapter") != run.chapter.number}
-        if kept != manifest: atomic_write_json(run.manifest_json, kept)
+        if kept != manifest:
+            atomic_write_json(run.manifest_json, kept)
+
 
 @patch
 def finish(self: Run, how: str = "notebook") -> dict:
     "Stamp `run.chapter` as finished with its current inputs and outputs, and list them in the manifest."
     chapter = self.chapter
-    stamp = dict(chapter=chapter.number, title=chapter.title, how=how, inputs=chapter_inputs(self, chapter),
-                 outputs=output_digests(self, chapter), wall_s=round(time.time() - self.started, 3),
-                 finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    stamp = dict(
+        chapter=chapter.number,
+        title=chapter.title,
+        how=how,
+        inputs=chapter_inputs(self, chapter),
+        outputs=output_digests(self, chapter),
+        wall_s=round(time.time() - self.started, 3),
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     manifest = load_json(self.manifest_json) if self.manifest_json.exists() else {}
     manifest = {k: v for k, v in manifest.items() if v.get("chapter") != chapter.number}
     for output in chapter.outputs:
-        path = self.path/output
-        for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not is_interrupted_write(p)):
-            manifest[f.relative_to(self.path).as_posix()] = dict(chapter=chapter.number, bytes=f.stat().st_size,
-                                                                 sha256=sha256_file(f))
+        path = self.path / output
+        for f in (
+            [path]
+            if path.is_file()
+            else sorted(p for p in path.rglob("*") if p.is_file() and not is_interrupted_write(p))
+        ):
+            manifest[f.relative_to(self.path).as_posix()] = dict(
+                chapter=chapter.number, bytes=f.stat().st_size, sha256=sha256_file(f)
+            )
     atomic_write_json(self.manifest_json, dict(sorted(manifest.items())))
     atomic_write_json(_stamp_path(self, chapter), stamp)
     return stamp
@@ -564,8 +768,10 @@ def finish(self: Run, how: str = "notebook") -> dict:
 # %% ../nbs/00_book.ipynb #a53ec2bd
 def manifest_digest(run: Run, name: str) -> str | None:
     "The sha256 recorded for `name` when its chapter finished, if any."
-    if not run.manifest_json.exists(): return None
+    if not run.manifest_json.exists():
+        return None
     return load_json(run.manifest_json).get(name, {}).get("sha256")
+
 
 @patch
 def read_json(self: Run, name: str) -> Any:
@@ -576,25 +782,37 @@ def read_json(self: Run, name: str) -> Any:
 def ensure_prerequisites(run: Run, chapter: Chapter):
     "Produce, through the package, every earlier chapter that is missing or stale."
     for earlier in run.book:
-        if earlier.number >= chapter.number: break
-        try: module = importlib.import_module(earlier.module)
+        if earlier.number >= chapter.number:
+            break
+        try:
+            module = importlib.import_module(earlier.module)
         except ModuleNotFoundError as e:
-            if e.name != earlier.module: raise
+            if e.name != earlier.module:
+                raise
             continue  # a chapter not written yet
         fresh, why = chapter_status(run, earlier)
-        if fresh: continue
+        if fresh:
+            continue
         print(f"{earlier}: {why}; producing it through the package ({earlier.module}.produce)")
         sub = run.for_chapter(earlier)
         start_chapter(sub)
         module.produce(sub)
         sub.finish(how="package")
 
-def open_chapter(chapter: "int | str | Chapter", preset: str = "tiny", run_dir: str | Path | None = None,
-                 overrides=None, book: Sequence[Chapter] = CHAPTERS, prerequisites: bool = True) -> Run:
+
+def open_chapter(
+    chapter: "int | str | Chapter",
+    preset: str = "tiny",
+    run_dir: str | Path | None = None,
+    overrides=None,
+    book: Sequence[Chapter] = CHAPTERS,
+    prerequisites: bool = True,
+) -> Run:
     "Open the run directory for `chapter`: check the preset, produce missing prerequisites, start the chapter."
     run = open_run(preset, run_dir, overrides, book)
     run = run.for_chapter(chapter)
-    if prerequisites: ensure_prerequisites(run, run.chapter)
+    if prerequisites:
+        ensure_prerequisites(run, run.chapter)
     start_chapter(run)
     run.started = time.time()
     print(f"{run.chapter} · preset {preset!r} · run dir {run.path}")
@@ -604,33 +822,58 @@ def open_chapter(chapter: "int | str | Chapter", preset: str = "tiny", run_dir: 
 def environment() -> dict:
     "Versions, CPU and GPU of the machine the book runs on."
     from importlib import metadata
+
     packages = {}
-    for name in ("llmbook", "torch", "transformers", "trl", "datasets", "tokenizers", "tiktoken", "einops",
-                 "papermill", "nbdev", "numpy"):
-        with contextlib.suppress(metadata.PackageNotFoundError): packages[name] = metadata.version(name)
+    for name in (
+        "llmbook",
+        "torch",
+        "transformers",
+        "trl",
+        "datasets",
+        "tokenizers",
+        "tiktoken",
+        "einops",
+        "papermill",
+        "nbdev",
+        "numpy",
+    ):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            packages[name] = metadata.version(name)
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     gpus = []
     with contextlib.suppress(ImportError):
         import torch
+
         gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return dict(python=platform.python_version(), platform=platform.platform(), cpu=cpu, cores=os.cpu_count(),
-                memory_gb=round(memory_gb, 1), gpus=gpus, packages=packages)
+    return dict(
+        python=platform.python_version(),
+        platform=platform.platform(),
+        cpu=cpu,
+        cores=os.cpu_count(),
+        memory_gb=round(memory_gb, 1),
+        gpus=gpus,
+        packages=packages,
+    )
 
 # %% ../nbs/00_book.ipynb #d79080ff
 def target_status(value, target, direction: str) -> str:
     "'met', 'not yet', 'not measured yet' or 'no target' for a measured value against a target."
-    if target is None: return "no target"
-    if value is None: return "not measured yet"
+    if target is None:
+        return "no target"
+    if value is None:
+        return "not measured yet"
     ok = value >= target if direction == "at_least" else value <= target if direction == "at_most" else value == target
     return "met" if ok else "not yet"
 
 # %% ../nbs/00_book.ipynb #ef4c7d3b
 def _fmt(value) -> str:
-    if isinstance(value, float): return f"{value:.4g}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
     return "—" if value is None else str(value)
+
 
 def _chapter_rows(run: Run, results: dict) -> tuple[list, float, bool]:
     "Rows of the chapters table, their total time, and whether every chapter present has finished."
@@ -638,44 +881,78 @@ def _chapter_rows(run: Run, results: dict) -> tuple[list, float, bool]:
     for chapter in run.book:
         stamp, (fresh, why) = read_stamp(run, chapter), chapter_status(run, chapter)
         with contextlib.suppress(FileNotFoundError):
-            if chapter in present_chapters(run.book) and not fresh: all_fresh = False
-        if stamp is None and chapter.number not in results: continue
+            if chapter in present_chapters(run.book) and not fresh:
+                all_fresh = False
+        if stamp is None and chapter.number not in results:
+            continue
         total += stamp["wall_s"] if stamp else 0
-        rows.append([f"{chapter.number} {chapter.title}", "finished" if fresh else why,
-                     f"{stamp['wall_s']:.1f}" if stamp else "—", stamp.get("how", "—") if stamp else "—"])
+        rows.append(
+            [
+                f"{chapter.number} {chapter.title}",
+                "finished" if fresh else why,
+                f"{stamp['wall_s']:.1f}" if stamp else "—",
+                stamp.get("how", "—") if stamp else "—",
+            ]
+        )
     return rows, total, all_fresh and bool(rows)
+
 
 def _target_rows(run: Run, targets: list[dict], measured: dict) -> list[list]:
     "Rows of the targets table: each of Chapter 1's metrics against what was measured."
     sign = {"at_least": "≥", "at_most": "≤"}
-    return [[t["name"], t["chapter"], f"{sign.get(t['direction'], '=')} {_fmt(t['targets'].get(run.cfg.name))}",
-             _fmt(measured.get(t["name"])), target_status(measured.get(t["name"]), t["targets"].get(run.cfg.name), t["direction"])]
-            for t in targets]
+    return [
+        [
+            t["name"],
+            t["chapter"],
+            f"{sign.get(t['direction'], '=')} {_fmt(t['targets'].get(run.cfg.name))}",
+            _fmt(measured.get(t["name"])),
+            target_status(measured.get(t["name"]), t["targets"].get(run.cfg.name), t["direction"]),
+        ]
+        for t in targets
+    ]
+
 
 def _report_blocks(run: Run) -> list[tuple]:
     "The report's content: ('h', level, text), ('p', text), ('table', header, rows) and ('img', path)."
-    spec = load_json(run.path/"spec.json") if (run.path/"spec.json").exists() else {}
-    results = {c.number: load_json(p) for c in run.book if (p := run.results_dir/f"{c.notebook}.json").exists()}
+    spec = load_json(run.path / "spec.json") if (run.path / "spec.json").exists() else {}
+    results = {c.number: load_json(p) for c in run.book if (p := run.results_dir / f"{c.notebook}.json").exists()}
     rows, total, all_finished = _chapter_rows(run, results)
     measured = {k: v for r in results.values() for k, v in r["metrics"].items()}
-    if all_finished: measured["book_minutes"] = total / 60   # the whole book's time, once every chapter has finished
-    blocks = [("h", 1, f"llmbook report card — preset {run.cfg.name}"),
-              ("p", f"Run directory `{run.path}`, written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. "
-                    f"Overrides: {run.overrides or 'none'}."),
-              ("h", 2, "Chapters"), ("table", ["chapter", "status", "wall time (s)", "how"], rows),
-              ("p", f"Total chapter time: {total/60:.1f} min.")]
+    if all_finished:
+        measured["book_minutes"] = total / 60  # the whole book's time, once every chapter has finished
+    blocks = [
+        ("h", 1, f"llmbook report card — preset {run.cfg.name}"),
+        (
+            "p",
+            f"Run directory `{run.path}`, written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. "
+            f"Overrides: {run.overrides or 'none'}.",
+        ),
+        ("h", 2, "Chapters"),
+        ("table", ["chapter", "status", "wall time (s)", "how"], rows),
+        ("p", f"Total chapter time: {total / 60:.1f} min."),
+    ]
     if spec.get("metrics"):
-        blocks += [("h", 2, "Targets (Chapter 1)"), ("table", ["metric", "chapter", "target", "measured", "status"],
-                                                     _target_rows(run, spec["metrics"], measured))]
+        blocks += [
+            ("h", 2, "Targets (Chapter 1)"),
+            (
+                "table",
+                ["metric", "chapter", "target", "measured", "status"],
+                _target_rows(run, spec["metrics"], measured),
+            ),
+        ]
     for chapter in run.book:
-        if chapter.number not in results: continue
+        if chapter.number not in results:
+            continue
         r = results[chapter.number]
         blocks.append(("h", 2, f"{chapter.number} {chapter.title}"))
-        if r["metrics"]: blocks.append(("table", ["measured", "value"], [[k, _fmt(v)] for k, v in r["metrics"].items()]))
-        blocks += [("p", note) for note in r.get("notes", [])] + [("img", run.path/p) for p in r["plots"]]
+        if r["metrics"]:
+            blocks.append(("table", ["measured", "value"], [[k, _fmt(v)] for k, v in r["metrics"].items()]))
+        blocks += [("p", note) for note in r.get("notes", [])] + [("img", run.path / p) for p in r["plots"]]
     env = environment()
-    blocks += [("h", 2, "Environment"),
-               ("table", ["", ""], [[k, v if not isinstance(v, (list, dict)) else json.dumps(v)] for k, v in env.items()])]
+    blocks += [
+        ("h", 2, "Environment"),
+        ("table", ["", ""], [[k, v if not isinstance(v, (list, dict)) else json.dumps(v)] for k, v in env.items()]),
+    ]
     return blocks
 
 # %% ../nbs/00_book.ipynb #96b1fb9e
@@ -683,32 +960,47 @@ def _render_markdown(blocks, base: Path) -> str:
     out = []
     for block in blocks:
         kind = block[0]
-        if kind == "h": out.append("#" * block[1] + " " + block[2])
-        elif kind == "p": out.append(block[1])
-        elif kind == "img": out.append(f"![{block[1].stem}]({block[1].relative_to(base).as_posix()})")
+        if kind == "h":
+            out.append("#" * block[1] + " " + block[2])
+        elif kind == "p":
+            out.append(block[1])
+        elif kind == "img":
+            out.append(f"![{block[1].stem}]({block[1].relative_to(base).as_posix()})")
         elif kind == "table":
             header, rows = block[1], block[2]
             cell = lambda v: _fmt(v).replace("|", "\\|").replace("\n", " ")
-            out.append("\n".join(["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
-                                 + ["| " + " | ".join(map(cell, row)) + " |" for row in rows]))
+            out.append(
+                "\n".join(
+                    ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+                    + ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+                )
+            )
     return "\n\n".join(out) + "\n"
 
+
 def _render_html(blocks) -> str:
-    out = ["<!doctype html><meta charset='utf-8'><title>llmbook report</title><style>body{font-family:sans-serif;"
-           "max-width:60em;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-           "padding:.2em .6em;text-align:left}img{max-width:100%}</style>"]
+    out = [
+        "<!doctype html><meta charset='utf-8'><title>llmbook report</title><style>body{font-family:sans-serif;"
+        "max-width:60em;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+        "padding:.2em .6em;text-align:left}img{max-width:100%}</style>"
+    ]
     for block in blocks:
         kind = block[0]
-        if kind == "h": out.append(f"<h{block[1]}>{html.escape(block[2])}</h{block[1]}>")
-        elif kind == "p": out.append(f"<p>{html.escape(block[1])}</p>")
+        if kind == "h":
+            out.append(f"<h{block[1]}>{html.escape(block[2])}</h{block[1]}>")
+        elif kind == "p":
+            out.append(f"<p>{html.escape(block[1])}</p>")
         elif kind == "img":
             data = base64.b64encode(block[1].read_bytes()).decode() if block[1].exists() else ""
             out.append(f"<figure><img alt='{html.escape(block[1].stem)}' src='data:image/png;base64,{data}'></figure>")
         elif kind == "table":
             head = "".join(f"<th>{html.escape(_fmt(h))}</th>" for h in block[1])
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in block[2])
+            body = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in block[2]
+            )
             out.append(f"<table><tr>{head}</tr>{body}</table>")
     return "\n".join(out) + "\n"
+
 
 def write_report(run: Run) -> tuple[Path, Path]:
     "Write report.md and report.html for the run; return their paths."
@@ -720,6 +1012,7 @@ def write_report(run: Run) -> tuple[Path, Path]:
 # %% ../nbs/00_book.ipynb #21a6a848
 _KERNEL_DIR: Path | None = None
 
+
 def kernel_for_this_python() -> str:
     "Name of a kernel spec that runs this very interpreter (registered once per process)."
     global _KERNEL_DIR
@@ -727,29 +1020,52 @@ def kernel_for_this_python() -> str:
     if _KERNEL_DIR is None:
         _KERNEL_DIR = Path(tempfile.mkdtemp(prefix="llmbook-kernels-"))
         atexit.register(shutil.rmtree, _KERNEL_DIR, ignore_errors=True)
-        spec = dict(argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
-                          "--IPKernelApp.log_level=ERROR"],  # not the warning about TCP on localhost
-                    display_name=f"Python ({sys.executable})", language="python", metadata=dict(debugger=False))
-        atomic_write_json(_KERNEL_DIR/"kernels"/name/"kernel.json", spec)
+        spec = dict(
+            argv=[
+                sys.executable,
+                "-m",
+                "ipykernel_launcher",
+                "-f",
+                "{connection_file}",
+                "--IPKernelApp.log_level=ERROR",
+            ],  # not the warning about TCP on localhost
+            display_name=f"Python ({sys.executable})",
+            language="python",
+            metadata=dict(debugger=False),
+        )
+        atomic_write_json(_KERNEL_DIR / "kernels" / name / "kernel.json", spec)
         os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(_KERNEL_DIR), os.environ.get("JUPYTER_PATH")]))
     return name
 
 # %% ../nbs/00_book.ipynb #f34f58d5
 class ChapterFailed(RuntimeError):
     "A chapter's notebook failed; the message names the chapter, the cell and the executed notebook."
-    def __init__(self, chapter: Chapter, notebook: Path, cell: int | None, error: str, line: str = "",
-                 execution_count: int | None = None):
+
+    def __init__(
+        self,
+        chapter: Chapter,
+        notebook: Path,
+        cell: int | None,
+        error: str,
+        line: str = "",
+        execution_count: int | None = None,
+    ):
         self.chapter, self.notebook, self.cell, self.error = chapter, notebook, cell, error
         where = f"in cell {cell} (In [{execution_count}])" if cell is not None else "outside its cells"
-        super().__init__(f"{chapter} failed {where}: {error}\n" + (f"    {line}\n" if line else "")
-                         + f"  executed notebook: {notebook}\n"
-                         + "  fix it and run again: finished chapters are skipped and the run resumes here")
+        super().__init__(
+            f"{chapter} failed {where}: {error}\n"
+            + (f"    {line}\n" if line else "")
+            + f"  executed notebook: {notebook}\n"
+            + "  fix it and run again: finished chapters are skipped and the run resumes here"
+        )
+
 
 def failing_line(traceback: list[str]) -> str:
     "The cell's line that raised, from an IPython traceback (`----> 2 assert n == 4`)."
     for frame in traceback:
         for line in re.sub(r"\x1b\[[0-9;]*m", "", frame).splitlines():
-            if line.lstrip().startswith("---->"): return "line " + line.split("---->", 1)[1].strip()
+            if line.lstrip().startswith("---->"):
+                return "line " + line.split("---->", 1)[1].strip()
     return ""
 
 # %% ../nbs/00_book.ipynb #6b9cbc76
@@ -757,26 +1073,40 @@ def execute_chapter(run: Run, chapter: Chapter, progress: bool = True) -> float:
     "Execute a chapter's notebook with papermill into `notebooks/`; return its wall time in seconds."
     import papermill
     from papermill.exceptions import PapermillExecutionError
-    source = nbs_dir()/f"{chapter.notebook}.ipynb"
-    output = run.notebooks_dir/source.name
+
+    source = nbs_dir() / f"{chapter.notebook}.ipynb"
+    output = run.notebooks_dir / source.name
     output.parent.mkdir(parents=True, exist_ok=True)
-    parameters = dict(preset=run.cfg.name, run_dir=str(run.path),
-                      overrides=" ".join(f"{k}={v}" for k, v in run.overrides.items()))
+    parameters = dict(
+        preset=run.cfg.name, run_dir=str(run.path), overrides=" ".join(f"{k}={v}" for k, v in run.overrides.items())
+    )
     started = time.time()
     try:
-        papermill.execute_notebook(str(source), str(output), parameters=parameters, cwd=str(source.parent),
-                                   kernel_name=kernel_for_this_python(), language="python",
-                                   progress_bar=progress, log_output=False)
+        papermill.execute_notebook(
+            str(source),
+            str(output),
+            parameters=parameters,
+            cwd=str(source.parent),
+            kernel_name=kernel_for_this_python(),
+            language="python",
+            progress_bar=progress,
+            log_output=False,
+        )
     except PapermillExecutionError as e:
-        raise ChapterFailed(chapter, output, e.cell_index + 1, f"{e.ename}: {e.evalue}", failing_line(e.traceback),
-                            e.exec_count) from None
+        raise ChapterFailed(
+            chapter, output, e.cell_index + 1, f"{e.ename}: {e.evalue}", failing_line(e.traceback), e.exec_count
+        ) from None
     except Exception as e:  # the kernel died, timed out or could not start
         raise ChapterFailed(chapter, output, None, f"{type(e).__name__}: {e}") from None
     wall_s = time.time() - started
     fresh, why = chapter_status(run, chapter)
     if not fresh:
-        raise ChapterFailed(chapter, output, None, f"it ran but left no valid stamp ({why}); "
-                            "a chapter notebook must end with run.finish()")
+        raise ChapterFailed(
+            chapter,
+            output,
+            None,
+            f"it ran but left no valid stamp ({why}); a chapter notebook must end with run.finish()",
+        )
     stamp = read_stamp(run, chapter)
     atomic_write_json(_stamp_path(run, chapter), {**stamp, "wall_s": round(wall_s, 3), "how": "papermill"})
     return wall_s
@@ -786,19 +1116,25 @@ def execute_chapter(run: Run, chapter: Chapter, progress: bool = True) -> float:
 def run_lock(run: Run):
     "Hold the run directory for this process, or fail with a clear message if another run holds it."
     run.path.mkdir(parents=True, exist_ok=True)
-    with open(run.path/".lock", "w") as fh:
-        try: fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(run.path / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"another llmbook run is using {run.path}; wait for it or choose another run dir") from None
+            raise RuntimeError(
+                f"another llmbook run is using {run.path}; wait for it or choose another run dir"
+            ) from None
         yield
 
 # %% ../nbs/00_book.ipynb #0b8ab208
 def run_book(run: Run, only=None, start=None, progress: bool = True, log=print) -> list[dict]:
     "Run the book's chapters in order; skip fresh ones; stop at the first failure; write the report."
     from tqdm.auto import tqdm
+
     chapters = present_chapters(run.book)
-    if only is not None: chapters = [find_chapter(only, run.book)]
-    elif start is not None: chapters = [c for c in chapters if c.number >= find_chapter(start, run.book).number]
+    if only is not None:
+        chapters = [find_chapter(only, run.book)]
+    elif start is not None:
+        chapters = [c for c in chapters if c.number >= find_chapter(start, run.book).number]
     forced = only is not None or start is not None
     say = tqdm.write if progress else log
     outcomes = []
@@ -811,8 +1147,10 @@ def run_book(run: Run, only=None, start=None, progress: bool = True, log=print) 
                 say(f"{chapter}: skipped ({why})")
                 outcomes.append(dict(chapter=chapter.number, status="skipped", wall_s=0.0))
                 continue
-            try: wall_s = execute_chapter(run, chapter, progress=progress)
-            finally: write_report(run)
+            try:
+                wall_s = execute_chapter(run, chapter, progress=progress)
+            finally:
+                write_report(run)
             say(f"{chapter}: done in {wall_s:.1f} s")
             outcomes.append(dict(chapter=chapter.number, status="ran", wall_s=wall_s))
     write_report(run)
@@ -822,40 +1160,60 @@ def run_book(run: Run, only=None, start=None, progress: bool = True, log=print) 
 def chapter_notebook(chapter: Chapter, body: Sequence[str] = (), book: Sequence[Chapter] = CHAPTERS):
     "A new chapter notebook: title, parameters cell, `open_chapter`, the `body` code cells, `run.finish()`."
     import nbformat
+
     v4 = nbformat.v4
     book_arg = "" if tuple(book) == CHAPTERS else f", book={tuple(book)!r}"
-    parameters = ('preset = "tiny"     # tiny | cpu | gpu | multi-gpu\n'
-                  'run_dir = ""        # "" means runs/<preset> in the project\n'
-                  'overrides = ""      # preset fields to override, space-separated (see: llmbook presets)')
-    cells = [v4.new_markdown_cell(f"# Chapter {chapter.number} — {chapter.title}"),
-             v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}),
-             v4.new_code_cell(f"from llmbook.book import *\nrun = open_chapter({chapter.number}, preset, run_dir, overrides{book_arg})"),
-             *[v4.new_code_cell(code) for code in body], v4.new_code_cell("run.finish();")]
+    parameters = (
+        'preset = "tiny"     # tiny | cpu | gpu | multi-gpu\n'
+        'run_dir = ""        # "" means runs/<preset> in the project\n'
+        'overrides = ""      # preset fields to override, space-separated (see: llmbook presets)'
+    )
+    cells = [
+        v4.new_markdown_cell(f"# Chapter {chapter.number} — {chapter.title}"),
+        v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}),
+        v4.new_code_cell(
+            f"from llmbook.book import *\nrun = open_chapter({chapter.number}, preset, run_dir, overrides{book_arg})"
+        ),
+        *[v4.new_code_cell(code) for code in body],
+        v4.new_code_cell("run.finish();"),
+    ]
     kernelspec = dict(display_name="python3", language="python", name="python3")
     return v4.new_notebook(cells=cells, metadata=dict(kernelspec=kernelspec))
 
 # %% ../nbs/00_book.ipynb #55de80f9
 def render_readme(index: Path | None = None) -> str:
     "README.md's text, from the front-page notebook."
-    cells = json.loads((index or nbs_dir()/"index.ipynb").read_text(encoding="utf-8"))["cells"]
+    cells = json.loads((index or nbs_dir() / "index.ipynb").read_text(encoding="utf-8"))["cells"]
     parts = []
     for cell in cells:
         source = "".join(cell["source"]).strip()
-        if not source or source.startswith("#| hide") or cell["cell_type"] == "raw": continue
+        if not source or source.startswith("#| hide") or cell["cell_type"] == "raw":
+            continue
         parts.append(source if cell["cell_type"] == "markdown" else f"```python\n{source}\n```")
-    return "<!-- generated from nbs/index.ipynb by `make readme`: edit the notebook, not this file -->\n\n" \
-           + "\n\n".join(parts) + "\n"
+    return (
+        "<!-- generated from nbs/index.ipynb by `make readme`: edit the notebook, not this file -->\n\n"
+        + "\n\n".join(parts)
+        + "\n"
+    )
 
 # %% ../nbs/00_book.ipynb #5f8ae623
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmbook", description="Run the book that builds a language model.")
     sub = parser.add_subparsers(dest="command", required=True)
+
     def with_run_options(p):
         p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="size of the run (default: tiny)")
         p.add_argument("--run-dir", default=None, help="run directory (default: runs/<preset>)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a preset field, e.g. --set depth=6 (repeatable)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a preset field, e.g. --set depth=6 (repeatable)",
+        )
         return p
+
     run = with_run_options(sub.add_parser("run", help="execute the chapters in order with papermill"))
     group = run.add_mutually_exclusive_group()
     group.add_argument("--only", metavar="CH", help="run only this chapter (number or name)")
@@ -865,14 +1223,16 @@ def _parser() -> argparse.ArgumentParser:
     with_run_options(sub.add_parser("report", help="write report.md and report.html"))
     sub.add_parser("presets", help="print the presets")
     sub.add_parser("readme", help="render nbs/index.ipynb to README.md").add_argument(
-        "--check", action="store_true", help="only check that README.md is up to date")
+        "--check", action="store_true", help="only check that README.md is up to date"
+    )
     return parser
 
 # %% ../nbs/00_book.ipynb #39195bcb
 def _absolute_dataset_paths(override: str) -> str:
     "`hf_datasets=docs/x.jsonl|MIT` → an absolute path: notebooks run in nbs/, not where the command was typed."
     key, sep, value = override.partition("=")
-    if key.strip() != "hf_datasets" or not sep: return override
+    if key.strip() != "hf_datasets" or not sep:
+        return override
     specs = []
     for spec in value.split(","):
         path, bar, license = spec.partition("|")
@@ -890,9 +1250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{f.name:>14}  " + "  ".join(f"{str(getattr(PRESETS[n], f.name)):>22}" for n in names))
             return 0
         if args.command == "readme":
-            readme, text = nbs_dir().parent/"README.md", render_readme()
+            readme, text = nbs_dir().parent / "README.md", render_readme()
             if args.check:
-                if readme.exists() and readme.read_text(encoding="utf-8") == text: return 0
+                if readme.exists() and readme.read_text(encoding="utf-8") == text:
+                    return 0
                 print(f"llmbook: {readme} is out of date: run `make readme`", file=sys.stderr)
                 return 1
             atomic_write_text(readme, text)
@@ -908,7 +1269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             started = time.time()
             run_book(run, only=args.only, start=args.start, progress=not args.no_progress)
-            print(f"book done in {(time.time() - started)/60:.1f} min; report: {run.report_md} and {run.report_html}")
+            print(f"book done in {(time.time() - started) / 60:.1f} min; report: {run.report_md} and {run.report_html}")
         return 0
     except ChapterFailed as e:
         print(f"llmbook: {e}", file=sys.stderr)

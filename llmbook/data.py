@@ -45,13 +45,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .book import Run, atomic_path, atomic_write_json, package_dir, sha256_bytes, sha256_json
+from .book import Run, atomic_path, atomic_write_json, package_dir, sha256_bytes
 from .foundations import license_allowed
 
 # %% ../nbs/02_data.ipynb #e6831309
 @dataclass
 class Ledger:
     "What one step received, kept, dropped (by reason) and handed on, in documents and bytes."
+
     step: str
     in_docs: int = 0
     in_bytes: int = 0
@@ -59,28 +60,40 @@ class Ledger:
     kept_bytes: int = 0
     out_docs: int = 0
     out_bytes: int = 0
-    dropped: dict = field(default_factory=dict)    # reason → [docs, bytes]
-    examples: dict = field(default_factory=dict)   # reason → a few short excerpts
-    counts: dict = field(default_factory=dict)     # anything else the step counts (e.g. replacements by type)
+    dropped: dict = field(default_factory=dict)  # reason → [docs, bytes]
+    examples: dict = field(default_factory=dict)  # reason → a few short excerpts
+    counts: dict = field(default_factory=dict)  # anything else the step counts (e.g. replacements by type)
 
     def keep(self, in_bytes: int, out_docs: int = 1, out_bytes: int | None = None):
         "Count a kept document (and what it became)."
-        self.in_docs += 1; self.in_bytes += in_bytes
-        self.kept_docs += 1; self.kept_bytes += in_bytes
-        self.out_docs += out_docs; self.out_bytes += in_bytes if out_bytes is None else out_bytes
+        self.in_docs += 1
+        self.in_bytes += in_bytes
+        self.kept_docs += 1
+        self.kept_bytes += in_bytes
+        self.out_docs += out_docs
+        self.out_bytes += in_bytes if out_bytes is None else out_bytes
 
     def drop(self, reason: str, in_bytes: int, example: str = ""):
         "Count a dropped document under `reason`, keeping up to three examples."
-        self.in_docs += 1; self.in_bytes += in_bytes
+        self.in_docs += 1
+        self.in_bytes += in_bytes
         docs_bytes = self.dropped.setdefault(reason, [0, 0])
-        docs_bytes[0] += 1; docs_bytes[1] += in_bytes
-        if example and len(self.examples.setdefault(reason, [])) < 3: self.examples[reason].append(example[:300])
+        docs_bytes[0] += 1
+        docs_bytes[1] += in_bytes
+        if example and len(self.examples.setdefault(reason, [])) < 3:
+            self.examples[reason].append(example[:300])
 
     def check(self) -> "Ledger":
         "Assert that what came in is what was kept plus what was dropped."
-        dropped_docs = sum(d for d, _ in self.dropped.values()); dropped_bytes = sum(b for _, b in self.dropped.values())
+        dropped_docs = sum(d for d, _ in self.dropped.values())
+        dropped_bytes = sum(b for _, b in self.dropped.values())
         assert self.in_docs == self.kept_docs + dropped_docs, (self.step, self.in_docs, self.kept_docs, dropped_docs)
-        assert self.in_bytes == self.kept_bytes + dropped_bytes, (self.step, self.in_bytes, self.kept_bytes, dropped_bytes)
+        assert self.in_bytes == self.kept_bytes + dropped_bytes, (
+            self.step,
+            self.in_bytes,
+            self.kept_bytes,
+            dropped_bytes,
+        )
         return self
 
 # %% ../nbs/02_data.ipynb #429f95c2
@@ -88,9 +101,15 @@ from packaging.licenses import InvalidLicenseExpression, canonicalize_license_ex
 
 LICENSE_ALIASES = [  # (pattern over the lower-cased short text, SPDX id); first match wins
     (r"^(the )?mit( license)?$|^mit/expat$|^expat$", "MIT"),
-    (r"^(new |modified |revised )?bsd[- ]?3[- ]?clause( license)?$|^3[- ]clause bsd( license)?$|^bsd \(3 clause\)$", "BSD-3-Clause"),
+    (
+        r"^(new |modified |revised )?bsd[- ]?3[- ]?clause( license)?$|^3[- ]clause bsd( license)?$|^bsd \(3 clause\)$",
+        "BSD-3-Clause",
+    ),
     (r"^(simplified )?bsd[- ]?2[- ]?clause( license)?$|^2[- ]clause bsd( license)?$", "BSD-2-Clause"),
-    (r"^apache( software)?( license)?,?( version)? ?2(\.0)?( license)?$|^apache-?2(\.0)?$|^asl ?2(\.0)?$", "Apache-2.0"),
+    (
+        r"^apache( software)?( license)?,?( version)? ?2(\.0)?( license)?$|^apache-?2(\.0)?$|^asl ?2(\.0)?$",
+        "Apache-2.0",
+    ),
     (r"^psfl?$|^psf license$|^python software foundation license$|^psf-2\.0$", "PSF-2.0"),
     (r"^isc( license)?( \(iscl\))?$", "ISC"),
     (r"^mozilla public license,? (version )?2\.0$|^mpl ?2(\.0)?$", "MPL-2.0"),
@@ -112,57 +131,78 @@ LICENSE_TEXT_MARKERS = [  # (phrases that must all appear in a full license text
     (("mozilla public license", "2.0"), "MPL-2.0"),
 ]
 CLASSIFIER_LICENSES = {
-    "MIT License": "MIT", "BSD License": "BSD-3-Clause", "Apache Software License": "Apache-2.0",
-    "ISC License (ISCL)": "ISC", "Python Software Foundation License": "PSF-2.0",
-    "Mozilla Public License 2.0 (MPL 2.0)": "MPL-2.0", "The Unlicense (Unlicense)": "Unlicense",
-    "GNU General Public License v3 (GPLv3)": "GPL-3.0-only", "GNU General Public License v2 (GPLv2)": "GPL-2.0-only",
-    "GNU Lesser General Public License v3 (LGPLv3)": "LGPL-3.0-only", "zlib/libpng License": "Zlib",
+    "MIT License": "MIT",
+    "BSD License": "BSD-3-Clause",
+    "Apache Software License": "Apache-2.0",
+    "ISC License (ISCL)": "ISC",
+    "Python Software Foundation License": "PSF-2.0",
+    "Mozilla Public License 2.0 (MPL 2.0)": "MPL-2.0",
+    "The Unlicense (Unlicense)": "Unlicense",
+    "GNU General Public License v3 (GPLv3)": "GPL-3.0-only",
+    "GNU General Public License v2 (GPLv2)": "GPL-2.0-only",
+    "GNU Lesser General Public License v3 (LGPLv3)": "LGPL-3.0-only",
+    "zlib/libpng License": "Zlib",
 }
 
 # %% ../nbs/02_data.ipynb #24a2163e
 def spdx_expression(text: str) -> str | None:
     "`text` as a canonical SPDX expression, or None if it is not one."
-    try: return canonicalize_license_expression(text.strip())
-    except (InvalidLicenseExpression, ValueError, TypeError): return None
+    try:
+        return canonicalize_license_expression(text.strip())
+    except (InvalidLicenseExpression, ValueError, TypeError):
+        return None
+
 
 def normalize_license(expression: str = "", license_field: str = "", classifiers: Iterable[str] = ()) -> str:
     "An SPDX expression for what a distribution declares; NOASSERTION when nothing is recognized."
     for text in (expression, license_field):
-        if text and text.strip().upper() not in ("UNKNOWN", "NONE") and "\n" not in text.strip() and (spdx := spdx_expression(text)):
+        if (
+            text
+            and text.strip().upper() not in ("UNKNOWN", "NONE")
+            and "\n" not in text.strip()
+            and (spdx := spdx_expression(text))
+        ):
             return spdx
     first_line = license_field.strip().split("\n")[0].strip().lower()
     for pattern, spdx in LICENSE_ALIASES:
-        if first_line and re.search(pattern, first_line.removesuffix(".")): return spdx
+        if first_line and re.search(pattern, first_line.removesuffix(".")):
+            return spdx
     full_text = " ".join(license_field.lower().split())
     for phrases, spdx in LICENSE_TEXT_MARKERS:
-        if all(p in full_text for p in phrases): return spdx
+        if all(p in full_text for p in phrases):
+            return spdx
     for classifier in classifiers:
         name = classifier.split("::")[-1].strip()
-        if classifier.startswith("License ::") and name in CLASSIFIER_LICENSES: return CLASSIFIER_LICENSES[name]
+        if classifier.startswith("License ::") and name in CLASSIFIER_LICENSES:
+            return CLASSIFIER_LICENSES[name]
     return "NOASSERTION"
 
 # %% ../nbs/02_data.ipynb #46429aa1
 def distribution_license(metadata) -> str:
     "The SPDX license of an installed distribution, from its metadata."
-    return normalize_license(metadata.get("License-Expression") or "", metadata.get("License") or "",
-                             metadata.get_all("Classifier") or [])
+    return normalize_license(
+        metadata.get("License-Expression") or "", metadata.get("License") or "", metadata.get_all("Classifier") or []
+    )
 
 # %% ../nbs/02_data.ipynb #6838f664
 @dataclass
 class Item:
     "Something a source offers, before it is read: a file, a metadata field, a dataset row."
-    source: str           # catalog name
+
+    source: str  # catalog name
     distribution: str
     version: str
-    path: str             # inside the distribution (or the dataset)
-    license: str          # SPDX expression
-    kind: str             # py, pyi, rst, md, txt, readme, text, expressions
-    size: int             # bytes, as far as known before reading
+    path: str  # inside the distribution (or the dataset)
+    license: str  # SPDX expression
+    kind: str  # py, pyi, rst, md, txt, readme, text, expressions
+    size: int  # bytes, as far as known before reading
     read: Callable[[], bytes]
+
 
 @dataclass
 class Source:
     "An entry of the catalog: a name, a license statement, and a loader of items."
+
     name: str
     license: str
     description: str
@@ -172,29 +212,51 @@ class Source:
 SUFFIX_KINDS = {".py": "py", ".pyi": "pyi", ".rst": "rst", ".md": "md", ".txt": "txt"}
 HELDOUT_MODULES = ("fractions", "statistics", "colorsys", "difflib", "shlex", "graphlib", "calendar", "ipaddress")
 
+
 class Unreadable(OSError):
     "An item that cannot be read, with the reason the ledger counts it under."
+
 
 def read_regular_file(path: Path, limit: int) -> bytes:
     "A regular file's bytes (at most `limit` + 1): symbolic links are not followed, pipes and devices not opened."
     try:
         st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode): raise Unreadable("symbolic link (not followed)")
-        if not stat.S_ISREG(st.st_mode): raise Unreadable("not a regular file")
+        if stat.S_ISLNK(st.st_mode):
+            raise Unreadable("symbolic link (not followed)")
+        if not stat.S_ISREG(st.st_mode):
+            raise Unreadable("not a regular file")
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as fh: return fh.read(limit + 1)
-    except Unreadable: raise
-    except FileNotFoundError: raise Unreadable("missing") from None
-    except PermissionError: raise Unreadable("permission denied") from None
-    except OSError as e: raise Unreadable(e.strerror or type(e).__name__) from None
+        with os.fdopen(fd, "rb") as fh:
+            return fh.read(limit + 1)
+    except Unreadable:
+        raise
+    except FileNotFoundError:
+        raise Unreadable("missing") from None
+    except PermissionError:
+        raise Unreadable("permission denied") from None
+    except OSError as e:
+        raise Unreadable(e.strerror or type(e).__name__) from None
+
 
 def _file_item(source, distribution, version, root: Path, path: Path, license: str) -> Item | None:
     kind = SUFFIX_KINDS.get(path.suffix)
-    if kind is None: return None
-    try: size = path.lstat().st_size
-    except OSError: size = 0
-    return Item(source, distribution, version, path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path),
-                license, kind, size, lambda: read_regular_file(path, MAX_FILE_BYTES))
+    if kind is None:
+        return None
+    try:
+        size = path.lstat().st_size
+    except OSError:
+        size = 0
+    return Item(
+        source,
+        distribution,
+        version,
+        path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path),
+        license,
+        kind,
+        size,
+        lambda: read_regular_file(path, MAX_FILE_BYTES),
+    )
+
 
 def stdlib_items() -> Iterator[Item]:
     "The standard library's files (PSF-2.0), without site-packages or bytecode."
@@ -202,56 +264,75 @@ def stdlib_items() -> Iterator[Item]:
     for directory, subdirs, files in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if d not in ("site-packages", "__pycache__", "dist-packages"))
         for name in sorted(files):
-            if item := _file_item("python", "python-stdlib", platform.python_version(), root, Path(directory)/name, "PSF-2.0"):
+            if item := _file_item(
+                "python", "python-stdlib", platform.python_version(), root, Path(directory) / name, "PSF-2.0"
+            ):
                 yield item
 
 # %% ../nbs/02_data.ipynb #91dbdae2
 def _metadata_item(metadata, name: str, version: str, license: str) -> Item | None:
     body = metadata.get_payload() or metadata.get("Description") or ""
-    if not body.strip(): return None
+    if not body.strip():
+        return None
     data = body.encode("utf-8", "surrogatepass")
-    return Item("python", name, version, f"{name}.dist-info/METADATA#description", license, "readme", len(data), lambda: data)
+    return Item(
+        "python", name, version, f"{name}.dist-info/METADATA#description", license, "readme", len(data), lambda: data
+    )
+
 
 def distribution_items(exclude: Iterable[str] = ("llmbook",)) -> Iterator[Item]:
     "Every installed distribution's text files and README, with its normalized license."
     dists = {d.metadata["Name"]: d for d in importlib.metadata.distributions() if d.metadata["Name"]}
     for name in sorted(dists, key=str.lower):
-        if name.lower() in exclude: continue
+        if name.lower() in exclude:
+            continue
         dist = dists[name]
         metadata = dist.metadata  # parsed once: each `dist.version` would parse it again
         license, version = distribution_license(metadata), metadata["Version"]
-        if item := _metadata_item(metadata, name, version, license): yield item
+        if item := _metadata_item(metadata, name, version, license):
+            yield item
         root = Path(dist.locate_file(""))
         for file in sorted(dist.files or [], key=str):
             parts = Path(str(file)).parts
-            if ".." in parts or any(p.endswith((".dist-info", ".egg-info")) for p in parts): continue
-            if item := _file_item("python", name, version, root, Path(dist.locate_file(file)), license): yield item
+            if ".." in parts or any(p.endswith((".dist-info", ".egg-info")) for p in parts):
+                continue
+            if item := _file_item("python", name, version, root, Path(dist.locate_file(file)), license):
+                yield item
 
 # %% ../nbs/02_data.ipynb #3eb59205
 def installation_source() -> Source:
     "The default corpus: the Python installation the book runs in."
-    return Source("python", "per distribution (SPDX from its metadata)",
-                  "standard library and installed distributions: source, docs, READMEs",
-                  lambda: itertools.chain(stdlib_items(), distribution_items()))
+    return Source(
+        "python",
+        "per distribution (SPDX from its metadata)",
+        "standard library and installed distributions: source, docs, READMEs",
+        lambda: itertools.chain(stdlib_items(), distribution_items()),
+    )
 
 # %% ../nbs/02_data.ipynb #93a163fa
 def directory_source(root: str | Path, license: str = "NOASSERTION", name: str | None = None) -> Source:
     "Every text file under `root` (not following symbolic links), under one license."
     root = Path(root)
+
     def items():
         for directory, subdirs, files in os.walk(root):
             subdirs.sort()
             for filename in sorted(files):
-                path = Path(directory)/filename
-                if item := _file_item(f"dir:{name or root.name}", name or root.name, "", root, path, license): yield item
+                path = Path(directory) / filename
+                if item := _file_item(f"dir:{name or root.name}", name or root.name, "", root, path, license):
+                    yield item
+
     return Source(f"dir:{name or root.name}", license, f"text files under {root}", items)
 
 # %% ../nbs/02_data.ipynb #5a4fc2fd
 HF_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".arrow": "arrow"}
 
+
 def _hf_rows(builder_or_name: str, config: str | None, data_files: list[str] | None):
     import datasets
+
     return datasets.load_dataset(builder_or_name, config, data_files=data_files, split="train", streaming=True)
+
 
 def hf_source(spec: str) -> Source:
     "A Hugging Face dataset: `name[:config]` on the hub, or local files; `|SPDX` states the license."
@@ -264,50 +345,83 @@ def hf_source(spec: str) -> Source:
     else:
         name, _, version = spec.partition(":")
         loads = [(None, name, version or None, None)]
+
     def items():
         for data_file, builder, config, data_files in loads:
-            label = (data_file.relative_to(local).as_posix() if local.is_dir() else data_file.name) if data_file else name
+            label = (
+                (data_file.relative_to(local).as_posix() if local.is_dir() else data_file.name) if data_file else name
+            )
             rows_read = 0
             try:
                 rows = _hf_rows(builder, config, data_files)
                 license = normalize_license(stated) if stated else "NOASSERTION"
                 for row in rows:
                     data = str(row.get("text") or row.get("content") or "").encode("utf-8", "surrogatepass")
-                    yield Item(f"hf:{name}", name, version, f"{label}#{rows_read}", license, "text", len(data), lambda data=data: data)
+                    yield Item(
+                        f"hf:{name}",
+                        name,
+                        version,
+                        f"{label}#{rows_read}",
+                        license,
+                        "text",
+                        len(data),
+                        lambda data=data: data,
+                    )
                     rows_read += 1
             except Exception as e:
                 if data_file is None:  # a hub dataset that cannot be loaded is a configuration error, not bad data
-                    raise RuntimeError(f"cannot load Hugging Face dataset {spec!r}: {e} (offline? use local files)") from e
-                size = data_file.stat().st_size if rows_read == 0 else 0   # a truncated or malformed file: counted
-                def fail(e=e, n=rows_read): raise Unreadable(f"malformed dataset file after {n} rows: {type(e).__name__}")
+                    raise RuntimeError(
+                        f"cannot load Hugging Face dataset {spec!r}: {e} (offline? use local files)"
+                    ) from e
+                size = data_file.stat().st_size if rows_read == 0 else 0  # a truncated or malformed file: counted
+
+                def fail(e=e, n=rows_read):
+                    raise Unreadable(f"malformed dataset file after {n} rows: {type(e).__name__}")
+
                 yield Item(f"hf:{name}", name, version, f"{label}#error", stated or "NOASSERTION", "text", size, fail)
+
     return Source(f"hf:{name}", stated or "from the dataset card", f"Hugging Face dataset {spec}", items)
 
 # %% ../nbs/02_data.ipynb #46539418
 def random_expression(rng: random.Random, depth: int = 2, top: bool = True) -> str:
     "A small arithmetic expression over integers (no division by zero)."
-    if depth == 0 or (not top and rng.random() < 0.3): return str(rng.randint(0, 99))
+    if depth == 0 or (not top and rng.random() < 0.3):
+        return str(rng.randint(0, 99))
     op = rng.choice(["+", "-", "*", "//", "%"])
     left, right = random_expression(rng, depth - 1, False), random_expression(rng, depth - 1, False)
-    if op in ("//", "%") and eval(right) == 0: right = str(rng.randint(1, 9))
+    if op in ("//", "%") and eval(right) == 0:
+        right = str(rng.randint(1, 9))
     return f"{left} {op} {right}" if top else f"({left} {op} {right})"
+
 
 def expression_heldout(expression: str) -> bool:
     "Whether an expression is reserved for evaluation (one in ten, by hash)."
     return int(sha256_bytes(expression.encode())[:8], 16) % 10 == 0
 
+
 def expression_source(n_docs: int, seed: int = 0, per_doc: int = 16) -> Source:
     "Python sessions evaluating expressions (CC0-1.0, written by this book)."
+
     def items():
         rng = random.Random(seed)
         for d in range(n_docs):
             lines = []
             while len(lines) < 2 * per_doc:
                 e = random_expression(rng, rng.randint(1, 3))
-                if not expression_heldout(e): lines += [f">>> {e}", str(eval(e))]
+                if not expression_heldout(e):
+                    lines += [f">>> {e}", str(eval(e))]
             data = ("\n".join(lines) + "\n").encode()
-            yield Item("synthetic:expressions", "llmbook-expressions", "1", f"session-{d:05d}", "CC0-1.0", "expressions",
-                       len(data), lambda data=data: data)
+            yield Item(
+                "synthetic:expressions",
+                "llmbook-expressions",
+                "1",
+                f"session-{d:05d}",
+                "CC0-1.0",
+                "expressions",
+                len(data),
+                lambda data=data: data,
+            )
+
     return Source("synthetic:expressions", "CC0-1.0", "Python sessions evaluating arithmetic expressions", items)
 
 # %% ../nbs/02_data.ipynb #b8f20f9c
@@ -322,17 +436,24 @@ def document_id(*parts: str) -> str:
     "A deterministic id from a document's provenance."
     return sha256_bytes("\0".join(parts).encode())[:20]
 
+
 def module_name(item: Item) -> str:
     "The dotted module a Python file defines (`json/decoder.py` → `json.decoder`), or ''."
-    if item.kind not in ("py", "pyi"): return ""
+    if item.kind not in ("py", "pyi"):
+        return ""
     parts = list(Path(item.path).with_suffix("").parts)
-    if parts and parts[-1] == "__init__": parts.pop()
+    if parts and parts[-1] == "__init__":
+        parts.pop()
     return ".".join(parts) if all(p.isidentifier() for p in parts) else ""
+
 
 def is_heldout(item: Item) -> bool:
     "Whether an item belongs to a module held out of training."
     module = module_name(item)
-    return item.distribution == "python-stdlib" and any(module == m or module.startswith(m + ".") for m in HELDOUT_MODULES)
+    return item.distribution == "python-stdlib" and any(
+        module == m or module.startswith(m + ".") for m in HELDOUT_MODULES
+    )
+
 
 def reading_order(items: Iterable[Item]) -> list[Item]:
     "Held-out modules first, then a deterministic shuffle by provenance."
@@ -341,30 +462,41 @@ def reading_order(items: Iterable[Item]) -> list[Item]:
 # %% ../nbs/02_data.ipynb #60f9d9a0
 MAX_FILE_BYTES = 2_000_000
 
+
 def read_item(item: Item) -> tuple[bytes | None, str]:
     "An item's bytes, or None and the reason it could not be read."
-    if item.size > MAX_FILE_BYTES: return None, "too large"
-    try: data = item.read()
-    except Unreadable as e: return None, f"unreadable ({e})"
-    if len(data) > MAX_FILE_BYTES: return None, "too large"
+    if item.size > MAX_FILE_BYTES:
+        return None, "too large"
+    try:
+        data = item.read()
+    except Unreadable as e:
+        return None, f"unreadable ({e})"
+    if len(data) > MAX_FILE_BYTES:
+        return None, "too large"
     return data, "ok"
 
 # %% ../nbs/02_data.ipynb #b10244c6
 def decode(data: bytes, kind: str) -> tuple[str | None, str]:
     "Text from bytes, and 'ok', 'repaired' or the reason for rejecting them."
-    if not data.strip(): return None, "empty"
-    if b"\x00" in data: return None, "binary (NUL bytes)"
+    if not data.strip():
+        return None, "empty"
+    if b"\x00" in data:
+        return None, "binary (NUL bytes)"
     encoding = "utf-8-sig"
     if kind in ("py", "pyi"):
-        try: encoding = tokenize.detect_encoding(io.BytesIO(data).readline)[0]
-        except SyntaxError: pass
-    try: return data.decode(encoding), "ok"
+        try:
+            encoding = tokenize.detect_encoding(io.BytesIO(data).readline)[0]
+        except SyntaxError:
+            pass
+    try:
+        return data.decode(encoding), "ok"
     except (UnicodeDecodeError, LookupError):
         text = data.decode("utf-8", errors="replace")
         return (text, "repaired") if text.count("\ufffd") <= max(1, len(text) // 1000) else (None, "undecodable")
 
 # %% ../nbs/02_data.ipynb #9385d53c
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
 
 def normalize_text(text: str) -> str:
     "NFC, \\n newlines, no control characters but tab and newline."
@@ -376,17 +508,25 @@ def _signature(node) -> str:
     args = ast.unparse(node.args)
     return f"({args})" + (f" -> {ast.unparse(node.returns)}" if getattr(node, "returns", None) else "")
 
+
 def api_documentation(tree: ast.Module, module: str) -> str:
     "The module's public docstrings, each under the qualified name and signature it documents."
     blocks = []
-    if doc := ast.get_docstring(tree): blocks.append(f"{module}\n{doc}")
+    if doc := ast.get_docstring(tree):
+        blocks.append(f"{module}\n{doc}")
+
     def visit(body, prefix):
         for node in body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith(
+                "_"
+            ):
                 name = f"{prefix}.{node.name}"
                 signature = _signature(node) if not isinstance(node, ast.ClassDef) else ""
-                if doc := ast.get_docstring(node): blocks.append(f"{name}{signature}\n{doc}")
-                if isinstance(node, ast.ClassDef): visit(node.body, name)
+                if doc := ast.get_docstring(node):
+                    blocks.append(f"{name}{signature}\n{doc}")
+                if isinstance(node, ast.ClassDef):
+                    visit(node.body, name)
+
     visit(tree.body, module)
     return "\n\n".join(blocks)
 
@@ -398,24 +538,34 @@ def comments(text: str) -> str:
         for token in tokenize.generate_tokens(io.StringIO(text).readline):
             if token.type == tokenize.COMMENT:
                 comment = token.string.lstrip("#").strip()
-                if comment and not comment.startswith(("!", "-*-", "type:", "noqa", "pragma")): lines.append(comment)
-    except (tokenize.TokenError, SyntaxError, IndentationError): pass
+                if comment and not comment.startswith(("!", "-*-", "type:", "noqa", "pragma")):
+                    lines.append(comment)
+    except (tokenize.TokenError, SyntaxError, IndentationError):
+        pass
     return "\n".join(lines)
+
 
 def python_documents(text: str, module: str) -> list[tuple[str, str]]:
     "(kind, text) documents of a Python file: its code, its API documentation, its comments."
     documents = [("code", text)]
-    try: tree = ast.parse(text)
-    except (SyntaxError, ValueError, RecursionError, MemoryError): return documents
-    if docs := api_documentation(tree, module): documents.append(("docstring", docs))
-    if (notes := comments(text)).count("\n") >= 2: documents.append(("comment", notes))
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return documents
+    if docs := api_documentation(tree, module):
+        documents.append(("docstring", docs))
+    if (notes := comments(text)).count("\n") >= 2:
+        documents.append(("comment", notes))
     return documents
 
 # %% ../nbs/02_data.ipynb #3157ff10
 PROSE_KINDS = ("docstring", "comment", "rst", "md", "txt", "readme", "text")
 CODE_KINDS = ("code", "pyi", "expressions")
 
-def domain_of(kind: str) -> str: return "code" if kind in CODE_KINDS else "prose"
+
+def domain_of(kind: str) -> str:
+    return "code" if kind in CODE_KINDS else "prose"
+
 
 def documents_of(item: Item, text: str, sha256: str) -> list[dict]:
     "The documents (rows of the corpus) an item's text yields, each with its provenance."
@@ -423,61 +573,107 @@ def documents_of(item: Item, text: str, sha256: str) -> list[dict]:
     parts = python_documents(text, module or Path(item.path).stem) if item.kind == "py" else [(item.kind, text)]
     rows = []
     for kind, part in parts:
-        part = normalize_text(part)   # docstrings may hold escapes (\\ud800) that only exist once evaluated
-        if not part.strip(): continue
-        rows.append(dict(id=document_id(item.source, item.distribution, item.path, kind), text=part, domain=domain_of(kind),
-                         kind=kind, source=item.source, distribution=item.distribution, version=item.version, path=item.path,
-                         module=module, license=item.license, sha256=sha256, heldout=is_heldout(item)))
+        part = normalize_text(part)  # docstrings may hold escapes (\\ud800) that only exist once evaluated
+        if not part.strip():
+            continue
+        rows.append(
+            dict(
+                id=document_id(item.source, item.distribution, item.path, kind),
+                text=part,
+                domain=domain_of(kind),
+                kind=kind,
+                source=item.source,
+                distribution=item.distribution,
+                version=item.version,
+                path=item.path,
+                module=module,
+                license=item.license,
+                sha256=sha256,
+                heldout=is_heldout(item),
+            )
+        )
     return rows
 
 # %% ../nbs/02_data.ipynb #c5175295
-FEATURE_TYPES = dict(id="string", text="string", domain="string", kind="string", source="string", distribution="string",
-                     version="string", path="string", module="string", license="string", sha256="string", heldout="bool_")
+FEATURE_TYPES = dict(
+    id="string",
+    text="string",
+    domain="string",
+    kind="string",
+    source="string",
+    distribution="string",
+    version="string",
+    path="string",
+    module="string",
+    license="string",
+    sha256="string",
+    heldout="bool_",
+)
+
 
 class ShardWriter:
     "Write rows to Arrow shards of about `shard_bytes` each; `finish()` opens them as one Dataset."
+
     def __init__(self, directory: Path, shard_bytes: int = 32 << 20, types: dict = FEATURE_TYPES):
         import pyarrow as pa
+
         self.directory, self.shard_bytes, self.files, self.rows, self.size = Path(directory), shard_bytes, [], [], 0
         self.schema = pa.schema([(k, getattr(pa, v)()) for k, v in types.items()])
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def write(self, row: dict):
-        self.rows.append(row); self.size += len(row["text"])
-        if self.size >= self.shard_bytes: self._flush()
+        self.rows.append(row)
+        self.size += len(row["text"])
+        if self.size >= self.shard_bytes:
+            self._flush()
 
     def _flush(self):
         import pyarrow as pa
-        if not self.rows: return
-        path = self.directory/f"shard-{len(self.files):05d}.arrow"
+
+        if not self.rows:
+            return
+        path = self.directory / f"shard-{len(self.files):05d}.arrow"
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, self.schema) as writer:
             writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
-        self.files.append(path); self.rows, self.size = [], 0
+        self.files.append(path)
+        self.rows, self.size = [], 0
 
     def finish(self):
         "All rows written so far, as a memory-mapped `datasets.Dataset`."
         import datasets
+
         self._flush()
-        if not self.files: return datasets.Dataset.from_dict({k: [] for k in self.schema.names}, features=features(self.schema))
+        if not self.files:
+            return datasets.Dataset.from_dict({k: [] for k in self.schema.names}, features=features(self.schema))
         return datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in self.files])
+
 
 def features(schema):
     import datasets
+
     return datasets.Features.from_arrow_schema(schema)
 
 # %% ../nbs/02_data.ipynb #0399c294
 def ingest(sources: Iterable[Source], budget_bytes: float, work: Path, manifest_path: Path) -> tuple:
     "Read sources into Arrow shards until `budget_bytes` of raw text are kept; return (dataset, ledgers)."
     acquisition, ingestion = Ledger("acquisition"), Ledger("ingestion")
-    writer = ShardWriter(work/"ingested")
+    writer = ShardWriter(work / "ingested")
     with atomic_path(manifest_path) as tmp, open(tmp, "w", encoding="utf-8") as manifest:
         for source in sources:
             for item in reading_order(source.items()) if source.name == "python" else source.items():
-                if acquisition.kept_bytes >= budget_bytes and not is_heldout(item): break
+                if acquisition.kept_bytes >= budget_bytes and not is_heldout(item):
+                    break
                 data, status = read_item(item)
-                entry = dict(source=item.source, distribution=item.distribution, version=item.version, path=item.path,
-                             license=item.license, bytes=item.size if data is None else len(data),
-                             sha256=sha256_bytes(data) if data is not None else None, status=status)
+                entry = dict(
+                    source=item.source,
+                    distribution=item.distribution,
+                    version=item.version,
+                    path=item.path,
+                    license=item.license,
+                    bytes=item.size if data is None else len(data),
+                    sha256=sha256_bytes(data) if data is not None else None,
+                    status=status,
+                )
                 if data is None:
                     acquisition.drop(status, entry["bytes"], item.path)
                 else:
@@ -489,36 +685,52 @@ def ingest(sources: Iterable[Source], budget_bytes: float, work: Path, manifest_
                         entry["status"] = status if text is None else "empty after normalization"
                     else:
                         rows = documents_of(item, text, entry["sha256"])
-                        for row in rows: writer.write(row)
-                        ingestion.keep(len(data), out_docs=len(rows), out_bytes=sum(len(r["text"].encode()) for r in rows))
-                        if status == "repaired": ingestion.examples.setdefault("repaired (kept)", []).append(item.path)
+                        for row in rows:
+                            writer.write(row)
+                        ingestion.keep(
+                            len(data), out_docs=len(rows), out_bytes=sum(len(r["text"].encode()) for r in rows)
+                        )
+                        if status == "repaired":
+                            ingestion.examples.setdefault("repaired (kept)", []).append(item.path)
                 manifest.write(json.dumps(entry) + "\n")
     return writer.finish(), acquisition.check(), ingestion.check()
 
 # %% ../nbs/02_data.ipynb #e1da44aa
-def excerpt(text: str, n: int = 300) -> str: return " ".join(text[:n].split())
+def excerpt(text: str, n: int = 300) -> str:
+    return " ".join(text[:n].split())
+
 
 def filter_step(ds, work: Path, step: str, reason_to_drop: Callable[[dict], str | None]) -> tuple:
     "Stream `ds` through a filter: documents for which it returns a reason are dropped and counted."
-    ledger, writer = Ledger(step), ShardWriter(work/step.replace(" ", "_"))
+    ledger, writer = Ledger(step), ShardWriter(work / step.replace(" ", "_"))
     for batch in ds.iter(batch_size=512):
         for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
             size = len(row["text"].encode())
-            if reason := reason_to_drop(row): ledger.drop(reason, size, f"{row['path']}: {excerpt(row['text'])}")
-            else: writer.write(row); ledger.keep(size)
+            if reason := reason_to_drop(row):
+                ledger.drop(reason, size, f"{row['path']}: {excerpt(row['text'])}")
+            else:
+                writer.write(row)
+                ledger.keep(size)
     return writer.finish(), ledger.check()
 
 # %% ../nbs/02_data.ipynb #fd75b553
 def license_step(ds, work: Path, policy: dict):
     "Drop documents whose license the policy (Chapter 1's spec.json) does not allow; a source that loses everything is an error."
     kept_sources = collections.Counter()
+
     def reason(row):
-        if license_allowed(row["license"], policy): kept_sources[row["source"]] += 1; return None
+        if license_allowed(row["license"], policy):
+            kept_sources[row["source"]] += 1
+            return None
         return f"license {row['license']}"
+
     result, ledger = filter_step(ds, work, "license", reason)
     lost = sorted(set(ds["source"]) - set(kept_sources))
-    if lost: raise ValueError(f"every document of {', '.join(lost)} was dropped by the license policy: "
-                              "state the source's license with |SPDX (e.g. hf_datasets=name|CC-BY-4.0) if it is allowed")
+    if lost:
+        raise ValueError(
+            f"every document of {', '.join(lost)} was dropped by the license policy: "
+            "state the source's license with |SPDX (e.g. hf_datasets=name|CC-BY-4.0) if it is allowed"
+        )
     return result, ledger
 
 # %% ../nbs/02_data.ipynb #e576fe9a
@@ -526,54 +738,80 @@ def exact_key(text: str) -> bytes:
     "16 bytes of the sha256 of the text with whitespace collapsed (memory per document, not per byte)."
     return hashlib.sha256(" ".join(text.split()).encode("utf-8", "surrogatepass")).digest()[:16]
 
+
 def exact_dedup_step(ds, work: Path):
     "Keep the first of each set of documents that are equal up to whitespace."
     seen = {}
+
     def reason(row):
         key = exact_key(row["text"])
-        if key not in seen: seen[key] = row["heldout"]; return None
+        if key not in seen:
+            seen[key] = row["heldout"]
+            return None
         return "exact duplicate of a held-out document" if seen[key] else "exact duplicate"
+
     return filter_step(ds, work, "exact dedup", reason)
 
 # %% ../nbs/02_data.ipynb #5353be94
-_GENERATED = re.compile(r"auto-?generated|generated by|do not edit|automatically generated|this file was generated", re.I)
+_GENERATED = re.compile(
+    r"auto-?generated|generated by|do not edit|automatically generated|this file was generated", re.I
+)
 _LITERAL = r"[-+]?(?:0[xX][0-9a-fA-F]++|\d[\d_]*+\.?\d*+(?:[eE][-+]?\d++)?j?)|[bru]*'(?:[^'\\]|\\.)*+'|[bru]*\"(?:[^\"\\]|\\.)*+\""
 _DATA_LINE = re.compile(rf"^(?:\s|[,:;()\[\]{{}}]|{_LITERAL})*+(?:#.*)?$")  # only literals, punctuation, a comment
+
 
 def quality_signals(text: str) -> dict:
     "Cheap statistics of a document that the quality rules read."
     lines = [l for l in text.split("\n") if l.strip()]
     words = text.split()
     chars = max(1, len(text))
-    return dict(chars=len(text), words=len(words), lines=len(lines),
-                max_line=max((len(l) for l in lines), default=0), mean_line=sum(map(len, lines)) / max(1, len(lines)),
-                alpha_words=sum(any(c.isalpha() for c in w) for w in words) / max(1, len(words)),
-                alnum=sum(c.isalnum() for c in text) / chars, digits=sum(c.isdigit() for c in text) / chars,
-                data_lines=sum(bool(_DATA_LINE.match(l)) and not l.lstrip().startswith("#") for l in lines) / max(1, len(lines)),
-                repeated_lines=1 - len(set(lines)) / max(1, len(lines)),
-                mean_word=sum(map(len, words)) / max(1, len(words)),
-                generated=any(l.lstrip().startswith("#") and _GENERATED.search(l) for l in text.split("\n")[:10]))
+    return dict(
+        chars=len(text),
+        words=len(words),
+        lines=len(lines),
+        max_line=max((len(l) for l in lines), default=0),
+        mean_line=sum(map(len, lines)) / max(1, len(lines)),
+        alpha_words=sum(any(c.isalpha() for c in w) for w in words) / max(1, len(words)),
+        alnum=sum(c.isalnum() for c in text) / chars,
+        digits=sum(c.isdigit() for c in text) / chars,
+        data_lines=sum(bool(_DATA_LINE.match(l)) and not l.lstrip().startswith("#") for l in lines)
+        / max(1, len(lines)),
+        repeated_lines=1 - len(set(lines)) / max(1, len(lines)),
+        mean_word=sum(map(len, words)) / max(1, len(words)),
+        generated=any(l.lstrip().startswith("#") and _GENERATED.search(l) for l in text.split("\n")[:10]),
+    )
 
 # %% ../nbs/02_data.ipynb #787f4270
 def quality_reason(text: str, domain: str) -> str | None:
     "The first quality rule a document fails, or None."
     q = quality_signals(text)
     if domain == "code":
-        if q["chars"] < 100 or q["lines"] < 3: return "code: too short"
-        if q["generated"]: return "code: generated file"
-        if q["max_line"] > 1000 or q["mean_line"] > 120: return "code: minified or long lines"
-        if q["alnum"] < 0.25 or q["digits"] > 0.35 or (q["data_lines"] > 0.5 and q["lines"] >= 20): return "code: data file"
+        if q["chars"] < 100 or q["lines"] < 3:
+            return "code: too short"
+        if q["generated"]:
+            return "code: generated file"
+        if q["max_line"] > 1000 or q["mean_line"] > 120:
+            return "code: minified or long lines"
+        if q["alnum"] < 0.25 or q["digits"] > 0.35 or (q["data_lines"] > 0.5 and q["lines"] >= 20):
+            return "code: data file"
         return None
-    if q["words"] < 20: return "prose: too short"
-    if q["alpha_words"] < 0.6: return "prose: few alphabetic words"
-    if q["repeated_lines"] > 0.35 and q["lines"] > 5: return "prose: repeated lines"
-    if not 2.5 <= q["mean_word"] <= 12: return "prose: unusual word lengths"
+    if q["words"] < 20:
+        return "prose: too short"
+    if q["alpha_words"] < 0.6:
+        return "prose: few alphabetic words"
+    if q["repeated_lines"] > 0.35 and q["lines"] > 5:
+        return "prose: repeated lines"
+    if not 2.5 <= q["mean_word"] <= 12:
+        return "prose: unusual word lengths"
     return None
+
 
 def quality_step(ds, work: Path):
     "Drop documents that fail their domain's rules; exempt: held-out documents (evaluation data) and our synthetic sessions."
     exempt = lambda row: row["heldout"] or row["kind"] == "expressions"
-    return filter_step(ds, work, "quality", lambda row: None if exempt(row) else quality_reason(row["text"], row["domain"]))
+    return filter_step(
+        ds, work, "quality", lambda row: None if exempt(row) else quality_reason(row["text"], row["domain"])
+    )
 
 # %% ../nbs/02_data.ipynb #c634e1bb
 U64 = np.uint64
@@ -581,23 +819,31 @@ NUM_PERM, BANDS, ROWS, SHINGLE_WORDS = 112, 14, 8, 5
 _WORD_BYTES = bytes(c if (48 <= c <= 57 or 97 <= c <= 122 or c >= 128) else 0 for c in range(256))  # after lower()
 _P, _SLICE = 0x100000001B3, 1 << 16
 
+
 def _powers(base: int, n: int) -> np.ndarray:
     "base⁰, base¹, … modulo 2⁶⁴."
-    powers = np.full(n, base, dtype=U64); powers[0] = 1
+    powers = np.full(n, base, dtype=U64)
+    powers[0] = 1
     return np.cumprod(powers)
+
 
 _POW, _INV_POW = _powers(_P, _SLICE + 1), _powers(pow(_P, -1, 1 << 64), _SLICE + 1)
 
+
 def _mix64(x: np.ndarray) -> np.ndarray:
     "splitmix64's finalizer: spreads every input bit over every output bit."
-    x = x ^ (x >> U64(30)); x *= U64(0xBF58476D1CE4E5B9)
-    x ^= x >> U64(27); x *= U64(0x94D049BB133111EB)
+    x = x ^ (x >> U64(30))
+    x *= U64(0xBF58476D1CE4E5B9)
+    x ^= x >> U64(27)
+    x *= U64(0x94D049BB133111EB)
     return x ^ (x >> U64(31))
+
 
 def _permutations(seed: int = 42):
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 2**31, NUM_PERM, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
     return a[:, None], rng.integers(0, 2**32, NUM_PERM, dtype=np.uint32)[:, None]
+
 
 PERM_A, PERM_B = _permutations()
 
@@ -606,14 +852,17 @@ def word_bytes(text: str) -> bytes:
     "Lower-cased UTF-8 with every byte that is not part of a word turned into a 0 separator."
     return text.encode("utf-8", "replace").lower().translate(_WORD_BYTES)
 
+
 def word_hashes(parts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     "64-bit hashes of the words of byte strings (each ≤ 64 KiB), and which string each word came from."
     data = np.frombuffer(b"\0".join(parts), np.uint8)
     is_word = data != 0
-    start = is_word.copy(); start[1:] &= ~is_word[:-1]
+    start = is_word.copy()
+    start[1:] &= ~is_word[:-1]
     starts = np.flatnonzero(start)
-    if len(starts) == 0: return np.zeros(0, U64), np.zeros(0, np.int64)
-    hashes = np.add.reduceat(np.multiply(data, _POW[:len(data)], dtype=U64), starts) * _INV_POW[starts]
+    if len(starts) == 0:
+        return np.zeros(0, U64), np.zeros(0, np.int64)
+    hashes = np.add.reduceat(np.multiply(data, _POW[: len(data)], dtype=U64), starts) * _INV_POW[starts]
     part_start = np.cumsum([0] + [len(p) + 1 for p in parts[:-1]])
     return hashes, np.searchsorted(part_start, starts, side="right") - 1
 
@@ -622,10 +871,12 @@ def shingle_hashes(hashes: np.ndarray, owner: np.ndarray, n_docs: int, n: int = 
     "32-bit hashes of the n-word shingles inside each document (a shorter document is one shingle)."
     counts = np.bincount(owner, minlength=n_docs)
     k = len(hashes) - n + 1
-    acc = hashes[:max(k, 0)].copy()
-    for t in range(1, n): acc *= U64(0x9E3779B97F4A7C15); acc += hashes[t:t + len(acc)]
-    inside = owner[:len(acc)] == owner[n - 1:n - 1 + len(acc)]
-    shingles, shingle_owner = acc[inside], owner[:len(acc)][inside]
+    acc = hashes[: max(k, 0)].copy()
+    for t in range(1, n):
+        acc *= U64(0x9E3779B97F4A7C15)
+        acc += hashes[t : t + len(acc)]
+    inside = owner[: len(acc)] == owner[n - 1 : n - 1 + len(acc)]
+    shingles, shingle_owner = acc[inside], owner[: len(acc)][inside]
     short = np.flatnonzero((counts > 0) & (counts < n))
     if len(short):  # documents of fewer than n words: all their words form one shingle
         first, extra = np.cumsum(np.r_[0, counts[:-1]]), np.zeros(len(short), U64)
@@ -642,10 +893,11 @@ def _minhash_into(parts: list[bytes], owners: np.ndarray, out: np.ndarray, chunk
     hashes, part = word_hashes(parts)
     shingles, local = shingle_hashes(hashes, owners[part], len(out))
     for s in range(0, len(shingles), chunk):
-        values, docs = shingles[s:s + chunk], local[s:s + chunk]
+        values, docs = shingles[s : s + chunk], local[s : s + chunk]
         bounds = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])
         minima = np.minimum.reduceat(PERM_A * values[None, :] + PERM_B, bounds, axis=1)
         out[docs[bounds]] = np.minimum(out[docs[bounds]], minima.T)
+
 
 def _slices(data: bytes, size: int = _SLICE) -> list[bytes]:
     "Cut a long byte string at word separators into pieces of at most `size` bytes."
@@ -653,7 +905,8 @@ def _slices(data: bytes, size: int = _SLICE) -> list[bytes]:
     while len(data) > size:
         cut = data.rfind(b"\0", 0, size)
         cut = size if cut <= 0 else cut
-        pieces.append(data[:cut]); data = data[cut:].lstrip(b"\0")
+        pieces.append(data[:cut])
+        data = data[cut:].lstrip(b"\0")
     return pieces + [data]
 
 # %% ../nbs/02_data.ipynb #c6e019ef
@@ -661,36 +914,45 @@ def minhash_signatures(texts: list[str]) -> np.ndarray:
     "MinHash signatures (n × 112, uint32) of texts; a text without words gets all 0xFFFFFFFF."
     out = np.full((len(texts), NUM_PERM), 0xFFFFFFFF, np.uint32)
     batch, owners, size = [], [], 0
+
     def flush():
         nonlocal batch, owners, size
         if batch:
             first = owners[0]
-            _minhash_into(batch, np.asarray(owners) - first, out[first:owners[-1] + 1])
+            _minhash_into(batch, np.asarray(owners) - first, out[first : owners[-1] + 1])
         batch, owners, size = [], [], 0
+
     for i, text in enumerate(texts):
         pieces = _slices(word_bytes(text))
-        if size + sum(map(len, pieces)) > _SLICE or len(pieces) > 1: flush()
+        if size + sum(map(len, pieces)) > _SLICE or len(pieces) > 1:
+            flush()
         if len(pieces) > 1:  # a long document: its pieces one at a time would split shingles, so all together
-            _minhash_long(pieces, out[i:i + 1])
+            _minhash_long(pieces, out[i : i + 1])
             continue
-        batch.append(pieces[0]); owners.append(i); size += len(pieces[0]) + 1
+        batch.append(pieces[0])
+        owners.append(i)
+        size += len(pieces[0]) + 1
     flush()
     return out
+
 
 def _minhash_long(pieces: list[bytes], out: np.ndarray):
     "MinHash of one long document: word hashes slice by slice, shingles over all of them."
     hashes = np.concatenate([word_hashes([p])[0] for p in pieces])
     shingles, _ = shingle_hashes(hashes, np.zeros(len(hashes), np.int64), 1)
     for s in range(0, len(shingles), 1 << 12):
-        out[0] = np.minimum(out[0], (PERM_A * shingles[None, s:s + (1 << 12)] + PERM_B).min(axis=1))
+        out[0] = np.minimum(out[0], (PERM_A * shingles[None, s : s + (1 << 12)] + PERM_B).min(axis=1))
 
 # %% ../nbs/02_data.ipynb #827948ec
 def shingle_set(text: str, n: int = SHINGLE_WORDS) -> set:
     "The exact set of n-word shingles, tokenized as MinHash tokenizes."
     words = [w for w in word_bytes(text).split(b"\0") if w]
-    return {b" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))} if words else set()
+    return {b" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))} if words else set()
 
-def jaccard(a: set, b: set) -> float: return len(a & b) / max(1, len(a | b))
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / max(1, len(a | b))
+
 
 def replace_words(text: str, fraction: float, rng: random.Random) -> str:
     "The text with a fraction of its words replaced by random made-up words."
@@ -699,15 +961,21 @@ def replace_words(text: str, fraction: float, rng: random.Random) -> str:
         words[i] = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
     return " ".join(words)
 
-def dissimilar_bases(texts: Iterable[str], n: int, max_similarity: float = 0.3, min_words: int = 300, max_words: int = 3000) -> list[str]:
+
+def dissimilar_bases(
+    texts: Iterable[str], n: int, max_similarity: float = 0.3, min_words: int = 300, max_words: int = 3000
+) -> list[str]:
     "Up to `n` texts of a few hundred to a few thousand words, no two of them similar (exact Jaccard)."
     chosen, shingles = [], []
     for text in texts:
-        if not min_words <= len(text.split()) <= max_words: continue
+        if not min_words <= len(text.split()) <= max_words:
+            continue
         s = shingle_set(text)
         if all(jaccard(s, other) <= max_similarity for other in shingles):
-            chosen.append(text); shingles.append(s)
-            if len(chosen) == n: break
+            chosen.append(text)
+            shingles.append(s)
+            if len(chosen) == n:
+                break
     return chosen
 
 # %% ../nbs/02_data.ipynb #357c4b6a
@@ -715,24 +983,31 @@ def lsh_buckets(signatures: np.ndarray, bands: int = BANDS, rows: int = ROWS) ->
     "For each band, groups (arrays of document indices) that agree on all the band's rows."
     has_words = (signatures != 0xFFFFFFFF).any(axis=1)
     for b in range(bands):
-        keys = np.ascontiguousarray(signatures[:, b * rows:(b + 1) * rows]).view(f"V{4 * rows}").ravel()
+        keys = np.ascontiguousarray(signatures[:, b * rows : (b + 1) * rows]).view(f"V{4 * rows}").ravel()
         order = np.argsort(keys, kind="stable")
         order = order[has_words[order]]
         sorted_keys = keys[order]
         cuts = np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1
         for group in np.split(order, cuts):
-            if len(group) > 1: yield group
+            if len(group) > 1:
+                yield group
+
 
 def near_duplicate_clusters(signatures: np.ndarray, bands: int = BANDS, rows: int = ROWS) -> np.ndarray:
     "The representative (smallest index) of each document's cluster of LSH candidates."
     parent = np.arange(len(signatures))
+
     def find(i):
-        while parent[i] != i: parent[i] = parent[parent[i]]; i = parent[i]
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
         return i
+
     for group in lsh_buckets(signatures, bands, rows):
         roots = {find(i) for i in group}
         root = min(roots)
-        for r in roots: parent[r] = root
+        for r in roots:
+            parent[r] = root
     return np.array([find(i) for i in range(len(parent))])
 
 # %% ../nbs/02_data.ipynb #7c307f11
@@ -744,30 +1019,40 @@ def candidate_probability(similarity, bands: int = BANDS, rows: int = ROWS):
 PLANTED_SIMILARITIES = (0.95, 0.9, 0.85, 0.4, 0.25, 0.1)
 THRESHOLD, MARGIN = 0.72, 0.1
 
+
 def variant_at(text: str, target: float, rng: random.Random) -> str:
     "A copy of `text` with words replaced until its shingle Jaccard similarity to `text` is as close as possible to `target`."
     words, original = text.split(), shingle_set(text)
     order = rng.sample(range(len(words)), len(words))
     fresh = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in words]
+
     def with_replaced(k):
         copy = list(words)
-        for i in order[:k]: copy[i] = fresh[i]
+        for i in order[:k]:
+            copy[i] = fresh[i]
         return " ".join(copy)
+
     low, high = 0, len(words)  # similarity falls as more words are replaced: bisect on their number
     while low < high:
         mid = (low + high) // 2
-        if jaccard(original, shingle_set(with_replaced(mid))) > target: low = mid + 1
-        else: high = mid
+        if jaccard(original, shingle_set(with_replaced(mid))) > target:
+            low = mid + 1
+        else:
+            high = mid
     return with_replaced(low)
+
 
 def planted_near_duplicates(bases: list[str], seed: int = 0, similarities=PLANTED_SIMILARITIES):
     "Documents with planted near-duplicates: (texts, family of each text)."
     rng, texts, family = random.Random(seed), [], []
     for f, base in enumerate(bases):
-        texts.append(base); family.append(f)
+        texts.append(base)
+        family.append(f)
         for target in similarities:
-            texts.append(variant_at(base, target, rng)); family.append(f)
+            texts.append(variant_at(base, target, rng))
+            family.append(f)
     return texts, np.array(family)
+
 
 def true_duplicate_pairs(texts: list[str], family: np.ndarray, threshold: float = THRESHOLD, margin: float = MARGIN):
     "Pairs within a family at or above the threshold (truth), and pairs within `margin` of it (not scored)."
@@ -776,8 +1061,10 @@ def true_duplicate_pairs(texts: list[str], family: np.ndarray, threshold: float 
     for f in np.unique(family):
         for i, j in itertools.combinations(np.flatnonzero(family == f).tolist(), 2):
             similarity = jaccard(shingles[i], shingles[j])
-            if abs(similarity - threshold) < margin: near_threshold.add((i, j))
-            elif similarity >= threshold: truth.add((i, j))
+            if abs(similarity - threshold) < margin:
+                near_threshold.add((i, j))
+            elif similarity >= threshold:
+                truth.add((i, j))
     return truth, near_threshold
 
 # %% ../nbs/02_data.ipynb #3d26075c
@@ -785,18 +1072,28 @@ def candidate_pairs(signatures: np.ndarray) -> set:
     "Every pair of documents that shares an LSH bucket."
     return {(int(i), int(j)) for group in lsh_buckets(signatures) for i, j in itertools.combinations(sorted(group), 2)}
 
+
 def pair_quality(found: set, truth: set, not_scored: set = frozenset()) -> dict:
     "Precision and recall of found duplicate pairs against the truth, leaving out pairs not scored."
     found = found - not_scored
     hits = len(found & truth)
-    return dict(precision=hits / max(1, len(found)), recall=hits / max(1, len(truth)), found=len(found), true=len(truth),
-                not_scored=len(not_scored))
+    return dict(
+        precision=hits / max(1, len(found)),
+        recall=hits / max(1, len(truth)),
+        found=len(found),
+        true=len(truth),
+        not_scored=len(not_scored),
+    )
 
 # %% ../nbs/02_data.ipynb #64dcacd4
 def corpus_signatures(ds, batch_size: int = 2048) -> np.ndarray:
     "MinHash signatures of a dataset's texts, batch by batch."
-    return np.concatenate([minhash_signatures(batch["text"]) for batch in ds.iter(batch_size=batch_size)]) \
-        if len(ds) else np.zeros((0, NUM_PERM), np.uint32)
+    return (
+        np.concatenate([minhash_signatures(batch["text"]) for batch in ds.iter(batch_size=batch_size)])
+        if len(ds)
+        else np.zeros((0, NUM_PERM), np.uint32)
+    )
+
 
 def near_dedup_step(ds, work: Path):
     "Keep one document per near-duplicate cluster (held-out documents always)."
@@ -805,38 +1102,62 @@ def near_dedup_step(ds, work: Path):
     cluster_has_heldout = np.zeros(len(ds), bool)
     np.logical_or.at(cluster_has_heldout, representative, heldout)
     rows = iter(range(len(ds)))
+
     def reason(row):
         i = next(rows)
-        if heldout[i]: return None
-        if cluster_has_heldout[representative[i]]: return "near duplicate of a held-out document"
+        if heldout[i]:
+            return None
+        if cluster_has_heldout[representative[i]]:
+            return "near duplicate of a held-out document"
         return None if representative[i] == i else "near duplicate"
+
     return filter_step(ds, work, "near dedup", reason)
 
 # %% ../nbs/02_data.ipynb #09112520
-_TLDS = ("com|org|net|edu|gov|mil|int|io|ai|co|dev|app|info|biz|me|us|uk|de|fr|nl|be|ch|at|se|no|dk|fi|es|it|pt|pl|cz|ru|"
-         "ua|jp|cn|kr|in|au|nz|ca|br|mx|ar|za|il|tr|gr|ie|hu|ro|sk|si|hr|lt|lv|ee|is|tw|hk|sg|my|th|vn|id|ph|cl|co\\.uk|ac\\.uk")
+_TLDS = (
+    "com|org|net|edu|gov|mil|int|io|ai|co|dev|app|info|biz|me|us|uk|de|fr|nl|be|ch|at|se|no|dk|fi|es|it|pt|pl|cz|ru|"
+    "ua|jp|cn|kr|in|au|nz|ca|br|mx|ar|za|il|tr|gr|ie|hu|ro|sk|si|hr|lt|lv|ee|is|tw|hk|sg|my|th|vn|id|ph|cl|co\\.uk|ac\\.uk"
+)
 PII_PATTERNS = {
-    "SECRET": re.compile("|".join([
-        r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
-        r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b", r"\bgh[pousr]_[A-Za-z0-9]{36,}\b", r"\bgithub_pat_[A-Za-z0-9_]{22,}\b",
-        r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b", r"\b[sr]k_(?:live|test)_[A-Za-z0-9]{16,}\b", r"\bAIza[0-9A-Za-z_\-]{35}\b",
-        r"\bsk-(?:proj-)?[A-Za-z0-9_\-]{20,}\b", r"\bhf_[A-Za-z0-9]{30,}\b",
-        r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\b"])),
-    "ASSIGNED_SECRET": re.compile(r"(?i)\b\w*?(?:pass(?:word|wd)|pwd|secret(?:_?key)?|token|api_?key|access_?key|auth_?key|private_?key)\b"
-                                  r"[\"'\]]*\s*[:=]\s*[\"']([A-Za-z0-9/+_\-=.!@#$%^&*]{12,})[\"']"),
+    "SECRET": re.compile(
+        "|".join(
+            [
+                r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
+                r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",
+                r"\bgh[pousr]_[A-Za-z0-9]{36,}\b",
+                r"\bgithub_pat_[A-Za-z0-9_]{22,}\b",
+                r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b",
+                r"\b[sr]k_(?:live|test)_[A-Za-z0-9]{16,}\b",
+                r"\bAIza[0-9A-Za-z_\-]{35}\b",
+                r"\bsk-(?:proj-)?[A-Za-z0-9_\-]{20,}\b",
+                r"\bhf_[A-Za-z0-9]{30,}\b",
+                r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\b",
+            ]
+        )
+    ),
+    "ASSIGNED_SECRET": re.compile(
+        r"(?i)\b\w*?(?:pass(?:word|wd)|pwd|secret(?:_?key)?|token|api_?key|access_?key|auth_?key|private_?key)\b"
+        r"[\"'\]]*\s*[:=]\s*[\"']([A-Za-z0-9/+_\-=.!@#$%^&*]{12,})[\"']"
+    ),
     "EMAIL": re.compile(rf"(?<![\w.+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+(?:{_TLDS})(?![\w-])", re.I),
     "CREDIT_CARD": re.compile(r"(?<![\d.-])(?:\d[ -]?){12,18}\d(?![\d-])"),
-    "IP_ADDRESS": re.compile(r"(?<![\w.:])(?:(?:\d{1,3}\.){3}\d{1,3}|(?:[0-9a-fA-F]{1,4}:){2,7}:?[0-9a-fA-F:]{0,39})(?![\w:]|\.\w)"),
-    "PHONE": re.compile(r"(?<![\w.+/-])(?:\+\d{1,3}[ .-]?\d{1,5}|(?:\(\d{1,4}\)[ .-]?)?\d{2,5})(?:[ .-]\d{2,8}){1,4}(?![\w-]|\.\w)"),
+    "IP_ADDRESS": re.compile(
+        r"(?<![\w.:])(?:(?:\d{1,3}\.){3}\d{1,3}|(?:[0-9a-fA-F]{1,4}:){2,7}:?[0-9a-fA-F:]{0,39})(?![\w:]|\.\w)"
+    ),
+    "PHONE": re.compile(
+        r"(?<![\w.+/-])(?:\+\d{1,3}[ .-]?\d{1,5}|(?:\(\d{1,4}\)[ .-]?)?\d{2,5})(?:[ .-]\d{2,8}){1,4}(?![\w-]|\.\w)"
+    ),
 }
 
 # %% ../nbs/02_data.ipynb #dde80823
 import ipaddress
 
+
 def shannon_entropy(text: str) -> float:
     "Bits per character of the text's own character distribution."
     counts = collections.Counter(text)
     return -sum(c / len(text) * math.log2(c / len(text)) for c in counts.values()) if text else 0.0
+
 
 def luhn_valid(digits: str) -> bool:
     "The Luhn checksum that card numbers carry."
@@ -846,10 +1167,16 @@ def luhn_valid(digits: str) -> bool:
         total += d - 9 if d > 9 else d
     return total % 10 == 0
 
+
 _CARD_WORDS = re.compile(r"(?i)card|visa|amex|master|discover|jcb|diners|credit|debit|payment|cvc|cvv|\bpan\b|number")
 _CARD_ISSUERS = [  # (prefix, lengths): Visa, Mastercard, Amex, Discover, JCB, Diners
-    (r"4", (13, 16, 19)), (r"5[1-5]|222[1-9]|22[3-9]\d|2[3-6]\d\d|27[01]\d|2720", (16,)), (r"3[47]", (15,)),
-    (r"6011|64[4-9]|65", (16, 17, 18, 19)), (r"35(2[89]|[3-8]\d)", (16, 17, 18, 19)), (r"30[0-5]|36|38", (14,))]
+    (r"4", (13, 16, 19)),
+    (r"5[1-5]|222[1-9]|22[3-9]\d|2[3-6]\d\d|27[01]\d|2720", (16,)),
+    (r"3[47]", (15,)),
+    (r"6011|64[4-9]|65", (16, 17, 18, 19)),
+    (r"35(2[89]|[3-8]\d)", (16, 17, 18, 19)),
+    (r"30[0-5]|36|38", (14,)),
+]
 
 # %% ../nbs/02_data.ipynb #90e11ae1
 def _valid(kind: str, value: str, before: str = "", after: str = "") -> bool:
@@ -857,33 +1184,53 @@ def _valid(kind: str, value: str, before: str = "", after: str = "") -> bool:
     if kind == "CREDIT_CARD":
         digits = re.sub(r"\D", "", value)
         issuer = next((lengths for prefix, lengths in _CARD_ISSUERS if re.match(prefix, digits)), ())
-        if not (len(digits) in issuer and luhn_valid(digits) and len(set(digits)) > 1): return False
+        if not (len(digits) in issuer and luhn_valid(digits) and len(set(digits)) > 1):
+            return False
         # long bare integers (seeds, constants) pass Luhn one time in ten: those need a card word nearby
         return digits != value or bool(_CARD_WORDS.search(before + " " + after))
     if kind == "IP_ADDRESS":
-        try: address = ipaddress.ip_address(value)
-        except ValueError: return False
-        looks_like_version = address.version == 4 and (all(int(o) <= 9 for o in value.split("."))   # 1.2.3.4
-                                                        or bool(re.search(r"(?i)(version|section|§|\bv)\s*$", before)))
+        try:
+            address = ipaddress.ip_address(value)
+        except ValueError:
+            return False
+        looks_like_version = address.version == 4 and (
+            all(int(o) <= 9 for o in value.split("."))  # 1.2.3.4
+            or bool(re.search(r"(?i)(version|section|§|\bv)\s*$", before))
+        )
         netmask = value.lower().count("ffff") >= 4
         return address.is_global and not (address.is_reserved or address.is_multicast or looks_like_version or netmask)
     if kind == "EMAIL":
         local, domain = value.lower().rsplit("@", 1)
-        not_personal = local in ("git", "noreply", "no-reply") or domain in ("example.com", "example.org", "example.net")
+        not_personal = local in ("git", "noreply", "no-reply") or domain in (
+            "example.com",
+            "example.org",
+            "example.net",
+        )
         return not not_personal
     if kind == "PHONE":
         digits = re.sub(r"\D", "", value)
-        if not 9 <= len(digits) <= 15 or re.search(r"(19|20)\d\d[-/.]\d\d[-/.]\d\d", value): return False  # a date
-        if re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", value): return False   # an IPv4 address or netmask
-        if re.search(r"\d[ .]?$", before) or re.match(r"^[ .]?\d|^:\d", after): return False  # one run of a longer number, a time
+        if not 9 <= len(digits) <= 15 or re.search(r"(19|20)\d\d[-/.]\d\d[-/.]\d\d", value):
+            return False  # a date
+        if re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", value):
+            return False  # an IPv4 address or netmask
+        if re.search(r"\d[ .]?$", before) or re.match(r"^[ .]?\d|^:\d", after):
+            return False  # one run of a longer number, a time
         groups = re.findall(r"\d+", value)
-        if len(groups) >= 3 and all(len(g) == 3 for g in groups[1:]): return False  # digits grouped in threes: a measurement
-        if "." in value and " " in value and not value.startswith("+"): return False  # a decimal with grouped digits
+        if len(groups) >= 3 and all(len(g) == 3 for g in groups[1:]):
+            return False  # digits grouped in threes: a measurement
+        if "." in value and " " in value and not value.startswith("+"):
+            return False  # a decimal with grouped digits
         return value.startswith("+") or "(" in value or len(re.findall(r"[ .-]", value)) >= 2  # not a decimal number
     if kind == "ASSIGNED_SECRET":
         short_hex = len(value) < 32 and re.fullmatch(r"[0-9a-fA-F]+", value)  # an id or a digest prefix, not a key
-        return not short_hex and shannon_entropy(value) >= 3.5 and any(c.isdigit() for c in value) and any(c.isalpha() for c in value)
+        return (
+            not short_hex
+            and shannon_entropy(value) >= 3.5
+            and any(c.isdigit() for c in value)
+            and any(c.isalpha() for c in value)
+        )
     return True
+
 
 @dataclass(frozen=True)
 class PiiMatch:
@@ -900,17 +1247,21 @@ def find_pii(text: str) -> list[PiiMatch]:
         for m in pattern.finditer(text):
             group = 1 if kind == "ASSIGNED_SECRET" else 0
             start, end, value = m.start(group), m.end(group), m.group(group)
-            if any(start < e and s < end for s, e in taken) or not _valid(kind, value, text[max(0, start - 40):start], text[end:end + 40]):
+            if any(start < e and s < end for s, e in taken) or not _valid(
+                kind, value, text[max(0, start - 40) : start], text[end : end + 40]
+            ):
                 continue
             taken.append((start, end))
             found.append(PiiMatch("SECRET" if kind == "ASSIGNED_SECRET" else kind, start, end, value))
     return sorted(found, key=lambda m: m.start)
 
+
 def scrub(text: str) -> tuple[str, collections.Counter]:
     "The text with each match replaced by its placeholder, and the count of replacements by kind."
     matches, pieces, last = find_pii(text), [], 0
     for m in matches:
-        pieces += [text[last:m.start], f"<{m.kind}>"]; last = m.end
+        pieces += [text[last : m.start], f"<{m.kind}>"]
+        last = m.end
     return "".join(pieces) + text[last:], collections.Counter(m.kind for m in matches)
 
 # %% ../nbs/02_data.ipynb #e7aa9ff0
@@ -922,85 +1273,108 @@ def pii_scores(examples: Iterable[dict]) -> dict:
         found = collections.Counter((m.kind, m.value) for m in find_pii(ex["text"]))
         for (kind, value), n in (found | truth).items():
             hit = min(found[(kind, value)], truth[(kind, value)])
-            tp[kind] += hit; fp[kind] += found[(kind, value)] - hit; fn[kind] += truth[(kind, value)] - hit
+            tp[kind] += hit
+            fp[kind] += found[(kind, value)] - hit
+            fn[kind] += truth[(kind, value)] - hit
     kinds = sorted(set(tp) | set(fp) | set(fn))
     score = lambda t, f, n: dict(precision=t / max(1, t + f), recall=t / max(1, t + n), found=t + f, planted=t + n)
-    return dict(overall=score(sum(tp.values()), sum(fp.values()), sum(fn.values())),
-                **{k: score(tp[k], fp[k], fn[k]) for k in kinds})
+    return dict(
+        overall=score(sum(tp.values()), sum(fp.values()), sum(fn.values())),
+        **{k: score(tp[k], fp[k], fn[k]) for k in kinds},
+    )
+
 
 def shipped_jsonl(name: str) -> list[dict]:
     "Rows of a JSON-lines file the project ships under data/."
-    path = package_dir().parent/"data"/name
-    if not path.exists(): raise FileNotFoundError(f"{path} is missing: it ships with the book's repository")
+    path = package_dir().parent / "data" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: it ships with the book's repository")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 # %% ../nbs/02_data.ipynb #0ca03771
 def load_blocklist(name: str = "unsafe_blocklist.txt") -> dict:
     "phrase → category, from a tab-separated file under data/."
-    path = package_dir().parent/"data"/name
+    path = package_dir().parent / "data" / name
     rows = [l.split("\t") for l in path.read_text(encoding="utf-8").splitlines() if l.strip() and not l.startswith("#")]
     return {phrase.strip().lower(): category.strip() for phrase, category in rows}
+
 
 def unsafe_reason(text: str, blocklist: dict) -> str | None:
     "The category that flags the text as unsafe, or None."
     lowered = text.lower()
     hits = {p: c for p, c in blocklist.items() if p in lowered and re.search(rf"(?<!\w){re.escape(p)}(?!\w)", lowered)}
     severe = [c for c in hits.values() if c.startswith("severe")]
-    if severe: return f"unsafe: {severe[0]}"
-    if len(hits) >= 2: return f"unsafe: {collections.Counter(hits.values()).most_common(1)[0][0]}"
+    if severe:
+        return f"unsafe: {severe[0]}"
+    if len(hits) >= 2:
+        return f"unsafe: {collections.Counter(hits.values()).most_common(1)[0][0]}"
     return None
 
 # %% ../nbs/02_data.ipynb #f669c4e1
 def privacy_step(ds, work: Path, blocklist: dict):
     "Drop unsafe documents; replace personal data and secrets in the others by placeholders."
-    ledger, writer = Ledger("privacy & safety"), ShardWriter(work/"privacy")
+    ledger, writer = Ledger("privacy & safety"), ShardWriter(work / "privacy")
     replaced = collections.Counter()
     for batch in ds.iter(batch_size=512):
         for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
             size = len(row["text"].encode())
             if reason := unsafe_reason(row["text"], blocklist):
-                ledger.drop(reason, size, f"{row['path']}: {excerpt(scrub(row['text'])[0])}"); continue
+                ledger.drop(reason, size, f"{row['path']}: {excerpt(scrub(row['text'])[0])}")
+                continue
             text, counts = scrub(row["text"])
             replaced += counts
-            writer.write(dict(row, text=text)); ledger.keep(size, out_bytes=len(text.encode()))
+            writer.write(dict(row, text=text))
+            ledger.keep(size, out_bytes=len(text.encode()))
     ledger.counts["replaced"] = dict(replaced)
     return writer.finish(), ledger.check()
 
 # %% ../nbs/02_data.ipynb #f13899fb
 VAL_PERMILLE = 50
 
+
 def split_of(row: dict) -> str:
     "heldout, val or train — from the file a document came from, so a file's code and its docstrings never split."
-    if row["heldout"]: return "heldout"
+    if row["heldout"]:
+        return "heldout"
     file_id = document_id(row["source"], row["distribution"], row["path"])
     return "val" if int(file_id[:8], 16) % 1000 < VAL_PERMILLE else "train"
 
 # %% ../nbs/02_data.ipynb #b2498bc2
 _WORDS = re.compile(r"\w+")
 
+
 def unigram_model(texts: Iterable[str]) -> Callable[[str], float]:
     "Fit word frequencies; return a scorer of bits per word (add-one smoothing)."
     counts = collections.Counter()
-    for text in texts: counts.update(_WORDS.findall(text.lower()))
+    for text in texts:
+        counts.update(_WORDS.findall(text.lower()))
     total, vocabulary = sum(counts.values()), len(counts) + 1
+
     def bits_per_word(text: str) -> float:
         words = _WORDS.findall(text.lower())
         return float(np.mean([-math.log2((counts[w] + 1) / (total + vocabulary)) for w in words])) if words else 0.0
+
     return bits_per_word
 
 # %% ../nbs/02_data.ipynb #5e84ad94
 DOMAIN_WEIGHTS = {"code": 0.6, "prose": 0.4}
 
+
 def mixture(bytes_by_domain: dict, weights: dict = DOMAIN_WEIGHTS) -> dict:
     "Epochs of each domain so that the mixture matches `weights` with the largest domain read once."
     epochs = {d: weights[d] / max(1, bytes_by_domain.get(d, 0)) for d in weights}
     scale = 1 / min(epochs[d] for d in weights if bytes_by_domain.get(d))
-    return dict(weights=weights, bytes=bytes_by_domain,
-                epochs={d: round(epochs[d] * scale, 4) if bytes_by_domain.get(d) else 0.0 for d in weights})
+    return dict(
+        weights=weights,
+        bytes=bytes_by_domain,
+        epochs={d: round(epochs[d] * scale, 4) if bytes_by_domain.get(d) else 0.0 for d in weights},
+    )
+
 
 def curriculum_order(ids: list[str], difficulty: np.ndarray, buckets: int = 4) -> np.ndarray:
     "Indices: difficulty quartiles from easy to hard, a deterministic shuffle (by id) inside each."
-    if len(ids) == 0: return np.zeros(0, np.int64)
+    if len(ids) == 0:
+        return np.zeros(0, np.int64)
     quartile = np.minimum((np.argsort(np.argsort(difficulty, kind="stable")) * buckets) // len(ids), buckets - 1)
     return np.lexsort((np.asarray(ids), quartile))
 
@@ -1008,40 +1382,68 @@ def curriculum_order(ids: list[str], difficulty: np.ndarray, buckets: int = 4) -
 def document_table(corpus):
     "One row per document of a DatasetDict — split, domain, kind, license, distribution, bytes — without the texts."
     import pandas as pd
+
     rows = []
     for split, part in corpus.items():
         for batch in part.iter(batch_size=1024):
-            rows.append(pd.DataFrame(dict(split=split, domain=batch["domain"], kind=batch["kind"], license=batch["license"],
-                                          distribution=batch["distribution"], bytes=[len(t.encode()) for t in batch["text"]])))
-    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["split", "domain", "kind", "license", "distribution", "bytes"])
+            rows.append(
+                pd.DataFrame(
+                    dict(
+                        split=split,
+                        domain=batch["domain"],
+                        kind=batch["kind"],
+                        license=batch["license"],
+                        distribution=batch["distribution"],
+                        bytes=[len(t.encode()) for t in batch["text"]],
+                    )
+                )
+            )
+    return (
+        pd.concat(rows, ignore_index=True)
+        if rows
+        else pd.DataFrame(columns=["split", "domain", "kind", "license", "distribution", "bytes"])
+    )
 
 # %% ../nbs/02_data.ipynb #004b0212
 def write_corpus(ds, out: Path) -> dict:
     "Split, score and order the documents; save the DatasetDict atomically; return per-split statistics."
     import datasets
+
     datasets.disable_progress_bars()  # the chapter's own output says what happened
-    splits = np.array([split_of(dict(heldout=h, source=s, distribution=d, path=p))
-                       for h, s, d, p in zip(ds["heldout"], ds["source"], ds["distribution"], ds["path"])])
+    splits = np.array(
+        [
+            split_of(dict(heldout=h, source=s, distribution=d, path=p))
+            for h, s, d, p in zip(ds["heldout"], ds["source"], ds["distribution"], ds["path"])
+        ]
+    )
     parts = {name: ds.select(np.flatnonzero(splits == name)) for name in ("train", "val", "heldout")}
     score = unigram_model(t for batch in parts["train"].iter(batch_size=1024) for t in batch["text"])
     result = {}
     for name, part in parts.items():
-        difficulty = np.fromiter((score(t) for batch in part.iter(batch_size=1024) for t in batch["text"]), np.float32, len(part))
+        difficulty = np.fromiter(
+            (score(t) for batch in part.iter(batch_size=1024) for t in batch["text"]), np.float32, len(part)
+        )
         order = curriculum_order(part["id"], difficulty) if name == "train" else np.arange(len(part))
         result[name] = part.add_column("difficulty", difficulty.tolist()).select(order)
     corpus = datasets.DatasetDict(result)
     with atomic_path(out) as tmp:
         corpus.save_to_disk(str(tmp), max_shard_size="64MB")
     table = document_table(corpus)
-    return {name: dict(documents=len(part), bytes=int(part["bytes"].sum()), by_domain=part["domain"].value_counts().to_dict())
-            for name, part in table.groupby("split")}
+    return {
+        name: dict(
+            documents=len(part), bytes=int(part["bytes"].sum()), by_domain=part["domain"].value_counts().to_dict()
+        )
+        for name, part in table.groupby("split")
+    }
 
 # %% ../nbs/02_data.ipynb #2ac77b8a
 def load_corpus(run: Run):
     "The corpus DatasetDict (train, val, heldout) of a run directory, memory-mapped."
     import datasets
+
     path = run.artifact("data/corpus")
-    if not path.exists(): raise FileNotFoundError(f"{path} does not exist: run Chapter 2 (llmbook run --only data)")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run Chapter 2 (llmbook run --only data)")
     return datasets.load_from_disk(str(path))
 
 # %% ../nbs/02_data.ipynb #4830e5b0
@@ -1058,7 +1460,10 @@ def check_chain(ledgers: list[Ledger]):
     "Assert every ledger balances and each one's input is the previous one's output."
     for previous, ledger in zip(ledgers, ledgers[1:]):
         ledger.check()
-        assert (ledger.in_docs, ledger.in_bytes) == (previous.out_docs, previous.out_bytes), (previous.step, ledger.step)
+        assert (ledger.in_docs, ledger.in_bytes) == (previous.out_docs, previous.out_bytes), (
+            previous.step,
+            ledger.step,
+        )
     return ledgers
 
 # %% ../nbs/02_data.ipynb #aec5bdd2
@@ -1076,17 +1481,23 @@ def write_data_report(run: Run, ledgers: list[Ledger], **measurements) -> dict:
 # %% ../nbs/02_data.ipynb #147861c2
 def write_heldout(run: Run, corpus) -> dict:
     "data/heldout.json: what no later chapter may train on."
-    heldout = dict(modules=list(HELDOUT_MODULES), documents=len(corpus["heldout"]), ids=sorted(corpus["heldout"]["id"]),
-                   expressions=dict(rule="int(sha256(expression)[:8], 16) % 10 == 0", function="llmbook.data.expression_heldout"))
+    heldout = dict(
+        modules=list(HELDOUT_MODULES),
+        documents=len(corpus["heldout"]),
+        ids=sorted(corpus["heldout"]["id"]),
+        expressions=dict(rule="int(sha256(expression)[:8], 16) % 10 == 0", function="llmbook.data.expression_heldout"),
+    )
     atomic_write_json(run.artifact("data/heldout.json"), heldout)
     return heldout
 
 # %% ../nbs/02_data.ipynb #fe49bb63
 def produce(run: Run):
     "Build data/ and data_report.json for `run` (what this chapter's notebook does)."
-    work = run.path/".work-02_data"
+    work = run.path / ".work-02_data"
     shutil.rmtree(work, ignore_errors=True)
-    raw, acquisition, ingestion = ingest(catalog(run.cfg), run.cfg.data_mb * 1e6, work, run.artifact("data/raw_manifest.jsonl"))
+    raw, acquisition, ingestion = ingest(
+        catalog(run.cfg), run.cfg.data_mb * 1e6, work, run.artifact("data/raw_manifest.jsonl")
+    )
     licensed, license_ledger = license_step(raw, work, run.read_json("spec.json")["licensing"])
     deduped, exact_ledger = exact_dedup_step(licensed, work)
     quality, quality_ledger = quality_step(deduped, work)
@@ -1100,9 +1511,23 @@ def produce(run: Run):
     atomic_write_json(run.artifact("data/mixture.json"), mix)
     pii_quality = pii_scores(shipped_jsonl("pii_planted.jsonl"))
     leaked = heldout_leaks(corpus)
-    ledgers = check_chain([acquisition, ingestion, license_ledger, exact_ledger, quality_ledger, near_ledger, privacy_ledger])
-    write_data_report(run, ledgers, raw_text_mb=acquisition.kept_bytes / 1e6, splits=split_stats, mixture=mix, pii=pii_quality,
-                 heldout_leaked_documents=leaked, license_mix={k: int(v) for k, v in table.groupby("license")["bytes"].sum().items()})
-    run.record(raw_text_mb=acquisition.kept_bytes / 1e6, pii_recall=pii_quality["overall"]["recall"],
-               pii_precision=pii_quality["overall"]["precision"], heldout_leaked_documents=leaked)
+    ledgers = check_chain(
+        [acquisition, ingestion, license_ledger, exact_ledger, quality_ledger, near_ledger, privacy_ledger]
+    )
+    write_data_report(
+        run,
+        ledgers,
+        raw_text_mb=acquisition.kept_bytes / 1e6,
+        splits=split_stats,
+        mixture=mix,
+        pii=pii_quality,
+        heldout_leaked_documents=leaked,
+        license_mix={k: int(v) for k, v in table.groupby("license")["bytes"].sum().items()},
+    )
+    run.record(
+        raw_text_mb=acquisition.kept_bytes / 1e6,
+        pii_recall=pii_quality["overall"]["recall"],
+        pii_precision=pii_quality["overall"]["precision"],
+        heldout_leaked_documents=leaked,
+    )
     shutil.rmtree(work, ignore_errors=True)

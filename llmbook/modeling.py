@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +40,11 @@ from .data import DOMAIN_WEIGHTS, load_corpus
 from .foundations import ModelShape, flops_per_token, parameter_counts, preset_shape, training_flops
 
 # %% ../nbs/03_modeling.ipynb #575fa82b
-GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+GPT4_SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
 _SPLIT = regex.compile(GPT4_SPLIT_PATTERN)
+
 
 def pretokenize(text: str) -> list[str]:
     "The chunks BPE works inside."
@@ -55,7 +58,8 @@ ENDOFTEXT, END_OF_TURN = "<|endoftext|>", "<|end|>"
 def count_chunks(texts: Iterable[str]) -> collections.Counter:
     "Distinct pre-tokens and how often each occurs."
     counts = collections.Counter()
-    for text in texts: counts.update(_SPLIT.findall(text))
+    for text in texts:
+        counts.update(_SPLIT.findall(text))
     return counts
 
 # %% ../nbs/03_modeling.ipynb #c931eea3
@@ -66,17 +70,21 @@ def train_bpe(chunk_counts: dict, n_merges: int, progress: bool = False) -> list
     pair_count, where = collections.Counter(), collections.defaultdict(set)
     for i, (word, f) in enumerate(zip(words, freq)):
         for pair in zip(word, word[1:]):
-            pair_count[pair] += f; where[pair].add(i)
+            pair_count[pair] += f
+            where[pair].add(i)
     heap = [(-c, pair) for pair, c in pair_count.items()]
     heapq.heapify(heap)
     merges = []
     from tqdm.auto import tqdm
+
     bar = tqdm(total=n_merges, desc="BPE merges", disable=not progress)
     while len(merges) < n_merges and heap:
         negative, pair = heapq.heappop(heap)
-        if -negative != pair_count.get(pair, 0) or negative == 0: continue   # stale entry
+        if -negative != pair_count.get(pair, 0) or negative == 0:
+            continue  # stale entry
         new_id = 256 + len(merges)
-        merges.append(pair); bar.update()
+        merges.append(pair)
+        bar.update()
         for i in where.pop(pair):
             _merge_word(words, freq, i, pair, new_id, pair_count, where, heap)
         pair_count.pop(pair, None)
@@ -90,69 +98,96 @@ def _merge_word(words, freq, i, pair, new_id, pair_count, where, heap):
     a, b = pair
     merged, j = [], 0
     while j < len(word):
-        if j + 1 < len(word) and word[j] == a and word[j + 1] == b: merged.append(new_id); j += 2
-        else: merged.append(word[j]); j += 1
-    if len(merged) == len(word): return   # the index is a superset: this word no longer holds the pair
+        if j + 1 < len(word) and word[j] == a and word[j + 1] == b:
+            merged.append(new_id)
+            j += 2
+        else:
+            merged.append(word[j])
+            j += 1
+    if len(merged) == len(word):
+        return  # the index is a superset: this word no longer holds the pair
     old, new = collections.Counter(zip(word, word[1:])), collections.Counter(zip(merged, merged[1:]))
     for p in old.keys() | new.keys():
         delta = (new[p] - old[p]) * f
-        if delta == 0 or p == pair: continue
+        if delta == 0 or p == pair:
+            continue
         pair_count[p] += delta
-        if new[p]: where[p].add(i)
-        if delta > 0: heapq.heappush(heap, (-pair_count[p], p))
-        elif pair_count[p] > 0: heapq.heappush(heap, (-pair_count[p], p))
+        if new[p]:
+            where[p].add(i)
+        if delta > 0:
+            heapq.heappush(heap, (-pair_count[p], p))
+        elif pair_count[p] > 0:
+            heapq.heappush(heap, (-pair_count[p], p))
     words[i] = merged
 
 # %% ../nbs/03_modeling.ipynb #84842ad5
 class BPETokenizer:
     "Byte-level BPE: 256 byte tokens, the merges, then the special tokens."
-    def __init__(self, merges: Sequence[tuple[int, int]], special_tokens: Sequence[str] = SPECIAL_TOKENS,
-                 pattern: str = GPT4_SPLIT_PATTERN):
+
+    def __init__(
+        self,
+        merges: Sequence[tuple[int, int]],
+        special_tokens: Sequence[str] = SPECIAL_TOKENS,
+        pattern: str = GPT4_SPLIT_PATTERN,
+    ):
         self.merges, self.pattern = [tuple(m) for m in merges], pattern
         self.split = regex.compile(pattern)
         self.vocab = [bytes([i]) for i in range(256)]
-        for a, b in self.merges: self.vocab.append(self.vocab[a] + self.vocab[b])
+        for a, b in self.merges:
+            self.vocab.append(self.vocab[a] + self.vocab[b])
         self.special_tokens = {t: len(self.vocab) + i for i, t in enumerate(special_tokens)}
         self.ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         self.id_of = {token: i for i, token in enumerate(self.vocab)}
         self.cache: dict[bytes, list[int]] = {}
 
     @property
-    def vocab_size(self) -> int: return len(self.vocab) + len(self.special_tokens)
+    def vocab_size(self) -> int:
+        return len(self.vocab) + len(self.special_tokens)
 
-    def __repr__(self): return f"BPETokenizer({len(self.merges)} merges, vocab {self.vocab_size})"
+    def __repr__(self):
+        return f"BPETokenizer({len(self.merges)} merges, vocab {self.vocab_size})"
 
 # %% ../nbs/03_modeling.ipynb #97ff8c06
 @patch
 def _encode_chunk(self: BPETokenizer, chunk: bytes) -> list[int]:
     "Ids of one pre-token: the whole chunk if it is a token, else merges by rank."
-    if (cached := self.cache.get(chunk)) is not None: return cached
-    if chunk in self.id_of: ids = [self.id_of[chunk]]
+    if (cached := self.cache.get(chunk)) is not None:
+        return cached
+    if chunk in self.id_of:
+        ids = [self.id_of[chunk]]
     else:
         ids = list(chunk)
         while len(ids) > 1:
             rank, i = min((self.ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(ids, ids[1:])))
-            if rank == math.inf: break
-            ids[i:i + 2] = [256 + rank]
-    if len(self.cache) < 1_000_000: self.cache[chunk] = ids
+            if rank == math.inf:
+                break
+            ids[i : i + 2] = [256 + rank]
+    if len(self.cache) < 1_000_000:
+        self.cache[chunk] = ids
     return ids
+
 
 @patch
 def encode_ordinary(self: BPETokenizer, text: str) -> list[int]:
     "Ids of text, ignoring special tokens (they are never produced from text)."
     return [i for chunk in self.split.findall(text) for i in self._encode_chunk(chunk.encode("utf-8", "surrogatepass"))]
 
+
 @patch
 def encode_bytes(self: BPETokenizer, data: bytes) -> list[int]:
     "Ids of arbitrary bytes (invalid UTF-8 included)."
     text = data.decode("utf-8", "surrogateescape")
-    return [i for chunk in self.split.findall(text) for i in self._encode_chunk(chunk.encode("utf-8", "surrogateescape"))]
+    return [
+        i for chunk in self.split.findall(text) for i in self._encode_chunk(chunk.encode("utf-8", "surrogateescape"))
+    ]
+
 
 @patch
 def decode_bytes(self: BPETokenizer, ids: Iterable[int]) -> bytes:
     "The bytes of ids; special tokens as their names."
     special = {i: t.encode() for t, i in self.special_tokens.items()}
     return b"".join(self.vocab[i] if i < len(self.vocab) else special[i] for i in ids)
+
 
 @patch
 def decode(self: BPETokenizer, ids: Iterable[int], errors: str = "replace") -> str:
@@ -162,31 +197,46 @@ def decode(self: BPETokenizer, ids: Iterable[int], errors: str = "replace") -> s
 # %% ../nbs/03_modeling.ipynb #00a7413c
 def bytes_to_unicode() -> dict[int, str]:
     "GPT-2's reversible map from bytes to printable characters, used by byte-level tokenizer files."
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     mapping, extra = {b: chr(b) for b in printable}, 0
     for b in range(256):
-        if b not in mapping: mapping[b] = chr(256 + extra); extra += 1
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
     return mapping
 
+
 _B2U = bytes_to_unicode()
-def _as_unicode(token: bytes) -> str: return "".join(_B2U[b] for b in token)
+
+
+def _as_unicode(token: bytes) -> str:
+    return "".join(_B2U[b] for b in token)
 
 # %% ../nbs/03_modeling.ipynb #9ec9f43b
 def hf_bpe_merges(texts: Iterable[str], n_merges: int) -> list[tuple[int, int]]:
     "Merges learned by Hugging Face's BpeTrainer on the same pre-tokens, as pairs of our ids."
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(GPT4_SPLIT_PATTERN), behavior="isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    trainer = trainers.BpeTrainer(vocab_size=256 + n_merges, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(GPT4_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=256 + n_merges, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     backend.train_from_iterator(texts, trainer)
     u2b = {u: b for b, u in _B2U.items()}
     id_of = {bytes([b]): b for b in range(256)}
     merges = []
     for a, b in json.loads(backend.to_str())["model"]["merges"][:n_merges]:
         left, right = (bytes(u2b[c] for c in s) for s in ((a, b) if isinstance(a, str) else a))
-        merges.append((id_of[left], id_of[right])); id_of[left + right] = 256 + len(merges) - 1
+        merges.append((id_of[left], id_of[right]))
+        id_of[left + right] = 256 + len(merges) - 1
     return merges
 
 # %% ../nbs/03_modeling.ipynb #5890e63a
@@ -195,11 +245,15 @@ def training_texts(corpus, megabytes: float) -> Iterator[str]:
     budget = megabytes * 1e6
     for batch in corpus["train"].iter(batch_size=256):
         for text in batch["text"]:
-            if budget <= 0: return
+            if budget <= 0:
+                return
             budget -= len(text.encode("utf-8", "surrogatepass"))
             yield text
 
-def train_tokenizer(corpus, vocab_size: int, megabytes: float, trainer: str = "ours", progress: bool = False) -> BPETokenizer:
+
+def train_tokenizer(
+    corpus, vocab_size: int, megabytes: float, trainer: str = "ours", progress: bool = False
+) -> BPETokenizer:
     "A byte-level BPE tokenizer of `vocab_size` ids (special tokens included)."
     n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
     if trainer == "hf":
@@ -210,20 +264,31 @@ def train_tokenizer(corpus, vocab_size: int, megabytes: float, trainer: str = "o
 def to_tokenizers(tok: BPETokenizer):
     "A Hugging Face `tokenizers.Tokenizer` with the same ids."
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
     vocab = {_as_unicode(token): i for i, token in enumerate(tok.vocab)}
     merges = [(_as_unicode(tok.vocab[a]), _as_unicode(tok.vocab[b])) for a, b in tok.merges]
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(tok.pattern), behavior="isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(tok.pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tok.special_tokens])
     return backend
 
+
 def to_tiktoken(tok: BPETokenizer, name: str = "llmbook"):
     "A `tiktoken.Encoding` with the same ids."
     import tiktoken
-    return tiktoken.Encoding(name, pat_str=tok.pattern, mergeable_ranks={t: i for i, t in enumerate(tok.vocab)},
-                             special_tokens=dict(tok.special_tokens))
+
+    return tiktoken.Encoding(
+        name,
+        pat_str=tok.pattern,
+        mergeable_ranks={t: i for i, t in enumerate(tok.vocab)},
+        special_tokens=dict(tok.special_tokens),
+    )
 
 # %% ../nbs/03_modeling.ipynb #02d32619
 def plain_text_backend(tok: BPETokenizer):
@@ -241,23 +306,30 @@ def parity(tok: BPETokenizer, texts: Iterable[str]) -> dict:
     for text in texts:
         ours = tok.encode_ordinary(text)
         agree = ours == backend.encode(text, add_special_tokens=False).ids == encoding.encode_ordinary(text)
-        same += agree; total += 1
-        if not agree and first_mismatch is None: first_mismatch = text[:200]
+        same += agree
+        total += 1
+        if not agree and first_mismatch is None:
+            first_mismatch = text[:200]
     return dict(documents=total, identical=same, fraction=same / max(1, total), first_mismatch=first_mismatch)
 
 # %% ../nbs/03_modeling.ipynb #240ea792
 def encoding_speeds(tok: BPETokenizer, texts: list[str]) -> dict:
     "MB/s of each implementation on `texts`, single-threaded, after a warm-up."
     backend, encoding = plain_text_backend(tok), to_tiktoken(tok)
-    fresh = BPETokenizer(tok.merges)   # ours with an empty cache
-    runners = dict(ours=fresh.encode_ordinary, huggingface=lambda t: backend.encode(t, add_special_tokens=False).ids,
-                   tiktoken=encoding.encode_ordinary)
+    fresh = BPETokenizer(tok.merges)  # ours with an empty cache
+    runners = dict(
+        ours=fresh.encode_ordinary,
+        huggingface=lambda t: backend.encode(t, add_special_tokens=False).ids,
+        tiktoken=encoding.encode_ordinary,
+    )
     megabytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) / 1e6
     speeds = {}
     for name, encode in runners.items():
-        for t in texts[:5]: encode(t)
+        for t in texts[:5]:
+            encode(t)
         started = time.perf_counter()
-        for t in texts: encode(t)
+        for t in texts:
+            encode(t)
         speeds[name] = megabytes / (time.perf_counter() - started)
     return speeds
 
@@ -265,20 +337,31 @@ def encoding_speeds(tok: BPETokenizer, texts: list[str]) -> dict:
 def unigram_tokenizer(texts: Iterable[str], vocab_size: int):
     "A Unigram (SentencePiece-style) tokenizer over the same byte-level pre-tokens."
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
     backend = Tokenizer(models.Unigram())
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(GPT4_SPLIT_PATTERN), behavior="isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(GPT4_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=False, max_piece_length=16)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        max_piece_length=16,
+    )
     backend.train_from_iterator(texts, trainer)
     return backend
+
 
 def bytes_per_token(encode: callable, texts: Iterable[str]) -> float:
     "UTF-8 bytes divided by tokens over texts."
     n_bytes = n_tokens = 0
     for text in texts:
-        n_bytes += len(text.encode("utf-8", "surrogatepass")); n_tokens += len(encode(text))
+        n_bytes += len(text.encode("utf-8", "surrogatepass"))
+        n_tokens += len(encode(text))
     return n_bytes / max(1, n_tokens)
 
 # %% ../nbs/03_modeling.ipynb #61c07a44
@@ -298,52 +381,81 @@ CHAT_TEMPLATE = (
 )
 
 # %% ../nbs/03_modeling.ipynb #390468da
-def render_chat(tok: BPETokenizer, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = False):
+def render_chat(
+    tok: BPETokenizer, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = False
+):
     "(ids, assistant mask) of a conversation, rendered as CHAT_TEMPLATE renders it."
     special = tok.special_tokens
     ids, mask = [], []
-    def emit(new_ids, trained): ids.extend(new_ids); mask.extend([int(trained)] * len(new_ids))
-    if tools: emit([special["<|system|>"]] + tok.encode_ordinary("Tools: " + json.dumps(tools, ensure_ascii=False)) + [special[END_OF_TURN]], False)
+
+    def emit(new_ids, trained):
+        ids.extend(new_ids)
+        mask.extend([int(trained)] * len(new_ids))
+
+    if tools:
+        emit(
+            [special["<|system|>"]]
+            + tok.encode_ordinary("Tools: " + json.dumps(tools, ensure_ascii=False))
+            + [special[END_OF_TURN]],
+            False,
+        )
     for message in messages:
         role = message["role"]
-        if role not in ("system", "user", "assistant", "tool"): raise ValueError(f"unknown role: {role}")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"unknown role: {role}")
         emit([special[f"<|{role}|>"]], False)
         if role != "assistant":
-            emit(tok.encode_ordinary(message["content"]) + [special[END_OF_TURN]], False); continue
+            emit(tok.encode_ordinary(message["content"]) + [special[END_OF_TURN]], False)
+            continue
         body = tok.encode_ordinary(message.get("content") or "")
         for call in message.get("tool_calls") or []:
             body += [special["<|tool_call|>"]] + tok.encode_ordinary(json.dumps(call["function"], ensure_ascii=False))
         emit(body + [special[END_OF_TURN]], True)
-    if add_generation_prompt: emit([special["<|assistant|>"]], False)
+    if add_generation_prompt:
+        emit([special["<|assistant|>"]], False)
     return ids, mask
 
 # %% ../nbs/03_modeling.ipynb #7504e33d
 def to_transformers(tok: BPETokenizer):
     "A `transformers.PreTrainedTokenizerFast` with the chat template."
     from transformers import PreTrainedTokenizerFast
-    return PreTrainedTokenizerFast(tokenizer_object=to_tokenizers(tok), bos_token=ENDOFTEXT, eos_token=END_OF_TURN,
-                                   pad_token=ENDOFTEXT, chat_template=CHAT_TEMPLATE, model_max_length=1 << 20,
-                                   additional_special_tokens=[t for t in tok.special_tokens if t not in (ENDOFTEXT, END_OF_TURN)])
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=to_tokenizers(tok),
+        bos_token=ENDOFTEXT,
+        eos_token=END_OF_TURN,
+        pad_token=ENDOFTEXT,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=1 << 20,
+        additional_special_tokens=[t for t in tok.special_tokens if t not in (ENDOFTEXT, END_OF_TURN)],
+    )
 
 # %% ../nbs/03_modeling.ipynb #4f9c6023
 def save_tokenizer(tok: BPETokenizer, directory: Path, encoder: str = "tiktoken") -> str:
     "Write tokenizer/ atomically; return the sha256 of bpe.json."
     with atomic_path(directory) as tmp:
         tmp.mkdir(parents=True)
-        (tmp/"bpe.json").write_text(json.dumps(dict(merges=tok.merges, special_tokens=list(tok.special_tokens),
-                                                    pattern=tok.pattern, encoder=encoder)))
+        (tmp / "bpe.json").write_text(
+            json.dumps(
+                dict(merges=tok.merges, special_tokens=list(tok.special_tokens), pattern=tok.pattern, encoder=encoder)
+            )
+        )
         to_transformers(tok).save_pretrained(str(tmp))
-    return sha256_file(directory/"bpe.json")
+    return sha256_file(directory / "bpe.json")
+
 
 def load_tokenizer(directory: Path) -> BPETokenizer:
     "Our tokenizer from tokenizer/bpe.json."
-    spec = load_json(Path(directory)/"bpe.json")
+    spec = load_json(Path(directory) / "bpe.json")
     return BPETokenizer([tuple(m) for m in spec["merges"]], spec["special_tokens"], spec["pattern"])
 
 # %% ../nbs/03_modeling.ipynb #67cf0af9
 DOMAIN_CODES = {"code": 0, "prose": 1}
 
-def token_dtype(vocab_size: int): return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
 
 def write_tokens(corpus, tok: BPETokenizer, directory: Path, digest: str, threads: int = 2) -> dict:
     "tokens/: <split>.bin, <split>.docs.npy and meta.json, written atomically."
@@ -354,39 +466,53 @@ def write_tokens(corpus, tok: BPETokenizer, directory: Path, digest: str, thread
         for split, ds in corpus.items():
             offsets, lengths, domains, n_bytes = [], [], [], collections.Counter()
             position = 0
-            with open(tmp/f"{split}.bin", "wb") as out:
+            with open(tmp / f"{split}.bin", "wb") as out:
                 for batch in ds.iter(batch_size=512):
-                    for ids, text, domain in zip(encoding.encode_ordinary_batch(batch["text"], num_threads=threads), batch["text"], batch["domain"]):
+                    for ids, text, domain in zip(
+                        encoding.encode_ordinary_batch(batch["text"], num_threads=threads),
+                        batch["text"],
+                        batch["domain"],
+                    ):
                         row = np.array([bos] + ids, dtype=dtype)
                         out.write(row.tobytes())
-                        offsets.append(position); lengths.append(len(row)); domains.append(DOMAIN_CODES[domain])
-                        position += len(row); n_bytes[domain] += len(text.encode("utf-8", "surrogatepass"))
+                        offsets.append(position)
+                        lengths.append(len(row))
+                        domains.append(DOMAIN_CODES[domain])
+                        position += len(row)
+                        n_bytes[domain] += len(text.encode("utf-8", "surrogatepass"))
             index = np.zeros(len(offsets), dtype=[("offset", np.int64), ("length", np.int32), ("domain", np.int8)])
             index["offset"], index["length"], index["domain"] = offsets, lengths, domains
-            np.save(tmp/f"{split}.docs.npy", index, allow_pickle=False)
+            np.save(tmp / f"{split}.docs.npy", index, allow_pickle=False)
             tokens = {d: int(index["length"][index["domain"] == c].sum()) for d, c in DOMAIN_CODES.items()}
-            meta["splits"][split] = dict(documents=len(index), tokens=int(position), tokens_by_domain=tokens,
-                                         bytes_by_domain=dict(n_bytes), bytes_per_token={d: n_bytes[d] / max(1, tokens[d]) for d in tokens})
-        (tmp/"meta.json").write_text(json.dumps(meta, indent=2))
+            meta["splits"][split] = dict(
+                documents=len(index),
+                tokens=int(position),
+                tokens_by_domain=tokens,
+                bytes_by_domain=dict(n_bytes),
+                bytes_per_token={d: n_bytes[d] / max(1, tokens[d]) for d in tokens},
+            )
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
 
 # %% ../nbs/03_modeling.ipynb #eb0d6fc3
 def open_tokens(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict]:
     "(memory-mapped ids, document index, meta) of a split; the files are checked against meta.json."
     directory = Path(directory)
-    meta = load_json(directory/"meta.json")
-    if split not in meta["splits"]: raise ValueError(f"no split {split!r} in {directory}; splits: {', '.join(meta['splits'])}")
-    ids = np.memmap(directory/f"{split}.bin", dtype=meta["dtype"], mode="r")
-    index = np.load(directory/f"{split}.docs.npy", allow_pickle=False)
+    meta = load_json(directory / "meta.json")
+    if split not in meta["splits"]:
+        raise ValueError(f"no split {split!r} in {directory}; splits: {', '.join(meta['splits'])}")
+    ids = np.memmap(directory / f"{split}.bin", dtype=meta["dtype"], mode="r")
+    index = np.load(directory / f"{split}.docs.npy", allow_pickle=False)
     if len(ids) != meta["splits"][split]["tokens"] or len(index) != meta["splits"][split]["documents"]:
-        raise ValueError(f"{directory/split}.bin or .docs.npy does not match meta.json: rerun Chapter 3")
+        raise ValueError(f"{directory / split}.bin or .docs.npy does not match meta.json: rerun Chapter 3")
     return ids, index, meta
 
 # %% ../nbs/03_modeling.ipynb #8894fc20
 def epoch_order(domains: np.ndarray, epochs_by_domain: dict | None, seed: int, epoch: int = 0) -> np.ndarray:
     "Document indices of one epoch: curriculum order, each domain repeated per the mixture, repeats spread within each quarter."
     n = len(domains)
-    if not epochs_by_domain: return np.arange(n)
+    if not epochs_by_domain:
+        return np.arange(n)
     rng = np.random.default_rng([seed, epoch])
     code_names = {c: d for d, c in DOMAIN_CODES.items()}
     epochs = np.array([epochs_by_domain.get(code_names[int(c)], 1.0) for c in domains])
@@ -399,15 +525,28 @@ def epoch_order(domains: np.ndarray, epochs_by_domain: dict | None, seed: int, e
 # %% ../nbs/03_modeling.ipynb #97bc6116
 class PackedLoader:
     "Rows of seq_len + 1 tokens, document-aligned and best-fit packed; deterministic and resumable."
-    def __init__(self, directory: Path, split: str, seq_len: int, batch_size: int, epochs_by_domain: dict | None = None,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, buffer: int = 32):
+
+    def __init__(
+        self,
+        directory: Path,
+        split: str,
+        seq_len: int,
+        batch_size: int,
+        epochs_by_domain: dict | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        buffer: int = 32,
+    ):
         self.ids, self.index, self.meta = open_tokens(directory, split)
         self.row, self.batch_size, self.epochs_by_domain, self.seed = seq_len + 1, batch_size, epochs_by_domain, seed
         self.rank, self.world_size, self.buffer_size = rank, world_size, buffer
         self.state = dict(epoch=0, cursor=0, piece=0, buffer=[], rows=0, dropped_tokens=0, packed_tokens=0)
         self._order = epoch_order(self.index["domain"], epochs_by_domain, seed, 0)
 
-    def state_dict(self) -> dict: return json.loads(json.dumps(self.state))
+    def state_dict(self) -> dict:
+        return json.loads(json.dumps(self.state))
+
     def load_state_dict(self, state: dict):
         self.state = json.loads(json.dumps(state))
         self._order = epoch_order(self.index["domain"], self.epochs_by_domain, self.seed, self.state["epoch"])
@@ -419,39 +558,54 @@ def _next_piece(self: PackedLoader) -> list[int]:
     s = self.state
     while True:
         if s["cursor"] >= len(self._order):
-            s["epoch"] += 1; s["cursor"] = 0; s["piece"] = 0
+            s["epoch"] += 1
+            s["cursor"] = 0
+            s["piece"] = 0
             self._order = epoch_order(self.index["domain"], self.epochs_by_domain, self.seed, s["epoch"])
         doc = self.index[self._order[s["cursor"]]]
         start = int(doc["offset"]) + s["piece"] * self.row
         end = min(start + self.row, int(doc["offset"]) + int(doc["length"]))
-        if end >= int(doc["offset"]) + int(doc["length"]): s["cursor"] += 1; s["piece"] = 0
-        else: s["piece"] += 1
-        if end > start: return [start, end]
+        if end >= int(doc["offset"]) + int(doc["length"]):
+            s["cursor"] += 1
+            s["piece"] = 0
+        else:
+            s["piece"] += 1
+        if end > start:
+            return [start, end]
+
 
 @patch
 def _next_row(self: PackedLoader) -> np.ndarray:
     "One row: best-fit pieces from the buffer; when none fits, the shortest is cropped."
     s, row, space = self.state, [], self.row
     while space > 0:
-        while len(s["buffer"]) < self.buffer_size: s["buffer"].append(self._next_piece())
+        while len(s["buffer"]) < self.buffer_size:
+            s["buffer"].append(self._next_piece())
         fits = [i for i, (a, b) in enumerate(s["buffer"]) if b - a <= space]
-        if fits: i = max(fits, key=lambda i: s["buffer"][i][1] - s["buffer"][i][0])
-        else: i = min(range(len(s["buffer"])), key=lambda i: s["buffer"][i][1] - s["buffer"][i][0])
+        if fits:
+            i = max(fits, key=lambda i: s["buffer"][i][1] - s["buffer"][i][0])
+        else:
+            i = min(range(len(s["buffer"])), key=lambda i: s["buffer"][i][1] - s["buffer"][i][0])
         a, b = s["buffer"].pop(i)
         take = min(b - a, space)
-        row.append(self.ids[a:a + take]); space -= take
+        row.append(self.ids[a : a + take])
+        space -= take
         s["dropped_tokens"] += (b - a) - take
-    s["rows"] += 1; s["packed_tokens"] += self.row
+    s["rows"] += 1
+    s["packed_tokens"] += self.row
     return np.concatenate(row)
+
 
 @patch
 def next_batch(self: PackedLoader):
     "(inputs, targets) as int64 tensors of shape (batch_size, seq_len), this rank's rows."
     import torch
+
     rows = []
     while len(rows) < self.batch_size:
         row = self._next_row()
-        if (self.state["rows"] - 1) % self.world_size == self.rank: rows.append(row)
+        if (self.state["rows"] - 1) % self.world_size == self.rank:
+            rows.append(row)
     batch = torch.from_numpy(np.stack(rows).astype(np.int64))
     return batch[:, :-1], batch[:, 1:]
 
@@ -463,19 +617,23 @@ def packing_efficiency(directory: Path, split: str, seq_len: int, epochs_by_doma
     while loader.state["epoch"] == 0:
         starts += int(loader._next_row()[0] == loader.ids[int(loader.index["offset"][0])])
     s = loader.state
-    return dict(rows=s["rows"], dropped_fraction=s["dropped_tokens"] / max(1, s["packed_tokens"] + s["dropped_tokens"]),
-                rows_starting_a_document=starts / max(1, s["rows"]))
+    return dict(
+        rows=s["rows"],
+        dropped_fraction=s["dropped_tokens"] / max(1, s["packed_tokens"] + s["dropped_tokens"]),
+        rows_starting_a_document=starts / max(1, s["rows"]),
+    )
 
 # %% ../nbs/03_modeling.ipynb #7066e4b6
 @dataclass(frozen=True)
 class ModelConfig(ModelShape):
     "Chapter 1's shape plus what the calculator does not need: RoPE base, norm epsilon, mixture of experts."
+
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
-    n_experts: int = 0            # 0: dense MLP; otherwise a mixture of this many experts
+    n_experts: int = 0  # 0: dense MLP; otherwise a mixture of this many experts
     experts_per_token: int = 2
-    expert_hidden: int = 0        # SwiGLU width of one expert
-    aux_loss_weight: float = 0.01 # weight of the load-balancing loss
+    expert_hidden: int = 0  # SwiGLU width of one expert
+    aux_loss_weight: float = 0.01  # weight of the load-balancing loss
 
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int, seq_len: int, **kwargs) -> "ModelConfig":
@@ -484,6 +642,7 @@ class ModelConfig(ModelShape):
 # %% ../nbs/03_modeling.ipynb #f1c6dbbf
 class RMSNorm(nn.Module):
     "x / rms(x) · weight, computed in fp32."
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
@@ -492,12 +651,14 @@ class RMSNorm(nn.Module):
         dtype, x = x.dtype, x.float()
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
 
+
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
     "cos and sin of each position's rotation angles (the two halves of a head share frequencies)."
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
     angles = positions[:, None].float() * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
+
 
 def apply_rope(x, cos, sin):
     "Rotate each (i, i + d/2) pair of x by its angle."
@@ -507,6 +668,7 @@ def apply_rope(x, cos, sin):
 # %% ../nbs/03_modeling.ipynb #b3b95f06
 class KVCache:
     "Keys and values of all layers for up to `max_len` positions."
+
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device="cpu", dtype=torch.float32):
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
@@ -515,13 +677,15 @@ class KVCache:
     def update(self, layer: int, k, v):
         "Store new keys and values after the cached ones; return all of them."
         start, t = self.length, k.shape[2]
-        if start + t > self.max_len: raise ValueError(f"KV cache full: {start} + {t} > {self.max_len} positions")
-        self.k[layer, :, :, start:start + t], self.v[layer, :, :, start:start + t] = k, v
-        return self.k[layer, :, :, :start + t], self.v[layer, :, :, :start + t]
+        if start + t > self.max_len:
+            raise ValueError(f"KV cache full: {start} + {t} > {self.max_len} positions")
+        self.k[layer, :, :, start : start + t], self.v[layer, :, :, start : start + t] = k, v
+        return self.k[layer, :, :, : start + t], self.v[layer, :, :, : start + t]
 
 # %% ../nbs/03_modeling.ipynb #78983cd3
 class Attention(nn.Module):
     "Grouped-query attention with QK-norm and RoPE."
+
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.c = c
@@ -532,34 +696,40 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.norm_eps), RMSNorm(c.head_dim, c.norm_eps)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
-        split = lambda t: rearrange(t, "b t (h d) -> b t h d", d=self.c.head_dim)   # norm while contiguous, then
-        heads = lambda t: rearrange(t, "b t h d -> b h t d")                          # heads first for attention
+        split = lambda t: rearrange(t, "b t (h d) -> b t h d", d=self.c.head_dim)  # norm while contiguous, then
+        heads = lambda t: rearrange(t, "b t h d -> b h t d")  # heads first for attention
         q, k, v = self.q_norm(split(self.q_proj(x))), self.k_norm(split(self.k_proj(x))), split(self.v_proj(x))
         q, k, v = apply_rope(heads(q), cos, sin), apply_rope(heads(k), cos, sin), heads(v)
         mask, causal = None, True
         if cache is not None:
             start, t = cache.length, q.shape[2]
             k, v = cache.update(layer, k, v)
-            if t == 1: causal = False                       # one new query sees everything before it
-            elif start > 0:                                 # a block after a prefix: causal, shifted by `start`
+            if t == 1:
+                causal = False  # one new query sees everything before it
+            elif start > 0:  # a block after a prefix: causal, shifted by `start`
                 mask, causal = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start), False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.c.n_kv_head != self.c.n_head)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.c.n_kv_head != self.c.n_head
+        )
         return self.o_proj(rearrange(y, "b h t d -> b t (h d)"))
 
 # %% ../nbs/03_modeling.ipynb #9b11d285
 class MLP(nn.Module):
     "SwiGLU: down(silu(gate(x)) * up(x))."
+
     def __init__(self, n_embd: int, hidden: int):
         super().__init__()
         self.gate_proj = nn.Linear(n_embd, hidden, bias=False)
         self.up_proj = nn.Linear(n_embd, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, n_embd, bias=False)
 
-    def forward(self, x): return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 # %% ../nbs/03_modeling.ipynb #dc418459
 class Experts(nn.Module):
     "All experts' SwiGLU weights in two tensors (Qwen3-MoE's layout)."
+
     def __init__(self, n_experts: int, n_embd: int, hidden: int):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, n_embd))
@@ -577,10 +747,11 @@ class Experts(nn.Module):
 # %% ../nbs/03_modeling.ipynb #cde3c10d
 class MixtureOfExperts(nn.Module):
     "Top-k routing over experts, with the Switch load-balancing loss kept in `self.aux_loss`."
+
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.k, self.n_experts = c.experts_per_token, c.n_experts
-        self.gate = nn.Linear(c.n_embd, c.n_experts, bias=False)   # the router
+        self.gate = nn.Linear(c.n_embd, c.n_experts, bias=False)  # the router
         self.experts = Experts(c.n_experts, c.n_embd, c.expert_hidden)
         self.aux_loss = torch.tensor(0.0)
 
@@ -590,16 +761,20 @@ class MixtureOfExperts(nn.Module):
         probs = F.softmax(self.gate(flat), dim=-1, dtype=torch.float)
         weights, chosen = probs.topk(self.k, dim=-1)
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
-        routed = F.one_hot(chosen, self.n_experts).sum(1).float().mean(0) / self.k   # fᵢ
+        routed = F.one_hot(chosen, self.n_experts).sum(1).float().mean(0) / self.k  # fᵢ
         self.aux_loss = self.n_experts * (routed * probs.mean(0)).sum()
         return self.experts(flat, chosen, weights).reshape(b, t, d)
 
 # %% ../nbs/03_modeling.ipynb #f7fc230c
 class Block(nn.Module):
     "Pre-norm residual block: attention, then MLP (or mixture of experts)."
+
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.input_layernorm, self.post_attention_layernorm = RMSNorm(c.n_embd, c.norm_eps), RMSNorm(c.n_embd, c.norm_eps)
+        self.input_layernorm, self.post_attention_layernorm = (
+            RMSNorm(c.n_embd, c.norm_eps),
+            RMSNorm(c.n_embd, c.norm_eps),
+        )
         self.self_attn = Attention(c)
         self.mlp = MixtureOfExperts(c) if c.n_experts else MLP(c.n_embd, c.ffn_hidden)
 
@@ -610,6 +785,7 @@ class Block(nn.Module):
 # %% ../nbs/03_modeling.ipynb #f7f11277
 class Transformer(nn.Module):
     "The decoder-only transformer. `model(idx)` → logits; `model(idx, targets)` → (None, loss)."
+
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.config = c
@@ -617,27 +793,33 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layer))
         self.norm = RMSNorm(c.n_embd, c.norm_eps)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
-        if c.tied_embeddings: self.lm_head.weight = self.embed_tokens.weight
+        if c.tied_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
         self._rope_cache = {}
         self.apply(self._init)
 
     def _init(self, module):
         "Normal(0, 0.02) weights; output projections scaled down by √(2·layers) (GPT-2's residual scaling)."
         std = 0.02
-        if isinstance(module, (nn.Linear, nn.Embedding)): nn.init.normal_(module.weight, 0.0, std)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, std)
         if isinstance(module, Experts):
-            nn.init.normal_(module.gate_up_proj, 0.0, std); nn.init.normal_(module.down_proj, 0.0, std / math.sqrt(2 * self.config.n_layer))
+            nn.init.normal_(module.gate_up_proj, 0.0, std)
+            nn.init.normal_(module.down_proj, 0.0, std / math.sqrt(2 * self.config.n_layer))
         for name in ("o_proj", "down_proj"):
-            if isinstance(getattr(module, name, None), nn.Linear): nn.init.normal_(getattr(module, name).weight, 0.0, std / math.sqrt(2 * self.config.n_layer))
+            if isinstance(getattr(module, name, None), nn.Linear):
+                nn.init.normal_(getattr(module, name).weight, 0.0, std / math.sqrt(2 * self.config.n_layer))
 
 # %% ../nbs/03_modeling.ipynb #323cdf17
-def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = 16 << 20) -> torch.Tensor:
+def chunked_cross_entropy(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = 16 << 20
+) -> torch.Tensor:
     "Mean cross-entropy of head(hidden) against targets (−100 ignored), over chunks of rows on CPU."
     rows = hidden.shape[0] if hidden.is_cuda else max(1, chunk_bytes // (4 * head.weight.shape[0]))
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], rows):
-        logits = head(hidden[start:start + rows]).float()
-        total = total + F.cross_entropy(logits, targets[start:start + rows], ignore_index=-100, reduction="sum")
+        logits = head(hidden[start : start + rows]).float()
+        total = total + F.cross_entropy(logits, targets[start : start + rows], ignore_index=-100, reduction="sum")
     return total / (targets != -100).sum().clamp(min=1)
 
 # %% ../nbs/03_modeling.ipynb #8b62e8bf
@@ -645,11 +827,12 @@ def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.
 def rope(self: Transformer, start: int, t: int, device):
     "cos, sin for positions start … start + t − 1 (tables cached per device, for the longest length asked so far)."
     tables = self._rope_cache.get(str(device))
-    if tables is None or tables[0].shape[0] < start + t:   # decoding one token at a time reuses the tables
+    if tables is None or tables[0].shape[0] < start + t:  # decoding one token at a time reuses the tables
         positions = torch.arange(max(start + t, self.config.seq_len), device=device)
         tables = self._rope_cache[str(device)] = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
     cos, sin = tables
-    return cos[start:start + t], sin[start:start + t]
+    return cos[start : start + t], sin[start : start + t]
+
 
 @patch
 def hidden_states(self: Transformer, idx, cache: KVCache | None = None):
@@ -657,15 +840,19 @@ def hidden_states(self: Transformer, idx, cache: KVCache | None = None):
     start = cache.length if cache is not None else 0
     cos, sin = self.rope(start, idx.shape[1], idx.device)
     x = self.embed_tokens(idx)
-    for i, layer in enumerate(self.layers): x = layer(x, cos, sin, cache, i)
-    if cache is not None: cache.length += idx.shape[1]
+    for i, layer in enumerate(self.layers):
+        x = layer(x, cos, sin, cache, i)
+    if cache is not None:
+        cache.length += idx.shape[1]
     return self.norm(x)
+
 
 @patch
 def forward(self: Transformer, idx, targets=None, cache: KVCache | None = None):
     "Logits; or, with targets, (None, loss) — the loss computed without materializing all logits at once."
     x = self.hidden_states(idx, cache)
-    if targets is None: return self.lm_head(x)
+    if targets is None:
+        return self.lm_head(x)
     loss = chunked_cross_entropy(self.lm_head, x.flatten(0, 1), targets.flatten())
     if self.config.n_experts:
         loss = loss + self.config.aux_loss_weight * sum(layer.mlp.aux_loss for layer in self.layers) / len(self.layers)
@@ -673,22 +860,35 @@ def forward(self: Transformer, idx, targets=None, cache: KVCache | None = None):
 
 # %% ../nbs/03_modeling.ipynb #8d4e3d86
 @torch.no_grad()
-def generate(model: Transformer, idx, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-             stop: Sequence[int] = (), generator: torch.Generator | None = None):
+def generate(
+    model: Transformer,
+    idx,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    stop: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+):
     "Continue `idx` (batch, t) by up to `max_new_tokens` tokens; stops once every row has emitted a `stop` token."
     model.eval()
     cache = KVCache(model.config, idx.shape[0], idx.shape[1] + max_new_tokens, idx.device, model.lm_head.weight.dtype)
     logits, out = model(idx, cache=cache)[:, -1], idx
-    stop, finished = torch.tensor(list(stop), dtype=torch.long, device=idx.device), torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    stop, finished = (
+        torch.tensor(list(stop), dtype=torch.long, device=idx.device),
+        torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device),
+    )
     for _ in range(max_new_tokens):
-        if temperature == 0: token = logits.argmax(-1, keepdim=True)
+        if temperature == 0:
+            token = logits.argmax(-1, keepdim=True)
         else:
             scaled = logits.float() / temperature
-            if top_k: scaled[scaled < scaled.topk(top_k, -1).values[:, -1:]] = -math.inf
+            if top_k:
+                scaled[scaled < scaled.topk(top_k, -1).values[:, -1:]] = -math.inf
             token = torch.multinomial(F.softmax(scaled, -1), 1, generator=generator)
         out = torch.cat([out, token], dim=1)
         finished |= torch.isin(token[:, 0], stop)
-        if finished.all(): break
+        if finished.all():
+            break
         logits = model(token, cache=cache)[:, -1]
     return out
 
@@ -696,40 +896,75 @@ def generate(model: Transformer, idx, max_new_tokens: int, temperature: float = 
 def hf_config(c: ModelConfig, **extra):
     "The transformers config of the same model."
     from transformers import Qwen3Config, Qwen3MoeConfig
-    common = dict(vocab_size=c.vocab_size, hidden_size=c.n_embd, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-                  num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, max_position_embeddings=c.seq_len,
-                  rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tied_embeddings,
-                  attention_bias=False, hidden_act="silu", **extra)
+
+    common = dict(
+        vocab_size=c.vocab_size,
+        hidden_size=c.n_embd,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_kv_head,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.seq_len,
+        rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tied_embeddings,
+        attention_bias=False,
+        hidden_act="silu",
+        **extra,
+    )
     if c.n_experts:
-        return Qwen3MoeConfig(**common, intermediate_size=c.ffn_hidden, moe_intermediate_size=c.expert_hidden,
-                              num_experts=c.n_experts, num_experts_per_tok=c.experts_per_token, norm_topk_prob=True,
-                              decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=c.aux_loss_weight)
+        return Qwen3MoeConfig(
+            **common,
+            intermediate_size=c.ffn_hidden,
+            moe_intermediate_size=c.expert_hidden,
+            num_experts=c.n_experts,
+            num_experts_per_tok=c.experts_per_token,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            router_aux_loss_coef=c.aux_loss_weight,
+        )
     return Qwen3Config(**common, intermediate_size=c.ffn_hidden)
 
 # %% ../nbs/03_modeling.ipynb #491ea81d
 def to_hf(model: Transformer):
     "A transformers Qwen3 (or Qwen3-MoE) model with the same weights."
     from transformers import AutoModelForCausalLM
+
     config = hf_config(model.config)
     config._attn_implementation = "sdpa"
     hf = AutoModelForCausalLM.from_config(config, dtype=model.lm_head.weight.dtype)
     state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in model.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]: raise ValueError(f"weights do not map: {missing}, {unexpected}")
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise ValueError(f"weights do not map: {missing}, {unexpected}")
     return hf.eval()
+
 
 def from_hf(hf) -> Transformer:
     "Our model from a transformers Qwen3 or Qwen3-MoE model."
     c = hf.config
     experts = getattr(c, "num_experts", 0) or 0
-    config = ModelConfig(vocab_size=c.vocab_size, n_layer=c.num_hidden_layers, n_embd=c.hidden_size, n_head=c.num_attention_heads,
-                         n_kv_head=c.num_key_value_heads, head_dim=c.head_dim, ffn_hidden=c.intermediate_size,
-                         seq_len=c.max_position_embeddings, tied_embeddings=c.tie_word_embeddings, rope_theta=c.rope_parameters["rope_theta"],
-                         norm_eps=c.rms_norm_eps, n_experts=experts, experts_per_token=getattr(c, "num_experts_per_tok", 2),
-                         expert_hidden=getattr(c, "moe_intermediate_size", 0) if experts else 0)
+    config = ModelConfig(
+        vocab_size=c.vocab_size,
+        n_layer=c.num_hidden_layers,
+        n_embd=c.hidden_size,
+        n_head=c.num_attention_heads,
+        n_kv_head=c.num_key_value_heads,
+        head_dim=c.head_dim,
+        ffn_hidden=c.intermediate_size,
+        seq_len=c.max_position_embeddings,
+        tied_embeddings=c.tie_word_embeddings,
+        rope_theta=c.rope_parameters["rope_theta"],
+        norm_eps=c.rms_norm_eps,
+        n_experts=experts,
+        experts_per_token=getattr(c, "num_experts_per_tok", 2),
+        expert_hidden=getattr(c, "moe_intermediate_size", 0) if experts else 0,
+    )
     model = Transformer(config)
     state = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
-    if config.tied_embeddings: state.pop("lm_head.weight", None)
+    if config.tied_embeddings:
+        state.pop("lm_head.weight", None)
     model.load_state_dict(state, strict=not config.tied_embeddings)
     return model.to(hf.dtype).eval()
 
@@ -749,7 +984,8 @@ def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.float() / (g.norm() + 1e-7)
     tall = x.shape[0] > x.shape[1]
-    if tall: x = x.T
+    if tall:
+        x = x.T
     for _ in range(steps):
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
@@ -758,6 +994,7 @@ def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 # %% ../nbs/03_modeling.ipynb #307d85ba
 class MuonAdamW(torch.optim.Optimizer):
     "Muon for groups with kind='muon' (2-D hidden matrices), AdamW for groups with kind='adamw'."
+
     def __init__(self, groups: list[dict]):
         defaults = dict(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, momentum=0.95, kind="adamw")
         super().__init__(groups, defaults)
@@ -767,9 +1004,12 @@ class MuonAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in (p for p in group["params"] if p.grad is not None):
                 state = self.state[p]
-                if group["weight_decay"]: p.mul_(1 - group["lr"] * group["weight_decay"])
-                if group["kind"] == "muon": self._muon(p, state, group)
-                else: self._adamw(p, state, group)
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                if group["kind"] == "muon":
+                    self._muon(p, state, group)
+                else:
+                    self._adamw(p, state, group)
 
 # %% ../nbs/03_modeling.ipynb #e5d2a8a0
 @patch
@@ -780,59 +1020,82 @@ def _muon(self: MuonAdamW, p, state, group):
     update = newton_schulz(p.grad.add(buf, alpha=group["momentum"]))
     p.add_(update, alpha=-group["lr"] * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
 
+
 @patch
 def _adamw(self: MuonAdamW, p, state, group):
     "Adam with bias correction (decay is applied by `step`)."
-    if not state: state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+    if not state:
+        state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
     state["step"] += 1
     (b1, b2), t = group["betas"], state["step"]
     state["m"].lerp_(p.grad, 1 - b1)
     state["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-    denominator = (state["v"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-    p.addcdiv_(state["m"], denominator, value=-group["lr"] / (1 - b1 ** t))
+    denominator = (state["v"] / (1 - b2**t)).sqrt_().add_(group["eps"])
+    p.addcdiv_(state["m"], denominator, value=-group["lr"] / (1 - b1**t))
 
 # %% ../nbs/03_modeling.ipynb #7d0c2510
 @dataclass
 class Recipe:
     "Every choice of a training run that is not the model or the data."
-    optimizer: str = "muon"           # muon (hidden matrices; AdamW for the rest) | adamw (everything)
-    lr: float = 3e-3                  # AdamW's learning rate
+
+    optimizer: str = "muon"  # muon (hidden matrices; AdamW for the rest) | adamw (everything)
+    lr: float = 3e-3  # AdamW's learning rate
     muon_lr: float = 0.02
     weight_decay: float = 0.1
     betas: tuple = (0.9, 0.95)
-    schedule: str = "cosine"          # cosine | wsd (warmup–stable–decay)
+    schedule: str = "cosine"  # cosine | wsd (warmup–stable–decay)
     warmup_frac: float = 0.05
-    decay_frac: float = 0.3           # wsd: the last fraction of steps decays
+    decay_frac: float = 0.3  # wsd: the last fraction of steps decays
     final_lr_frac: float = 0.1
     grad_clip: float = 1.0
-    accumulation: int = 1             # micro-batches per optimizer step
-    precision: str = "fp32"           # fp32 | bf16 (autocast; for GPUs)
+    accumulation: int = 1  # micro-batches per optimizer step
+    precision: str = "fp32"  # fp32 | bf16 (autocast; for GPUs)
     compile: bool = False
 
 # %% ../nbs/03_modeling.ipynb #8b201cf0
 def make_optimizer(model: nn.Module, recipe: Recipe) -> MuonAdamW:
     "One optimizer over two groups: hidden matrices, and the rest."
-    hidden = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n and "lm_head" not in n and "gate.weight" not in n]
+    hidden = [
+        p
+        for n, p in model.named_parameters()
+        if p.ndim >= 2 and "embed_tokens" not in n and "lm_head" not in n and "gate.weight" not in n
+    ]
     hidden_ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if id(p) not in hidden_ids]
     muon = recipe.optimizer == "muon"
-    matrices = dict(params=[p for p in hidden if p.ndim == 2] if muon else hidden, kind="muon" if muon else "adamw",
-                    lr=recipe.muon_lr if muon else recipe.lr, weight_decay=recipe.weight_decay, betas=recipe.betas)
-    groups = [matrices, dict(params=rest + ([p for p in hidden if p.ndim != 2] if muon else []), kind="adamw", lr=recipe.lr,
-                             weight_decay=0.0, betas=recipe.betas)]
-    for g in groups: g["base_lr"] = g["lr"]
+    matrices = dict(
+        params=[p for p in hidden if p.ndim == 2] if muon else hidden,
+        kind="muon" if muon else "adamw",
+        lr=recipe.muon_lr if muon else recipe.lr,
+        weight_decay=recipe.weight_decay,
+        betas=recipe.betas,
+    )
+    groups = [
+        matrices,
+        dict(
+            params=rest + ([p for p in hidden if p.ndim != 2] if muon else []),
+            kind="adamw",
+            lr=recipe.lr,
+            weight_decay=0.0,
+            betas=recipe.betas,
+        ),
+    ]
+    for g in groups:
+        g["base_lr"] = g["lr"]
     return MuonAdamW([g for g in groups if g["params"]])
 
 # %% ../nbs/03_modeling.ipynb #e2927c03
 def lr_multiplier(step: int, total: int, recipe: Recipe) -> float:
     "The schedule's factor on the base learning rate at `step` of `total`."
     warmup = max(1, int(recipe.warmup_frac * total))
-    if step < warmup: return (step + 1) / warmup
+    if step < warmup:
+        return (step + 1) / warmup
     if recipe.schedule == "cosine":
         progress = (step - warmup) / max(1, total - warmup)
         return recipe.final_lr_frac + (1 - recipe.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
     decay_start = int((1 - recipe.decay_frac) * total)
-    if step < decay_start: return 1.0
+    if step < decay_start:
+        return 1.0
     return 1 - (1 - recipe.final_lr_frac) * (step - decay_start) / max(1, total - decay_start)
 
 # %% ../nbs/03_modeling.ipynb #06442fbb
@@ -840,19 +1103,32 @@ def autocast(recipe: Recipe, device: str):
     "The precision policy: bf16 autocast when asked (GPUs), nothing otherwise."
     return torch.autocast(device, dtype=torch.bfloat16, enabled=recipe.precision == "bf16")
 
-def optimizer_update(model, optimizer, recipe: Recipe, step: int, total: int, lr_scale: float = 1.0,
-                     loss_finite: bool = True) -> tuple[float, bool]:
+
+def optimizer_update(
+    model, optimizer, recipe: Recipe, step: int, total: int, lr_scale: float = 1.0, loss_finite: bool = True
+) -> tuple[float, bool]:
     "After backward: the scheduled learning rate, clipping, a step unless gradient or loss is not finite; → (gradient norm, stepped)."
-    for group in optimizer.param_groups: group["lr"] = group["base_lr"] * lr_multiplier(step, total, recipe) * lr_scale
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_multiplier(step, total, recipe) * lr_scale
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP2: a DTensor
     stepped = loss_finite and math.isfinite(grad_norm)
-    if stepped: optimizer.step()
+    if stepped:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, stepped
 
-def train_step(model, optimizer, batches: Sequence, recipe: Recipe, step: int, total: int, device: str = "cpu",
-               lr_scale: float = 1.0) -> dict:
+
+def train_step(
+    model,
+    optimizer,
+    batches: Sequence,
+    recipe: Recipe,
+    step: int,
+    total: int,
+    device: str = "cpu",
+    lr_scale: float = 1.0,
+) -> dict:
     "One optimizer step over `recipe.accumulation` micro-batches; a non-finite gradient skips the update."
     loss_sum = 0.0
     for x, y in batches:
@@ -861,7 +1137,9 @@ def train_step(model, optimizer, batches: Sequence, recipe: Recipe, step: int, t
         (loss / len(batches)).backward()
         loss_sum += loss.item()
     grad_norm, stepped = optimizer_update(model, optimizer, recipe, step, total, lr_scale, math.isfinite(loss_sum))
-    return dict(loss=loss_sum / len(batches), grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"], skipped=not stepped)
+    return dict(
+        loss=loss_sum / len(batches), grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"], skipped=not stepped
+    )
 
 # %% ../nbs/03_modeling.ipynb #f704feae
 @torch.no_grad()
@@ -871,12 +1149,23 @@ def evaluate(model, loader: PackedLoader, batches: int, device: str = "cpu", rec
     total = 0.0
     for _ in range(batches):
         x, y = loader.next_batch()
-        with autocast(recipe, device): total += model(x.to(device), y.to(device))[1].item()
+        with autocast(recipe, device):
+            total += model(x.to(device), y.to(device))[1].item()
     model.train()
     return total / batches
 
-def train(config: ModelConfig, recipe: Recipe, tokens_dir: Path, tokens: int, batch_size: int, seed: int = 0,
-          epochs_by_domain: dict | None = None, eval_batches: int = 8, device: str = "cpu") -> dict:
+
+def train(
+    config: ModelConfig,
+    recipe: Recipe,
+    tokens_dir: Path,
+    tokens: int,
+    batch_size: int,
+    seed: int = 0,
+    epochs_by_domain: dict | None = None,
+    eval_batches: int = 8,
+    device: str = "cpu",
+) -> dict:
     "Train a fresh model on `tokens` tokens; return its losses and final validation loss."
     torch.manual_seed(seed)
     model = Transformer(config).to(device)
@@ -884,8 +1173,12 @@ def train(config: ModelConfig, recipe: Recipe, tokens_dir: Path, tokens: int, ba
     loader = PackedLoader(tokens_dir, "train", config.seq_len, batch_size, epochs_by_domain, seed=seed)
     steps = max(1, tokens // (batch_size * config.seq_len * recipe.accumulation))
     forward = torch.compile(model) if recipe.compile else model
-    history = [train_step(forward, optimizer, [loader.next_batch() for _ in range(recipe.accumulation)], recipe, s, steps, device)["loss"]
-               for s in range(steps)]
+    history = [
+        train_step(
+            forward, optimizer, [loader.next_batch() for _ in range(recipe.accumulation)], recipe, s, steps, device
+        )["loss"]
+        for s in range(steps)
+    ]
     val = PackedLoader(tokens_dir, "val", config.seq_len, batch_size, seed=seed)
     return dict(model=model, losses=history, val_loss=evaluate(model, val, eval_batches, device, recipe), steps=steps)
 
@@ -896,20 +1189,33 @@ def pilot_grid(cfg) -> list[tuple[float, int]]:
     depths = [int(d) for d in str(cfg.scaling_depths).split(",")]
     return [(c, d) for c in budgets for d in depths]
 
+
 def candidate_depths(cfg) -> range:
     "Depths the scaling law may choose: from the shallowest pilot's (no extrapolating below what was measured) to twice the preset's."
     return range(min(int(d) for d in str(cfg.scaling_depths).split(",")), 2 * cfg.depth + 1)
 
-def run_pilots(cfg, tokens_dir: Path, vocab_size: int, epochs_by_domain: dict | None, recipe: Recipe = Recipe()) -> list[dict]:
+
+def run_pilots(
+    cfg, tokens_dir: Path, vocab_size: int, epochs_by_domain: dict | None, recipe: Recipe = Recipe()
+) -> list[dict]:
     "Train every pilot; return (budget, depth, N, D, validation loss) of each."
     from tqdm.auto import tqdm
+
     results = []
     for budget, depth in tqdm(pilot_grid(cfg), desc="pilots"):
         config = ModelConfig.from_depth(depth, vocab_size, cfg.seq_len)
         tokens = int(budget / flops_per_token(config)["train"])
         out = train(config, recipe, tokens_dir, tokens, cfg.pilot_batch_size, cfg.seed, epochs_by_domain)
-        results.append(dict(budget=budget, depth=depth, parameters=parameter_counts(config)["total"], tokens=tokens,
-                            steps=out["steps"], val_loss=out["val_loss"]))
+        results.append(
+            dict(
+                budget=budget,
+                depth=depth,
+                parameters=parameter_counts(config)["total"],
+                tokens=tokens,
+                steps=out["steps"],
+                val_loss=out["val_loss"],
+            )
+        )
     return results
 
 # %% ../nbs/03_modeling.ipynb #c6911d5d
@@ -917,26 +1223,46 @@ def fit_scaling_law(parameters, tokens, losses, delta: float = 1e-3) -> dict:
     "Fit L(N, D) = E + A/N^α + B/D^β (Chinchilla's approach 3): Huber loss on log L, L-BFGS from a grid."
     from scipy.optimize import minimize
     from scipy.special import logsumexp
+
     logN, logD, logL = np.log(parameters), np.log(tokens), np.log(losses)
+
     def objective(theta):
         a, b, e, alpha, beta = theta
         predicted = logsumexp([a - alpha * logN, b - beta * logD, np.full_like(logN, e)], axis=0)
         r = predicted - logL
         return np.where(np.abs(r) <= delta, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta)).sum()
+
     best = None
     for alpha in (0.0, 0.5, 1.0):
         for beta in (0.0, 0.5, 1.0):
             for e in (-1.0, 0.5, 1.5):
                 for a in (0.0, 5.0, 10.0):
-                    result = minimize(objective, [a, a, e, alpha, beta], method="L-BFGS-B",
-                                      bounds=[(-5, 30), (-5, 30), (-3, 3), (0.01, 2.5), (0.01, 2.5)])
-                    if best is None or result.fun < best.fun: best = result
+                    result = minimize(
+                        objective,
+                        [a, a, e, alpha, beta],
+                        method="L-BFGS-B",
+                        bounds=[(-5, 30), (-5, 30), (-3, 3), (0.01, 2.5), (0.01, 2.5)],
+                    )
+                    if best is None or result.fun < best.fun:
+                        best = result
     a, b, e, alpha, beta = best.x
-    return dict(A=float(np.exp(a)), B=float(np.exp(b)), E=float(np.exp(e)), alpha=float(alpha), beta=float(beta), objective=float(best.fun))
+    return dict(
+        A=float(np.exp(a)),
+        B=float(np.exp(b)),
+        E=float(np.exp(e)),
+        alpha=float(alpha),
+        beta=float(beta),
+        objective=float(best.fun),
+    )
+
 
 def predicted_loss(fit: dict, parameters, tokens):
     "L(N, D) under a fitted law."
-    return fit["E"] + fit["A"] / np.asarray(parameters, float) ** fit["alpha"] + fit["B"] / np.asarray(tokens, float) ** fit["beta"]
+    return (
+        fit["E"]
+        + fit["A"] / np.asarray(parameters, float) ** fit["alpha"]
+        + fit["B"] / np.asarray(tokens, float) ** fit["beta"]
+    )
 
 # %% ../nbs/03_modeling.ipynb #c76c5327
 def compute_optimal(fit: dict, budget: float, vocab_size: int, seq_len: int, depths: Iterable[int]) -> dict:
@@ -945,7 +1271,15 @@ def compute_optimal(fit: dict, budget: float, vocab_size: int, seq_len: int, dep
     for depth in depths:
         config = ModelConfig.from_depth(depth, vocab_size, seq_len)
         n, d = parameter_counts(config)["total"], budget / flops_per_token(config)["train"]
-        options.append(dict(depth=depth, parameters=n, tokens=int(d), tokens_per_parameter=d / n, loss=float(predicted_loss(fit, n, d))))
+        options.append(
+            dict(
+                depth=depth,
+                parameters=n,
+                tokens=int(d),
+                tokens_per_parameter=d / n,
+                loss=float(predicted_loss(fit, n, d)),
+            )
+        )
     return min(options, key=lambda o: o["loss"])
 
 # %% ../nbs/03_modeling.ipynb #e2d1b33d
@@ -953,8 +1287,8 @@ def save_scaling(directory: Path, pilots: list[dict], fit: dict, choice: dict, b
     "scaling/: the pilots, the fitted law, and the choice for the preset's budget."
     with atomic_path(directory) as tmp:
         tmp.mkdir(parents=True)
-        (tmp/"pilots.json").write_text(json.dumps(pilots, indent=2))
-        (tmp/"fit.json").write_text(json.dumps(dict(law=fit, budget_flops=budget, choice=choice), indent=2))
+        (tmp / "pilots.json").write_text(json.dumps(pilots, indent=2))
+        (tmp / "fit.json").write_text(json.dumps(dict(law=fit, budget_flops=budget, choice=choice), indent=2))
 
 # %% ../nbs/03_modeling.ipynb #b6bc116c
 def lr_sweep(cfg, tokens_dir: Path, vocab_size: int, epochs_by_domain: dict | None, rates: dict) -> list[dict]:
@@ -966,13 +1300,16 @@ def lr_sweep(cfg, tokens_dir: Path, vocab_size: int, epochs_by_domain: dict | No
         for lr in lrs:
             recipe = Recipe(optimizer=optimizer, **({"muon_lr": lr} if optimizer == "muon" else {"lr": lr}))
             out = train(config, recipe, tokens_dir, tokens, cfg.pilot_batch_size, cfg.seed, epochs_by_domain)
-            results.append(dict(optimizer=optimizer, lr=lr, val_loss=out["val_loss"], diverged=not math.isfinite(out["val_loss"])))
+            results.append(
+                dict(optimizer=optimizer, lr=lr, val_loss=out["val_loss"], diverged=not math.isfinite(out["val_loss"]))
+            )
     return results
 
 # %% ../nbs/03_modeling.ipynb #0259a6dc
 def write_recipe(path: Path, recipe: Recipe, choice: dict, evidence: dict):
     "recipe.json: the recipe, the model size and tokens chosen by the scaling law, and why."
     atomic_write_json(path, dict(recipe=asdict(recipe), model=choice, evidence=evidence))
+
 
 def load_recipe(path: Path) -> tuple[Recipe, dict]:
     "The recipe and the model choice written by Chapter 3."
@@ -981,46 +1318,59 @@ def load_recipe(path: Path) -> tuple[Recipe, dict]:
     return Recipe(**{**recipe, "betas": tuple(recipe["betas"])}), spec["model"]
 
 # %% ../nbs/03_modeling.ipynb #075cbd8e
-def distributed_check(tokens_dir: str, out: str, depth: int, vocab_size: int, seq_len: int, batch_size: int, steps: int):
+def distributed_check(
+    tokens_dir: str, out: str, depth: int, vocab_size: int, seq_len: int, batch_size: int, steps: int
+):
     "Run under torchrun: losses of DDP and FSDP2 training, and their checkpoints, for comparison with one process."
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
+
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     config, recipe, results = ModelConfig.from_depth(depth, vocab_size, seq_len), Recipe(warmup_frac=0.0), {}
     for mode in ("ddp", "fsdp"):
         torch.manual_seed(0)
         model = Transformer(config)
-        if mode == "ddp": model = DistributedDataParallel(model)
+        if mode == "ddp":
+            model = DistributedDataParallel(model)
         else:
-            for block in model.layers: fully_shard(block)
+            for block in model.layers:
+                fully_shard(block)
             fully_shard(model)
         optimizer = make_optimizer(model, recipe)
         loader = PackedLoader(Path(tokens_dir), "train", seq_len, batch_size, rank=rank, world_size=world)
         losses = []
         for s in range(steps):
             loss = torch.tensor(train_step(model, optimizer, [loader.next_batch()], recipe, s, steps)["loss"])
-            dist.all_reduce(loss); losses.append(loss.item() / world)
+            dist.all_reduce(loss)
+            losses.append(loss.item() / world)
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}, f"{out}/{mode}.safetensors")
+
+            save_file(
+                {k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}, f"{out}/{mode}.safetensors"
+            )
             results[mode] = losses
-    if rank == 0: atomic_write_json(Path(out)/"losses.json", results)
-    dist.barrier()                 # no rank tears gloo down while another still writes
+    if rank == 0:
+        atomic_write_json(Path(out) / "losses.json", results)
+    dist.barrier()  # no rank tears gloo down while another still writes
     dist.destroy_process_group()
 
 # %% ../nbs/03_modeling.ipynb #fad71e29
-def single_process_reference(tokens_dir: Path, depth: int, vocab_size: int, seq_len: int, batch_size: int, steps: int,
-                             world_size: int = 2) -> tuple[list[float], Transformer]:
+def single_process_reference(
+    tokens_dir: Path, depth: int, vocab_size: int, seq_len: int, batch_size: int, steps: int, world_size: int = 2
+) -> tuple[list[float], Transformer]:
     "The same run on one process: each step's batch is the ranks' rows together, in rank order."
     torch.manual_seed(0)
     config, recipe = ModelConfig.from_depth(depth, vocab_size, seq_len), Recipe(warmup_frac=0.0)
     model = Transformer(config)
     optimizer = make_optimizer(model, recipe)
-    loaders = [PackedLoader(tokens_dir, "train", seq_len, batch_size, rank=r, world_size=world_size) for r in range(world_size)]
+    loaders = [
+        PackedLoader(tokens_dir, "train", seq_len, batch_size, rank=r, world_size=world_size) for r in range(world_size)
+    ]
     losses = []
     for s in range(steps):
         xs, ys = zip(*(loader.next_batch() for loader in loaders))
@@ -1029,29 +1379,49 @@ def single_process_reference(tokens_dir: Path, depth: int, vocab_size: int, seq_
 
 # %% ../nbs/03_modeling.ipynb #a8f98259
 def _main(argv: Sequence[str] | None = None):
-    import argparse, sys
+    import argparse
+
     parser = argparse.ArgumentParser(prog="python -m llmbook.modeling")
     parser.add_argument("command", choices=["distributed-check"])
-    for name in ("tokens-dir", "out"): parser.add_argument(f"--{name}", required=True)
-    for name in ("depth", "vocab-size", "seq-len", "batch-size", "steps"): parser.add_argument(f"--{name}", type=int, required=True)
+    for name in ("tokens-dir", "out"):
+        parser.add_argument(f"--{name}", required=True)
+    for name in ("depth", "vocab-size", "seq-len", "batch-size", "steps"):
+        parser.add_argument(f"--{name}", type=int, required=True)
     a = parser.parse_args(argv)
     distributed_check(a.tokens_dir, a.out, a.depth, a.vocab_size, a.seq_len, a.batch_size, a.steps)
 
-if __name__ == "__main__" and "ipykernel" not in sys.modules: _main()
+
+if __name__ == "__main__" and "ipykernel" not in sys.modules:
+    _main()
 
 # %% ../nbs/03_modeling.ipynb #65cdc29e
 def launch_distributed_check(tokens_dir: Path, out: Path, nproc: int = 2, **sizes) -> dict:
     "torchrun the check on `nproc` processes; return its losses (raises with its output if it fails)."
-    import subprocess, sys
+    import subprocess
+    import sys
+
     out.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "llmbook.modeling",
-            "distributed-check", "--tokens-dir", str(tokens_dir), "--out", str(out)]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "llmbook.modeling",
+        "distributed-check",
+        "--tokens-dir",
+        str(tokens_dir),
+        "--out",
+        str(out),
+    ]
     args += [a for k, v in sizes.items() for a in (f"--{k.replace('_', '-')}", str(v))]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for attempt in range(2):   # gloo can abort at process exit ("terminate called without an active exception")
-        (out/"losses.json").unlink(missing_ok=True)
+    for attempt in range(2):  # gloo can abort at process exit ("terminate called without an active exception")
+        (out / "losses.json").unlink(missing_ok=True)
         result = subprocess.run(args, capture_output=True, text=True, env=env)
-        if (out/"losses.json").exists(): return load_json(out/"losses.json")   # rank 0 writes it after every collective step
+        if (out / "losses.json").exists():
+            return load_json(out / "losses.json")  # rank 0 writes it after every collective step
     raise RuntimeError(f"torchrun failed ({result.returncode}):\n{result.stderr[-3000:]}")
 
 # %% ../nbs/03_modeling.ipynb #ba2c32a6
@@ -1063,14 +1433,31 @@ def produce(run: Run):
     meta = write_tokens(corpus, tok, run.artifact("tokens"), digest)
     epochs = load_json(run.artifact("data/mixture.json"))["epochs"]
     pilots = run_pilots(run.cfg, run.artifact("tokens"), tok.vocab_size, epochs)
-    law = fit_scaling_law([p["parameters"] for p in pilots], [p["tokens"] for p in pilots], [p["val_loss"] for p in pilots])
+    law = fit_scaling_law(
+        [p["parameters"] for p in pilots], [p["tokens"] for p in pilots], [p["val_loss"] for p in pilots]
+    )
     budget = training_flops(preset_shape(run.cfg), run.cfg.train_tokens)
     choice = compute_optimal(law, budget, tok.vocab_size, run.cfg.seq_len, candidate_depths(run.cfg))
     save_scaling(run.artifact("scaling"), pilots, law, choice, budget)
-    sweep = lr_sweep(run.cfg, run.artifact("tokens"), tok.vocab_size, epochs, {"adamw": [1e-3, 3e-3, 1e-2], "muon": [0.01, 0.02, 0.05]})
+    sweep = lr_sweep(
+        run.cfg,
+        run.artifact("tokens"),
+        tok.vocab_size,
+        epochs,
+        {"adamw": [1e-3, 3e-3, 1e-2], "muon": [0.01, 0.02, 0.05]},
+    )
     best = {o: min((r for r in sweep if r["optimizer"] == o), key=lambda r: r["val_loss"]) for o in ("adamw", "muon")}
-    recipe = Recipe(optimizer=min(best, key=lambda o: best[o]["val_loss"]), lr=best["adamw"]["lr"], muon_lr=best["muon"]["lr"],
-                    precision=run.cfg.precision, compile=run.cfg.compile)
+    recipe = Recipe(
+        optimizer=min(best, key=lambda o: best[o]["val_loss"]),
+        lr=best["adamw"]["lr"],
+        muon_lr=best["muon"]["lr"],
+        precision=run.cfg.precision,
+        compile=run.cfg.compile,
+    )
     write_recipe(run.artifact("recipe.json"), recipe, choice, dict(lr_sweep=sweep, scaling_law=law))
-    run.record(tokenizer_parity=parity(tok, (t for s in ("val", "heldout") for t in corpus[s]["text"]))["fraction"],
-               train_tokens_available=meta["splits"]["train"]["tokens"], chosen_depth=choice["depth"], predicted_loss=choice["loss"])
+    run.record(
+        tokenizer_parity=parity(tok, (t for s in ("val", "heldout") for t in corpus[s]["text"]))["fraction"],
+        train_tokens_available=meta["splits"]["train"]["tokens"],
+        chosen_depth=choice["depth"],
+        predicted_loss=choice["loss"],
+    )

@@ -39,57 +39,126 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .book import (Run, atomic_path, atomic_write_json, load_json, load_safetensors, save_safetensors, sha256_bytes,
-                          torch_device)
+from llmbook.book import (
+    Run,
+    atomic_path,
+    atomic_write_json,
+    load_json,
+    load_safetensors,
+    save_safetensors,
+    sha256_bytes,
+    torch_device,
+)
 from .data import HELDOUT_MODULES, expression_heldout, load_corpus, random_expression
-from .modeling import (END_OF_TURN, ENDOFTEXT, BPETokenizer, Recipe, Transformer, from_hf, generate, load_tokenizer,
-                              make_optimizer, optimizer_update, render_chat, save_hf, to_hf, to_transformers, train_step)
+from llmbook.modeling import (
+    END_OF_TURN,
+    ENDOFTEXT,
+    BPETokenizer,
+    Recipe,
+    Transformer,
+    from_hf,
+    generate,
+    load_tokenizer,
+    make_optimizer,
+    optimizer_update,
+    render_chat,
+    save_hf,
+    to_hf,
+    to_transformers,
+    train_step,
+)
 from .training import api_entries
 
 # %% ../nbs/05_post_training.ipynb #a842cd99
 @dataclass
 class PostTrainingRecipe:
     "Optimizer settings of Chapter 5's steps (their lengths come from the preset)."
-    batch_size: int = 32          # conversations (SFT) or pairs (DPO, reward model) per step
+
+    batch_size: int = 32  # conversations (SFT) or pairs (DPO, reward model) per step
     sft_lr: float = 3e-3
     dpo_lr: float = 1e-3
-    dpo_beta: float = 0.1         # DPO's KL strength (TRL's default)
+    dpo_beta: float = 0.1  # DPO's KL strength (TRL's default)
     reward_lr: float = 1e-3
     rl_lr: float = 1e-3
-    rl_beta: float = 0.1          # GRPO's KL penalty toward the reference
-    rl_group: int = 16            # samples per prompt
-    rl_prompts: int = 16          # prompts per step
-    max_len: int = 256            # tokens per conversation, at most
+    rl_beta: float = 0.1  # GRPO's KL penalty toward the reference
+    rl_group: int = 16  # samples per prompt
+    rl_prompts: int = 16  # prompts per step
+    max_len: int = 256  # tokens per conversation, at most
 
-    def adamw(self, lr: float) -> Recipe: return Recipe(optimizer="adamw", lr=lr, weight_decay=0.0, final_lr_frac=0.1)
+    def adamw(self, lr: float) -> Recipe:
+        return Recipe(optimizer="adamw", lr=lr, weight_decay=0.0, final_lr_frac=0.1)
 
 # %% ../nbs/05_post_training.ipynb #811aa81f
 REFUSAL = "I can only answer questions about Python: its functions, signatures, modules and expressions."
 
 QUESTIONS = {
     "summary": ["What does `{name}` do?", "Describe `{name}` in one line.", "What is `{name}` for?"],
-    "signature": ["What is the signature of `{name}`?", "What arguments does `{name}` take?", "Give the parameters of `{name}`."],
+    "signature": [
+        "What is the signature of `{name}`?",
+        "What arguments does `{name}` take?",
+        "Give the parameters of `{name}`.",
+    ],
     "module": ["Which module defines `{short}`?", "Where does `{short}` come from?", "In which module is `{short}`?"],
     "expression": ["What is the value of `{expression}`?", "Evaluate `{expression}`.", "Compute `{expression}`."],
 }
-OUT_OF_SCOPE = ["Write a poem about {t}.", "What is the capital of {t}?", "Tell me a joke about {t}.",
-                "Who won the last match of {t}?", "What should I cook with {t}?", "Translate '{t}' into French."]
-OUT_OF_SCOPE_TOPICS = ["the sea", "France", "Japan", "cats", "autumn", "football", "tomatoes", "my neighbour", "the moon",
-                       "Peru", "chess", "rice", "the weather", "Kenya", "a bicycle", "music", "Norway", "coffee", "basketball",
-                       "Brazil", "onions", "friendship", "Canada", "the stars", "dogs", "tennis", "Egypt", "mushrooms",
-                       "winter", "Chile"]
+OUT_OF_SCOPE = [
+    "Write a poem about {t}.",
+    "What is the capital of {t}?",
+    "Tell me a joke about {t}.",
+    "Who won the last match of {t}?",
+    "What should I cook with {t}?",
+    "Translate '{t}' into French.",
+]
+OUT_OF_SCOPE_TOPICS = [
+    "the sea",
+    "France",
+    "Japan",
+    "cats",
+    "autumn",
+    "football",
+    "tomatoes",
+    "my neighbour",
+    "the moon",
+    "Peru",
+    "chess",
+    "rice",
+    "the weather",
+    "Kenya",
+    "a bicycle",
+    "music",
+    "Norway",
+    "coffee",
+    "basketball",
+    "Brazil",
+    "onions",
+    "friendship",
+    "Canada",
+    "the stars",
+    "dogs",
+    "tennis",
+    "Egypt",
+    "mushrooms",
+    "winter",
+    "Chile",
+]
 
 # %% ../nbs/05_post_training.ipynb #524db8f6
 def instruction_entries(split) -> list[dict]:
     "Documented functions of a corpus split (Chapter 2's API documents) with their module; short answers only."
     entries, seen = [], set()
     for text, kind, module in zip(split["text"], split["kind"], split["module"]):
-        if kind != "docstring" or not module: continue
+        if kind != "docstring" or not module:
+            continue
         for e in api_entries([text]):
-            if e["name"] in seen or not e["name"].startswith(module + ".") or len(e["summary"]) > 100 or len(e["signature"]) > 60:
+            if (
+                e["name"] in seen
+                or not e["name"].startswith(module + ".")
+                or len(e["summary"]) > 100
+                or len(e["signature"]) > 60
+            ):
                 continue
             seen.add(e["name"])
-            entries.append(dict(e, module=module, short=e["name"][len(module) + 1:]))
+            entries.append(dict(e, module=module, short=e["name"][len(module) + 1 :]))
     return entries
 
 # %% ../nbs/05_post_training.ipynb #f1c55815
@@ -98,28 +167,42 @@ def instruction_tasks(entries: list[dict], n_expressions: int, seed: int = 0) ->
     rng, tasks = random.Random(seed), []
     for e in entries:
         for kind, answer in (("summary", e["summary"]), ("signature", e["signature"]), ("module", e["module"])):
-            tasks.append(dict(kind=kind, question=rng.choice(QUESTIONS[kind]).format(**e), answer=answer, key=e["name"]))
+            tasks.append(
+                dict(kind=kind, question=rng.choice(QUESTIONS[kind]).format(**e), answer=answer, key=e["name"])
+            )
     expressions = set()
     while len(expressions) < n_expressions:
         expression = random_expression(rng, 1)
-        if expression in expressions: continue
+        if expression in expressions:
+            continue
         expressions.add(expression)
-        tasks.append(dict(kind="expression", question=rng.choice(QUESTIONS["expression"]).format(expression=expression),
-                          answer=str(eval(expression)), key=expression))
+        tasks.append(
+            dict(
+                kind="expression",
+                question=rng.choice(QUESTIONS["expression"]).format(expression=expression),
+                answer=str(eval(expression)),
+                key=expression,
+            )
+        )
     for template in OUT_OF_SCOPE:
-        tasks += [dict(kind="refusal", question=template.format(t=t), answer=REFUSAL, key=t) for t in OUT_OF_SCOPE_TOPICS]
+        tasks += [
+            dict(kind="refusal", question=template.format(t=t), answer=REFUSAL, key=t) for t in OUT_OF_SCOPE_TOPICS
+        ]
     return tasks
 
 # %% ../nbs/05_post_training.ipynb #7a4fab43
 def is_eval_task(task: dict, fraction: float = 0.2) -> bool:
     "Held out for evaluation: Chapter 2's held-out expressions, and a fifth of the functions and topics (by hash)."
-    if task["kind"] == "expression": return expression_heldout(task["key"])
-    return int(sha256_bytes(task["key"].encode())[:8], 16) / 16 ** 8 < fraction
+    if task["kind"] == "expression":
+        return expression_heldout(task["key"])
+    return int(sha256_bytes(task["key"].encode())[:8], 16) / 16**8 < fraction
+
 
 def evaluation_sample(tasks: list[dict], per_kind: int, seed: int = 0) -> list[dict]:
     "At most `per_kind` tasks of each kind (a fixed sample: every model is graded on the same questions)."
     by_kind = collections.defaultdict(list)
-    for t in tasks: by_kind[t["kind"]].append(t)
+    for t in tasks:
+        by_kind[t["kind"]].append(t)
     rng = random.Random(seed)
     return [t for kind in sorted(by_kind) for t in rng.sample(by_kind[kind], min(per_kind, len(by_kind[kind])))]
 
@@ -128,48 +211,88 @@ def chat(question: str, answer: str) -> list[dict]:
     "A one-turn conversation."
     return [dict(role="user", content=question), dict(role="assistant", content=answer)]
 
-def trained_batch(tok: BPETokenizer, rows: Sequence[tuple[list[int], list[int]]], max_len: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+
+def trained_batch(
+    tok: BPETokenizer, rows: Sequence[tuple[list[int], list[int]]], max_len: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
     "(inputs, targets) of (ids, trained mask) rows, right-padded; targets are −100 except on the trained tokens."
     width = min(max_len, max(len(ids) for ids, _ in rows)) - 1
     x = torch.full((len(rows), width), tok.special_tokens[ENDOFTEXT])
     y = torch.full((len(rows), width), -100)
     for i, (ids, mask) in enumerate(rows):
-        ids, mask = torch.tensor(ids[:width + 1]), torch.tensor(mask[:width + 1])
-        x[i, :len(ids) - 1] = ids[:-1]
-        y[i, :len(ids) - 1] = torch.where(mask[1:].bool(), ids[1:], -100)
+        ids, mask = torch.tensor(ids[: width + 1]), torch.tensor(mask[: width + 1])
+        x[i, : len(ids) - 1] = ids[:-1]
+        y[i, : len(ids) - 1] = torch.where(mask[1:].bool(), ids[1:], -100)
     return x, y
+
 
 def chat_batch(tok: BPETokenizer, conversations: Sequence, max_len: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     "(inputs, targets) of conversations — lists of messages, or TRL's `{'messages': ..., 'tools': ...}` rows; targets are −100 except on the assistant's tokens."
-    rendered = [render_chat(tok, c["messages"], tools=c.get("tools")) if isinstance(c, dict) else render_chat(tok, c) for c in conversations]
+    rendered = [
+        render_chat(tok, c["messages"], tools=c.get("tools")) if isinstance(c, dict) else render_chat(tok, c)
+        for c in conversations
+    ]
     return trained_batch(tok, rendered, max_len)
 
 # %% ../nbs/05_post_training.ipynb #e762ed9c
 def sampled_batches(items: list, batch_size: int, steps: int, seed: int = 0):
     "(step, batch) for `steps` steps: each batch drawn at random, without repeats inside a batch."
     rng = np.random.default_rng(seed)
-    for step in range(steps): yield step, [items[i] for i in rng.choice(len(items), min(batch_size, len(items)), replace=False)]
+    for step in range(steps):
+        yield step, [items[i] for i in rng.choice(len(items), min(batch_size, len(items)), replace=False)]
 
-def sft(model, tok: BPETokenizer, conversations: list[list[dict]], steps: int, post: PostTrainingRecipe, seed: int = 0,
-        device: str = "cpu") -> list[dict]:
+
+def sft(
+    model,
+    tok: BPETokenizer,
+    conversations: list[list[dict]],
+    steps: int,
+    post: PostTrainingRecipe,
+    seed: int = 0,
+    device: str = "cpu",
+) -> list[dict]:
     "Supervised fine-tuning on the assistant's tokens; returns the log of each step."
     recipe = post.adamw(post.sft_lr)
     optimizer, log = make_optimizer(model, recipe), []
     model.train()
     for step, batch in sampled_batches(conversations, post.batch_size, steps, seed):
-        log.append(dict(step=step, **train_step(model, optimizer, [chat_batch(tok, batch, post.max_len)], recipe, step, steps, device)))
+        log.append(
+            dict(
+                step=step,
+                **train_step(model, optimizer, [chat_batch(tok, batch, post.max_len)], recipe, step, steps, device),
+            )
+        )
     model.eval()
     return log
 
 # %% ../nbs/05_post_training.ipynb #48e22267
-def trl_sft_trainer(model: Transformer, tok: BPETokenizer, conversations: list[list[dict]], scratch: Path, callbacks=(), **config):
+def trl_sft_trainer(
+    model: Transformer, tok: BPETokenizer, conversations: list[list[dict]], scratch: Path, callbacks=(), **config
+):
     "TRL's `SFTTrainer` on the transformers copy of `model`, one batch per step, in fp32 (TRL defaults to bf16, even on a CPU)."
     import datasets
     from trl import SFTConfig, SFTTrainer
-    args = SFTConfig(output_dir=str(scratch), assistant_only_loss=True, use_cpu=True, bf16=False, report_to=[], logging_strategy="no",
-                     save_strategy="no", disable_tqdm=True, per_device_train_batch_size=len(conversations), **config)
-    return SFTTrainer(model=to_hf(model.cpu()).train(), args=args, processing_class=to_transformers(tok), callbacks=list(callbacks),
-                      train_dataset=datasets.Dataset.from_list([dict(messages=c) for c in conversations]))
+
+    args = SFTConfig(
+        output_dir=str(scratch),
+        assistant_only_loss=True,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        logging_strategy="no",
+        save_strategy="no",
+        disable_tqdm=True,
+        per_device_train_batch_size=len(conversations),
+        **config,
+    )
+    return SFTTrainer(
+        model=to_hf(model.cpu()).train(),
+        args=args,
+        processing_class=to_transformers(tok),
+        callbacks=list(callbacks),
+        train_dataset=datasets.Dataset.from_list([dict(messages=c) for c in conversations]),
+    )
+
 
 def sft_parity(model: Transformer, tok: BPETokenizer, conversations: list[list[dict]], scratch: Path) -> dict:
     "Our SFT loss and TRL's `SFTTrainer` loss on the same conversations (as one batch)."
@@ -177,46 +300,81 @@ def sft_parity(model: Transformer, tok: BPETokenizer, conversations: list[list[d
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(conversations))])
     trl_loss = trainer.compute_loss(trainer.model, batch).item()
     x, y = chat_batch(tok, conversations, 1 << 16)
-    with torch.no_grad(): _, ours = model(x, y)
+    with torch.no_grad():
+        _, ours = model(x, y)
     real = batch["attention_mask"].bool()
-    same_tokens = all(render_chat(tok, c) == (batch["input_ids"][i][real[i]].tolist(), (batch["labels"][i][real[i]] != -100).int().tolist())
-                      for i, c in enumerate(conversations))
-    return dict(trl_loss=trl_loss, our_loss=ours.item(), difference=abs(trl_loss - ours.item()), same_tokens=same_tokens)
+    same_tokens = all(
+        render_chat(tok, c)
+        == (batch["input_ids"][i][real[i]].tolist(), (batch["labels"][i][real[i]] != -100).int().tolist())
+        for i, c in enumerate(conversations)
+    )
+    return dict(
+        trl_loss=trl_loss, our_loss=ours.item(), difference=abs(trl_loss - ours.item()), same_tokens=same_tokens
+    )
 
 # %% ../nbs/05_post_training.ipynb #3e05bb4b
 def first_stop(ids: list[int], stop: set) -> list[int]:
     "ids up to (not including) the first stop token."
     return next((ids[:i] for i, t in enumerate(ids) if t in stop), ids)
 
+
 @torch.no_grad()
-def complete(model, tok: BPETokenizer, prompts: Sequence[list[int]], max_new_tokens: int = 32, stop: set | None = None,
-             temperature: float = 0.0, generator: torch.Generator | None = None, keep_stop: bool = False, device: str = "cpu") -> list[list[int]]:
+def complete(
+    model,
+    tok: BPETokenizer,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int = 32,
+    stop: set | None = None,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    keep_stop: bool = False,
+    device: str = "cpu",
+) -> list[list[int]]:
     "Generated ids of each prompt, up to its first stop token (end of turn by default; kept if `keep_stop`), batched by prompt length."
     stop = stop or {tok.special_tokens[END_OF_TURN], tok.special_tokens[ENDOFTEXT]}
     by_length, out = collections.defaultdict(list), [None] * len(prompts)
-    for i, p in enumerate(prompts): by_length[len(p)].append(i)
+    for i, p in enumerate(prompts):
+        by_length[len(p)].append(i)
     for length, rows in by_length.items():
         for start in range(0, len(rows), 64):
-            part = rows[start:start + 64]
-            generated = generate(model, torch.tensor([prompts[i] for i in part], device=device), max_new_tokens, temperature=temperature,
-                                 stop=stop, generator=generator)
+            part = rows[start : start + 64]
+            generated = generate(
+                model,
+                torch.tensor([prompts[i] for i in part], device=device),
+                max_new_tokens,
+                temperature=temperature,
+                stop=stop,
+                generator=generator,
+            )
             for i, ids in zip(part, generated[:, length:].tolist()):
                 cut = first_stop(ids, stop)
-                out[i] = ids[:len(cut) + 1] if keep_stop and len(cut) < len(ids) else cut
+                out[i] = ids[: len(cut) + 1] if keep_stop and len(cut) < len(ids) else cut
     return out
 
-def answers(model, tok: BPETokenizer, questions: Sequence[str], shots: Sequence[dict] = (), max_new_tokens: int = 32,
-            device: str = "cpu") -> list[str]:
+
+def answers(
+    model,
+    tok: BPETokenizer,
+    questions: Sequence[str],
+    shots: Sequence[dict] = (),
+    max_new_tokens: int = 32,
+    device: str = "cpu",
+) -> list[str]:
     "Greedy answers (after the example turns `shots`)."
-    prompts = [render_chat(tok, [*shots, dict(role="user", content=q)], add_generation_prompt=True)[0] for q in questions]
+    prompts = [
+        render_chat(tok, [*shots, dict(role="user", content=q)], add_generation_prompt=True)[0] for q in questions
+    ]
     return [tok.decode(ids).strip() for ids in complete(model, tok, prompts, max_new_tokens, device=device)]
 
 # %% ../nbs/05_post_training.ipynb #a045e89d
 def accuracy_by_kind(items: Sequence[dict], correct: Sequence[bool]) -> dict:
     "Share of correct outcomes, overall (`all`) and by each item's `kind`."
     outcomes = collections.defaultdict(list)
-    for item, c in zip(items, correct): outcomes[item["kind"]].append(c); outcomes["all"].append(c)
+    for item, c in zip(items, correct):
+        outcomes[item["kind"]].append(c)
+        outcomes["all"].append(c)
     return {k: float(np.mean(v)) for k, v in outcomes.items()}
+
 
 def exact_match(model, tok: BPETokenizer, tasks: list[dict], shots: Sequence[dict] = (), device: str = "cpu") -> dict:
     "Exact-match accuracy, overall and by kind of question, and the answers given."
@@ -229,39 +387,73 @@ def steps_per_second(train_one_step, steps: int) -> float:
     train_one_step()
     times = []
     for _ in range(steps):
-        started = time.perf_counter(); train_one_step(); times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        train_one_step()
+        times.append(time.perf_counter() - started)
     return 1 / float(np.median(times))
 
-def sft_speed(model: Transformer, tok: BPETokenizer, conversations: list[list[dict]], post: PostTrainingRecipe, scratch: Path,
-              steps: int = 5) -> dict:
+
+def sft_speed(
+    model: Transformer,
+    tok: BPETokenizer,
+    conversations: list[list[dict]],
+    post: PostTrainingRecipe,
+    scratch: Path,
+    steps: int = 5,
+) -> dict:
     "Optimizer steps per second: our loop against TRL's `SFTTrainer`, on the same batch of conversations."
     ours, recipe = copy.deepcopy(model).cpu().train(), post.adamw(post.sft_lr)
     optimizer, batch = make_optimizer(ours, recipe), chat_batch(tok, conversations, post.max_len)
     ours_rate = steps_per_second(lambda: train_step(ours, optimizer, [batch], recipe, 10, 100), steps)
     from transformers import TrainerCallback
+
     class StepTimes(TrainerCallback):
-        def __init__(self): self.times = []
-        def on_step_begin(self, *args, **kwargs): self.started = time.perf_counter()
-        def on_step_end(self, *args, **kwargs): self.times.append(time.perf_counter() - self.started)
+        def __init__(self):
+            self.times = []
+
+        def on_step_begin(self, *args, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            self.times.append(time.perf_counter() - self.started)
+
     timer = StepTimes()
-    trl_sft_trainer(model, tok, conversations, scratch, [timer], max_length=post.max_len, max_steps=steps + 1, learning_rate=post.sft_lr).train()
+    trl_sft_trainer(
+        model,
+        tok,
+        conversations,
+        scratch,
+        [timer],
+        max_length=post.max_len,
+        max_steps=steps + 1,
+        learning_rate=post.sft_lr,
+    ).train()
     return dict(ours_steps_per_s=ours_rate, trl_steps_per_s=1 / float(np.median(timer.times[1:])))
 
 # %% ../nbs/05_post_training.ipynb #2816bf40
 def preference_pairs(tasks: list[dict], seed: int = 0) -> list[dict]:
     "Chosen: the right answer; rejected: a plausible wrong one (TRL's conversational preference format)."
     rng, answers_by_kind, pairs = random.Random(seed), collections.defaultdict(set), []
-    for t in tasks: answers_by_kind[t["kind"]].add(t["answer"])
+    for t in tasks:
+        answers_by_kind[t["kind"]].add(t["answer"])
     answers_by_kind = {k: sorted(v) for k, v in answers_by_kind.items()}
     for t in tasks:
-        if t["kind"] == "expression": wrong = str(int(t["answer"]) + rng.choice([-1, 1]))
+        if t["kind"] == "expression":
+            wrong = str(int(t["answer"]) + rng.choice([-1, 1]))
         else:
             pool = answers_by_kind["summary"] if t["kind"] == "refusal" else answers_by_kind[t["kind"]]
             others = [a for a in pool if a != t["answer"]]
-            if not others: continue
+            if not others:
+                continue
             wrong = rng.choice(others)
-        pairs.append(dict(kind=t["kind"], prompt=[dict(role="user", content=t["question"])],
-                          chosen=[dict(role="assistant", content=t["answer"])], rejected=[dict(role="assistant", content=wrong)]))
+        pairs.append(
+            dict(
+                kind=t["kind"],
+                prompt=[dict(role="user", content=t["question"])],
+                chosen=[dict(role="assistant", content=t["answer"])],
+                rejected=[dict(role="assistant", content=wrong)],
+            )
+        )
     return pairs
 
 # %% ../nbs/05_post_training.ipynb #1e56e292
@@ -270,9 +462,11 @@ def token_logps(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     logps = F.log_softmax(model(x).float(), dim=-1)
     return logps.gather(-1, y.clamp(min=0)[..., None])[..., 0] * (y != -100)
 
+
 def sequence_logps(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     "Sum of the log-probabilities of the target tokens, per row."
     return token_logps(model, x, y).sum(-1)
+
 
 def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     "The DPO loss (mean over pairs) and each pair's reward margin."
@@ -286,45 +480,70 @@ def pair_batches(tok: BPETokenizer, pairs: list[dict], max_len: int = 256):
     rejected = chat_batch(tok, [p["prompt"] + p["rejected"] for p in pairs], max_len)
     return (*chosen, *rejected)
 
+
 @torch.no_grad()
 def preference_accuracy(model, tok: BPETokenizer, pairs: list[dict], device: str = "cpu", batch_size: int = 64) -> dict:
     "How often the model finds the chosen answer likelier than the rejected one, overall and by kind."
     model.eval()
     wins = []
     for start in range(0, len(pairs), batch_size):
-        xc, yc, xr, yr = (t.to(device) for t in pair_batches(tok, pairs[start:start + batch_size]))
+        xc, yc, xr, yr = (t.to(device) for t in pair_batches(tok, pairs[start : start + batch_size]))
         wins += (sequence_logps(model, xc, yc) > sequence_logps(model, xr, yr)).tolist()
     return accuracy_by_kind(pairs, wins)
 
 # %% ../nbs/05_post_training.ipynb #9bea724b
-def dpo_parity(policy: Transformer, reference: Transformer, tok: BPETokenizer, pairs: list[dict], scratch: Path,
-               beta: float = 0.1) -> dict:
+def dpo_parity(
+    policy: Transformer, reference: Transformer, tok: BPETokenizer, pairs: list[dict], scratch: Path, beta: float = 0.1
+) -> dict:
     "Our DPO loss and TRL's `DPOTrainer` loss on TRL's batch of `pairs`."
     import datasets
     from trl import DPOConfig, DPOTrainer
-    save_hf(reference.cpu(), tok, scratch/"reference")
-    args = DPOConfig(output_dir=str(scratch/"dpo"), use_cpu=True, bf16=False, report_to=[], beta=beta, per_device_train_batch_size=len(pairs),
-                     logging_strategy="no", save_strategy="no")
-    trainer = DPOTrainer(model=str(scratch/"reference"), args=args, processing_class=to_transformers(tok),
-                         train_dataset=datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]))
+
+    save_hf(reference.cpu(), tok, scratch / "reference")
+    args = DPOConfig(
+        output_dir=str(scratch / "dpo"),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        beta=beta,
+        per_device_train_batch_size=len(pairs),
+        logging_strategy="no",
+        save_strategy="no",
+    )
+    trainer = DPOTrainer(
+        model=str(scratch / "reference"),
+        args=args,
+        processing_class=to_transformers(tok),
+        train_dataset=datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]),
+    )
     trainer.model.load_state_dict(to_hf(policy.cpu()).state_dict())
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
     trl_loss = trainer.compute_loss(trainer.model, batch).item()
     ids, completion = batch["input_ids"], batch["completion_mask"]
     targets = torch.where(completion[:, 1:].bool(), ids[:, 1:], -100)
     with torch.no_grad():
-        logits_difference = (trainer.model(input_ids=ids, attention_mask=batch["attention_mask"]).logits - policy(ids)).abs()
-        ours_policy, ours_reference = sequence_logps(policy, ids[:, :-1], targets), sequence_logps(reference, ids[:, :-1], targets)
+        logits_difference = (
+            trainer.model(input_ids=ids, attention_mask=batch["attention_mask"]).logits - policy(ids)
+        ).abs()
+        ours_policy, ours_reference = (
+            sequence_logps(policy, ids[:, :-1], targets),
+            sequence_logps(reference, ids[:, :-1], targets),
+        )
     n = len(pairs)
     our_loss = dpo_loss(ours_policy[:n], ours_policy[n:], ours_reference[:n], ours_reference[n:], beta)[0].item()
-    return dict(trl_loss=trl_loss, our_loss=our_loss, difference=abs(trl_loss - our_loss),
-                max_logits_difference=logits_difference[batch["attention_mask"].bool()].max().item())
+    return dict(
+        trl_loss=trl_loss,
+        our_loss=our_loss,
+        difference=abs(trl_loss - our_loss),
+        max_logits_difference=logits_difference[batch["attention_mask"].bool()].max().item(),
+    )
 
 # %% ../nbs/05_post_training.ipynb #3432e4cd
 def optimizer_step(model, optimizer, loss: torch.Tensor, recipe: Recipe, step: int, steps: int) -> float:
     "Backward, then Chapter 3's update (schedule, clipping, skip if not finite); returns the gradient norm."
     loss.backward()
     return optimizer_update(model, optimizer, recipe, step, steps, loss_finite=math.isfinite(loss.item()))[0]
+
 
 def optimize(model, items: list, steps: int, lr: float, post: PostTrainingRecipe, seed: int, batch_loss) -> list[dict]:
     "AdamW at `lr` on random batches of `items`; `batch_loss(batch)` gives the loss and what else to log. Returns the log of each step."
@@ -338,37 +557,55 @@ def optimize(model, items: list, steps: int, lr: float, post: PostTrainingRecipe
     model.eval()
     return log
 
-def dpo(model, reference, tok: BPETokenizer, pairs: list[dict], steps: int, post: PostTrainingRecipe, seed: int = 0,
-        device: str = "cpu") -> list[dict]:
+
+def dpo(
+    model,
+    reference,
+    tok: BPETokenizer,
+    pairs: list[dict],
+    steps: int,
+    post: PostTrainingRecipe,
+    seed: int = 0,
+    device: str = "cpu",
+) -> list[dict]:
     "DPO against a frozen reference; returns the log of each step."
+
     def batch_loss(batch):
         xc, yc, xr, yr = (t.to(device) for t in pair_batches(tok, batch, post.max_len))
-        with torch.no_grad(): ref_c, ref_r = sequence_logps(reference, xc, yc), sequence_logps(reference, xr, yr)
-        loss, margin = dpo_loss(sequence_logps(model, xc, yc), sequence_logps(model, xr, yr), ref_c, ref_r, post.dpo_beta)
+        with torch.no_grad():
+            ref_c, ref_r = sequence_logps(reference, xc, yc), sequence_logps(reference, xr, yr)
+        loss, margin = dpo_loss(
+            sequence_logps(model, xc, yc), sequence_logps(model, xr, yr), ref_c, ref_r, post.dpo_beta
+        )
         return loss, dict(margin=margin.mean().item(), accuracy=(margin > 0).float().mean().item())
+
     reference.eval()
     return optimize(model, pairs, steps, post.dpo_lr, post, seed, batch_loss)
 
 # %% ../nbs/05_post_training.ipynb #a13bf043
 @torch.no_grad()
-def kl_divergence(model, reference, tok: BPETokenizer, conversations: list[list[dict]], device: str = "cpu",
-                  batch_size: int = 64) -> float:
+def kl_divergence(
+    model, reference, tok: BPETokenizer, conversations: list[list[dict]], device: str = "cpu", batch_size: int = 64
+) -> float:
     "Mean KL(model ‖ reference) per assistant token of `conversations`, in nats."
     total, count = 0.0, 0
     for start in range(0, len(conversations), batch_size):
-        x, y = (t.to(device) for t in chat_batch(tok, conversations[start:start + batch_size]))
+        x, y = (t.to(device) for t in chat_batch(tok, conversations[start : start + batch_size]))
         p, q = F.log_softmax(model(x).float(), -1), F.log_softmax(reference(x).float(), -1)
         mask = y != -100
-        total += (p.exp() * (p - q)).sum(-1)[mask].sum().item(); count += mask.sum().item()
+        total += (p.exp() * (p - q)).sum(-1)[mask].sum().item()
+        count += mask.sum().item()
     return total / max(1, count)
 
 # %% ../nbs/05_post_training.ipynb #68b8c455
 class RewardModel(nn.Module):
     "A transformer with a scalar head, read at each conversation's last token (or, for process rewards, at every token)."
+
     def __init__(self, backbone: Transformer):
         super().__init__()
         self.backbone, self.score = backbone, nn.Linear(backbone.config.n_embd, 1)
-        nn.init.zeros_(self.score.weight); nn.init.zeros_(self.score.bias)
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
 
     def token_scores(self, x: torch.Tensor) -> torch.Tensor:
         "The head's score at every position (batch, time)."
@@ -377,11 +614,13 @@ class RewardModel(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.token_scores(x)[torch.arange(len(x), device=x.device), lengths - 1]
 
+
 def reward_inputs(tok: BPETokenizer, conversations: Sequence[list[dict]]) -> tuple[torch.Tensor, torch.Tensor]:
     "Right-padded ids of whole conversations, and their lengths."
     rows = [render_chat(tok, c)[0] for c in conversations]
     x = torch.full((len(rows), max(map(len, rows))), tok.special_tokens[ENDOFTEXT])
-    for i, r in enumerate(rows): x[i, :len(r)] = torch.tensor(r)
+    for i, r in enumerate(rows):
+        x[i, : len(r)] = torch.tensor(r)
     return x, torch.tensor([len(r) for r in rows])
 
 # %% ../nbs/05_post_training.ipynb #a0536db6
@@ -390,32 +629,62 @@ def pair_rewards(rm: RewardModel, tok: BPETokenizer, pairs: list[dict], device: 
     chosen, rejected = (reward_inputs(tok, [p["prompt"] + p[side] for p in pairs]) for side in ("chosen", "rejected"))
     return rm(*(t.to(device) for t in chosen)), rm(*(t.to(device) for t in rejected))
 
-def train_reward_model(rm: RewardModel, tok: BPETokenizer, pairs: list[dict], steps: int, post: PostTrainingRecipe, seed: int = 0,
-                       device: str = "cpu") -> list[dict]:
+
+def train_reward_model(
+    rm: RewardModel,
+    tok: BPETokenizer,
+    pairs: list[dict],
+    steps: int,
+    post: PostTrainingRecipe,
+    seed: int = 0,
+    device: str = "cpu",
+) -> list[dict]:
     "Bradley–Terry training on preference pairs; returns the log of each step."
+
     def batch_loss(batch):
         chosen, rejected = pair_rewards(rm, tok, batch, device)
         return -F.logsigmoid(chosen - rejected).mean(), dict(accuracy=(chosen > rejected).float().mean().item())
+
     return optimize(rm, pairs, steps, post.reward_lr, post, seed, batch_loss)
 
+
 @torch.no_grad()
-def reward_accuracy(rm: RewardModel, tok: BPETokenizer, pairs: list[dict], device: str = "cpu", batch_size: int = 64) -> dict:
+def reward_accuracy(
+    rm: RewardModel, tok: BPETokenizer, pairs: list[dict], device: str = "cpu", batch_size: int = 64
+) -> dict:
     "Share of pairs whose chosen conversation gets the higher reward, overall and by kind."
     rm.eval()
     wins = []
     for start in range(0, len(pairs), batch_size):
-        chosen, rejected = pair_rewards(rm, tok, pairs[start:start + batch_size], device)
+        chosen, rejected = pair_rewards(rm, tok, pairs[start : start + batch_size], device)
         wins += (chosen > rejected).tolist()
     return accuracy_by_kind(pairs, wins)
 
 # %% ../nbs/05_post_training.ipynb #484ff0f9
 @torch.no_grad()
-def sample_group(model, tok: BPETokenizer, question: str, group: int, generator: torch.Generator, temperature: float = 1.0,
-                 max_new_tokens: int = 8, device: str = "cpu") -> tuple[list[int], list[list[int]]]:
+def sample_group(
+    model,
+    tok: BPETokenizer,
+    question: str,
+    group: int,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+    max_new_tokens: int = 8,
+    device: str = "cpu",
+) -> tuple[list[int], list[list[int]]]:
     "A question's prompt ids and `group` sampled completions (each ending with the end-of-turn token if it stopped)."
     prompt = render_chat(tok, [dict(role="user", content=question)], add_generation_prompt=True)[0]
-    return prompt, complete(model, tok, [prompt] * group, max_new_tokens, temperature=temperature, generator=generator, keep_stop=True,
-                            device=device)
+    return prompt, complete(
+        model,
+        tok,
+        [prompt] * group,
+        max_new_tokens,
+        temperature=temperature,
+        generator=generator,
+        keep_stop=True,
+        device=device,
+    )
+
 
 def completion_reward(tok: BPETokenizer, completion: list[int], answer: str) -> float:
     "1 if the completion says exactly `answer` and stops, else 0."
@@ -427,10 +696,14 @@ def grpo_loss(model, reference, x: torch.Tensor, y: torch.Tensor, advantages: to
     "GRPO's loss on sampled completions (targets −100 outside them), and the mean k3 KL to the reference."
     mask = (y != -100).float()
     logp = token_logps(model, x, y)
-    with torch.no_grad(): ref = token_logps(reference, x, y)
+    with torch.no_grad():
+        ref = token_logps(reference, x, y)
     kl = torch.exp(ref - logp) - (ref - logp) - 1
-    per_token = -advantages[:, None] * torch.exp(logp - logp.detach()) + beta * kl   # exp(logπ − logπ.detach()) = 1, with π's gradient
+    per_token = (
+        -advantages[:, None] * torch.exp(logp - logp.detach()) + beta * kl
+    )  # exp(logπ − logπ.detach()) = 1, with π's gradient
     return (per_token * mask).sum() / mask.sum(), ((kl * mask).sum() / mask.sum()).item()
+
 
 def sequences_batch(tok: BPETokenizer, prompts: list[list[int]], completions: list[list[int]], device: str = "cpu"):
     "(inputs, targets) of prompt + completion rows, with targets only on the completion."
@@ -438,11 +711,24 @@ def sequences_batch(tok: BPETokenizer, prompts: list[list[int]], completions: li
     return tuple(t.to(device) for t in trained_batch(tok, rows, max_len=1 << 30))
 
 # %% ../nbs/05_post_training.ipynb #d390649d
-def grpo(model, reference, tok: BPETokenizer, tasks: list[dict], steps: int, post: PostTrainingRecipe, seed: int = 0,
-         device: str = "cpu") -> list[dict]:
+def grpo(
+    model,
+    reference,
+    tok: BPETokenizer,
+    tasks: list[dict],
+    steps: int,
+    post: PostTrainingRecipe,
+    seed: int = 0,
+    device: str = "cpu",
+) -> list[dict]:
     "GRPO with the exact-value reward; returns the log of each step (mean reward of the sampled answers, KL)."
     recipe = post.adamw(post.rl_lr)
-    optimizer, rng, generator, log = make_optimizer(model, recipe), np.random.default_rng(seed), torch.Generator(device).manual_seed(seed), []
+    optimizer, rng, generator, log = (
+        make_optimizer(model, recipe),
+        np.random.default_rng(seed),
+        torch.Generator(device).manual_seed(seed),
+        [],
+    )
     reference.eval()
     for step in range(steps):
         prompts, completions, advantages, rewards = [], [], [], []
@@ -450,65 +736,105 @@ def grpo(model, reference, tok: BPETokenizer, tasks: list[dict], steps: int, pos
             prompt, group = sample_group(model, tok, tasks[i]["question"], post.rl_group, generator, device=device)
             r = torch.tensor([completion_reward(tok, c, tasks[i]["answer"]) for c in group])
             rewards += r.tolist()
-            if r.std() > 0:   # a group whose answers are all right (or all wrong) teaches nothing
-                prompts += [prompt] * len(group); completions += group; advantages += ((r - r.mean()) / r.std()).tolist()
+            if r.std() > 0:  # a group whose answers are all right (or all wrong) teaches nothing
+                prompts += [prompt] * len(group)
+                completions += group
+                advantages += ((r - r.mean()) / r.std()).tolist()
         record = dict(step=step, reward=float(np.mean(rewards)), groups_used=len(prompts) // post.rl_group)
         if prompts:
             model.train()
-            loss, kl = grpo_loss(model, reference, *sequences_batch(tok, prompts, completions, device),
-                                 torch.tensor(advantages, device=device), post.rl_beta)
-            record.update(loss=loss.item(), kl=kl, grad_norm=optimizer_step(model, optimizer, loss, recipe, step, steps))
+            loss, kl = grpo_loss(
+                model,
+                reference,
+                *sequences_batch(tok, prompts, completions, device),
+                torch.tensor(advantages, device=device),
+                post.rl_beta,
+            )
+            record.update(
+                loss=loss.item(), kl=kl, grad_norm=optimizer_step(model, optimizer, loss, recipe, step, steps)
+            )
             model.eval()
         log.append(record)
     return log
 
 # %% ../nbs/05_post_training.ipynb #906e7f37
-def sampled_accuracy(model, tok: BPETokenizer, tasks: list[dict], samples: int = 16, seed: int = 0, device: str = "cpu") -> float:
+def sampled_accuracy(
+    model, tok: BPETokenizer, tasks: list[dict], samples: int = 16, seed: int = 0, device: str = "cpu"
+) -> float:
     "Mean reward of `samples` answers sampled at temperature 1 per task: the quantity GRPO maximizes."
     generator = torch.Generator(device).manual_seed(seed)
-    rewards = [completion_reward(tok, c, t["answer"]) for t in tasks
-               for c in sample_group(model, tok, t["question"], samples, generator, device=device)[1]]
+    rewards = [
+        completion_reward(tok, c, t["answer"])
+        for t in tasks
+        for c in sample_group(model, tok, t["question"], samples, generator, device=device)[1]
+    ]
     return float(np.mean(rewards))
 
 # %% ../nbs/05_post_training.ipynb #83dd9db8
 @dataclass(frozen=True)
 class SandboxLimits:
     "What one evaluation may cost."
-    max_chars: int = 200          # source text
-    max_depth: int = 32           # nesting of the expression tree
-    max_steps: int = 10_000       # nodes evaluated
-    max_size: int = 100           # digits of an integer; items of a string, tuple or list
-    max_seconds: float = 0.5      # wall-clock
+
+    max_chars: int = 200  # source text
+    max_depth: int = 32  # nesting of the expression tree
+    max_steps: int = 10_000  # nodes evaluated
+    max_size: int = 100  # digits of an integer; items of a string, tuple or list
+    max_seconds: float = 0.5  # wall-clock
+
 
 class SandboxError(ValueError):
     "An expression the sandbox refuses to evaluate, with the reason."
 
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+
+_BINARY = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
-_COMPARE = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Eq: operator.eq, ast.NotEq: operator.ne}
+_COMPARE = {
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+}
 _FUNCTIONS = {"abs": abs, "min": min, "max": max, "round": round, "len": len}
+
 
 def _size(value) -> int:
     "Digits of an integer, items of a sequence, 1 for anything else."
-    if isinstance(value, int) and not isinstance(value, bool): return len(str(abs(value)))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return len(str(abs(value)))
     return len(value) if isinstance(value, (str, tuple, list)) else 1
 
 # %% ../nbs/05_post_training.ipynb #60d2f064
 class _Evaluator:
     "Walks an expression tree, allowing only the nodes above and charging every step against the limits."
+
     def __init__(self, limits: SandboxLimits):
         self.limits, self.steps, self.deadline = limits, 0, time.perf_counter() + limits.max_seconds
 
     def value(self, value):
-        if _size(value) > self.limits.max_size: raise SandboxError(f"a value grew past {self.limits.max_size} digits or items")
+        if _size(value) > self.limits.max_size:
+            raise SandboxError(f"a value grew past {self.limits.max_size} digits or items")
         return value
 
     def guard(self, op, left, right):
         "Refuse an operation whose result would be too big, before computing it."
         limit = self.limits.max_size
-        if isinstance(op, ast.Pow) and isinstance(left, int) and isinstance(right, int) and right > 0 \
-                and right * math.log10(max(2, abs(left))) > limit:
+        if (
+            isinstance(op, ast.Pow)
+            and isinstance(left, int)
+            and isinstance(right, int)
+            and right > 0
+            and right * math.log10(max(2, abs(left))) > limit
+        ):
             raise SandboxError(f"{left} ** {right} would have more than {limit} digits")
         if isinstance(op, ast.Mult):
             for seq, times in ((left, right), (right, left)):
@@ -517,51 +843,111 @@ class _Evaluator:
 
     def __call__(self, node, depth: int = 0):
         self.steps += 1
-        if self.steps > self.limits.max_steps: raise SandboxError(f"more than {self.limits.max_steps} steps")
-        if depth > self.limits.max_depth: raise SandboxError(f"nested deeper than {self.limits.max_depth}")
-        if time.perf_counter() > self.deadline: raise SandboxError(f"longer than {self.limits.max_seconds} s")
+        if self.steps > self.limits.max_steps:
+            raise SandboxError(f"more than {self.limits.max_steps} steps")
+        if depth > self.limits.max_depth:
+            raise SandboxError(f"nested deeper than {self.limits.max_depth}")
+        if time.perf_counter() > self.deadline:
+            raise SandboxError(f"longer than {self.limits.max_seconds} s")
         sub = lambda n: self(n, depth + 1)
         try:
-            if isinstance(node, ast.Expression): return sub(node.body)
-            if isinstance(node, ast.Constant) and type(node.value) in (int, float, str, bool): return self.value(node.value)
+            if isinstance(node, ast.Expression):
+                return sub(node.body)
+            if isinstance(node, ast.Constant) and type(node.value) in (int, float, str, bool):
+                return self.value(node.value)
             if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
                 left, right = sub(node.left), sub(node.right)
                 self.guard(node.op, left, right)
                 return self.value(_BINARY[type(node.op)](left, right))
-            if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY: return _UNARY[type(node.op)](sub(node.operand))
+            if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+                return _UNARY[type(node.op)](sub(node.operand))
             if isinstance(node, ast.Compare) and all(type(op) in _COMPARE for op in node.ops):
                 values = [sub(node.left)] + [sub(c) for c in node.comparators]
                 return all(_COMPARE[type(op)](a, b) for op, a, b in zip(node.ops, values, values[1:]))
             if isinstance(node, (ast.Tuple, ast.List)) and isinstance(node.ctx, ast.Load):
                 items = [sub(e) for e in node.elts]
                 return self.value(tuple(items) if isinstance(node, ast.Tuple) else items)
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS and not node.keywords:
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in _FUNCTIONS
+                and not node.keywords
+            ):
                 return self.value(_FUNCTIONS[node.func.id](*[sub(a) for a in node.args]))
         except (ArithmeticError, TypeError, ValueError) as e:
-            if isinstance(e, SandboxError): raise
+            if isinstance(e, SandboxError):
+                raise
             raise SandboxError(f"{type(e).__name__}: {e}") from None
         raise SandboxError(f"{type(node).__name__} is not allowed: {ast.unparse(node)[:40]}")
 
 # %% ../nbs/05_post_training.ipynb #b226efd7
 def sandbox_eval(expression: str, limits: SandboxLimits = SandboxLimits()) -> str:
     "The value of a small, pure Python expression as `repr` text; `SandboxError` says why not."
-    if not isinstance(expression, str): raise SandboxError(f"an expression is text, not {type(expression).__name__}")
-    if len(expression) > limits.max_chars: raise SandboxError(f"longer than {limits.max_chars} characters")
-    if not expression.isascii(): raise SandboxError("only ASCII characters are allowed")
-    try: tree = ast.parse(expression, mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as e: raise SandboxError(f"not an expression ({type(e).__name__})") from None
+    if not isinstance(expression, str):
+        raise SandboxError(f"an expression is text, not {type(expression).__name__}")
+    if len(expression) > limits.max_chars:
+        raise SandboxError(f"longer than {limits.max_chars} characters")
+    if not expression.isascii():
+        raise SandboxError("only ASCII characters are allowed")
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        raise SandboxError(f"not an expression ({type(e).__name__})") from None
     return repr(_Evaluator(limits)(tree))
 
 # %% ../nbs/05_post_training.ipynb #127e7361
 HOSTILE_EXPRESSIONS = (
-    "__import__('os').system('echo escaped')", "open('/etc/passwd').read()", "exec('import os')", "eval('1 + 1')",
-    "globals()", "locals()", "vars()", "dir()", "breakpoint()", "help()", "input()", "print('hi')", "getattr(1, 'real')",
-    "().__class__.__base__.__subclasses__()", "(1).__class__", "''.join(['a', 'b'])", "'{0.__class__}'.format(1)",
-    "f'{1 + 1}'", "[x for x in (1, 2)]", "{1: 2}", "{1, 2}", "lambda: 0", "(y := 5)", "[1, 2][0]", "max.__self__",
-    "__builtins__", "os", "import os", "x = 1", "1; 2", "type(1)", "abs(x=1)", "len(*'ab')",
-    "9 ** 9 ** 9", "10 ** 1000", "2 ** 100000", "'a' * 10 ** 9", "[0] * 10 ** 8", "(1,) * 1000",
-    "max(range(10 ** 9))", "'9' * 99 + '9' * 99", "1" + " + 1" * 3000, "(" * 200 + "1" + ")" * 200,
-    "-" * 100 + "1", "abs(" * 50 + "1" + ")" * 50, "1 / 0", "1 % 0", "len(5)", "round(1e308 * 10)", "'a' + 1", "１ + １",
+    "__import__('os').system('echo escaped')",
+    "open('/etc/passwd').read()",
+    "exec('import os')",
+    "eval('1 + 1')",
+    "globals()",
+    "locals()",
+    "vars()",
+    "dir()",
+    "breakpoint()",
+    "help()",
+    "input()",
+    "print('hi')",
+    "getattr(1, 'real')",
+    "().__class__.__base__.__subclasses__()",
+    "(1).__class__",
+    "''.join(['a', 'b'])",
+    "'{0.__class__}'.format(1)",
+    "f'{1 + 1}'",
+    "[x for x in (1, 2)]",
+    "{1: 2}",
+    "{1, 2}",
+    "lambda: 0",
+    "(y := 5)",
+    "[1, 2][0]",
+    "max.__self__",
+    "__builtins__",
+    "os",
+    "import os",
+    "x = 1",
+    "1; 2",
+    "type(1)",
+    "abs(x=1)",
+    "len(*'ab')",
+    "9 ** 9 ** 9",
+    "10 ** 1000",
+    "2 ** 100000",
+    "'a' * 10 ** 9",
+    "[0] * 10 ** 8",
+    "(1,) * 1000",
+    "max(range(10 ** 9))",
+    "'9' * 99 + '9' * 99",
+    "1" + " + 1" * 3000,
+    "(" * 200 + "1" + ")" * 200,
+    "-" * 100 + "1",
+    "abs(" * 50 + "1" + ")" * 50,
+    "1 / 0",
+    "1 % 0",
+    "len(5)",
+    "round(1e308 * 10)",
+    "'a' + 1",
+    "１ + １",
 )
 
 # %% ../nbs/05_post_training.ipynb #9f9fe574
@@ -569,35 +955,45 @@ def sandbox_escapes(expressions: Sequence[str] = HOSTILE_EXPRESSIONS) -> list[st
     "The expressions the sandbox evaluated instead of refusing: none, when it works."
     escaped = []
     for e in expressions:
-        try: sandbox_eval(e)
-        except SandboxError: continue
+        try:
+            sandbox_eval(e)
+        except SandboxError:
+            continue
         escaped.append(e)
     return escaped
 
 # %% ../nbs/05_post_training.ipynb #6d21c189
 REDUCE_QUESTION = "Reduce `{expression}` step by step."
 
+
 def reasoning_problem(rng: random.Random, operands: int) -> str:
     "`operands` numbers from 2 to 9 joined by +, − and ×, grouped at random (as Python would print it)."
     expression = str(rng.randint(2, 9))
     for _ in range(operands - 1):
         number, op = rng.randint(2, 9), rng.choice("+-*")
-        expression = rng.choice([f"{expression} {op} {number}", f"{number} {op} ({expression})", f"({expression}) {op} {number}"])
+        expression = rng.choice(
+            [f"{expression} {op} {number}", f"{number} {op} ({expression})", f"({expression}) {op} {number}"]
+        )
     return ast.unparse(ast.parse(expression, mode="eval"))
+
 
 def reduce_once(node: ast.expr) -> ast.expr:
     "The tree after its first operation, in Python's order of evaluation, whose operands are both numbers is done."
-    if not isinstance(node, ast.BinOp): raise ValueError(f"nothing to reduce in {ast.unparse(node)}")
+    if not isinstance(node, ast.BinOp):
+        raise ValueError(f"nothing to reduce in {ast.unparse(node)}")
     if isinstance(node.left, ast.Constant) and isinstance(node.right, ast.Constant):
         return ast.Constant(_BINARY[type(node.op)](node.left.value, node.right.value))
-    if not isinstance(node.left, ast.Constant): return ast.BinOp(reduce_once(node.left), node.op, node.right)
+    if not isinstance(node.left, ast.Constant):
+        return ast.BinOp(reduce_once(node.left), node.op, node.right)
     return ast.BinOp(node.left, node.op, reduce_once(node.right))
+
 
 def reduction_steps(expression: str) -> list[str]:
     "The expression after each reduction; the last step is its value."
     node, steps = ast.parse(expression, mode="eval").body, []
     while not isinstance(node, ast.Constant):
-        node = reduce_once(node); steps.append(ast.unparse(node))
+        node = reduce_once(node)
+        steps.append(ast.unparse(node))
     return steps
 
 # %% ../nbs/05_post_training.ipynb #76c2076a
@@ -605,23 +1001,38 @@ def label_steps(expression: str, steps: Sequence[str]) -> list[bool]:
     "For each step: does executing it (in the sandbox) give the expression's value? The last step must be the value itself."
     value, labels = sandbox_eval(expression), []
     for step in steps:
-        try: labels.append(sandbox_eval(step) == value)
-        except SandboxError: labels.append(False)
-    if labels and steps[-1].strip() != value: labels[-1] = False
+        try:
+            labels.append(sandbox_eval(step) == value)
+        except SandboxError:
+            labels.append(False)
+    if labels and steps[-1].strip() != value:
+        labels[-1] = False
     return labels
+
 
 def reasoning_problems(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     "`n` distinct problems of two or three numbers, split by Chapter 2's held-out rule: (training, held out)."
     rng, problems = random.Random(seed), set()
-    while len(problems) < n: problems.add(reasoning_problem(rng, rng.choice([2, 3, 3])))
-    problems = sorted(problems); random.Random(seed).shuffle(problems)
+    while len(problems) < n:
+        problems.add(reasoning_problem(rng, rng.choice([2, 3, 3])))
+    problems = sorted(problems)
+    random.Random(seed).shuffle(problems)
     return [p for p in problems if not expression_heldout(p)], [p for p in problems if expression_heldout(p)]
 
 # %% ../nbs/05_post_training.ipynb #5faa5a4d
-def fine_tuned(model, tok: BPETokenizer, conversations: list, steps: int, post: PostTrainingRecipe, seed: int = 0, device: str = "cpu"):
+def fine_tuned(
+    model,
+    tok: BPETokenizer,
+    conversations: list,
+    steps: int,
+    post: PostTrainingRecipe,
+    seed: int = 0,
+    device: str = "cpu",
+):
     "A copy of `model` after SFT on `conversations`, and the log of its steps."
     tuned = copy.deepcopy(model)
     return tuned, sft(tuned, tok, conversations, steps, post, seed, device)
+
 
 def worked_solutions(problems: Sequence[str]) -> list[list[dict]]:
     "Each problem with its reductions, one per line."
@@ -630,11 +1041,17 @@ def worked_solutions(problems: Sequence[str]) -> list[list[dict]]:
 # %% ../nbs/05_post_training.ipynb #0bdb6d4e
 def newline_tokens(tok: BPETokenizer) -> set:
     "Ids of the tokens that are only whitespace with a newline in it (where a step ends)."
-    return {i for i in range(tok.vocab_size) if i not in tok.special_tokens.values() and "\n" in (s := tok.decode([i])) and not s.strip()}
+    return {
+        i
+        for i in range(tok.vocab_size)
+        if i not in tok.special_tokens.values() and "\n" in (s := tok.decode([i])) and not s.strip()
+    }
+
 
 def step_ends(completion: Sequence[int], newlines: set, offset: int = 0) -> list[int]:
     "Position of the last token of each step of a completion: its newlines, and the end of the completion."
     return [offset + i for i, t in enumerate(completion) if t in newlines] + [offset + len(completion) - 1]
+
 
 def final_answer(tok: BPETokenizer, completion: Sequence[int]) -> str:
     "The last line of a solution."
@@ -642,68 +1059,121 @@ def final_answer(tok: BPETokenizer, completion: Sequence[int]) -> str:
 
 # %% ../nbs/05_post_training.ipynb #3f05a11e
 def reasoning_prompt(tok: BPETokenizer, problem: str) -> list[int]:
-    return render_chat(tok, [dict(role="user", content=REDUCE_QUESTION.format(expression=problem))], add_generation_prompt=True)[0]
+    return render_chat(
+        tok, [dict(role="user", content=REDUCE_QUESTION.format(expression=problem))], add_generation_prompt=True
+    )[0]
 
-def sample_solutions(model, tok: BPETokenizer, problems: Sequence[str], n: int, generator: torch.Generator, temperature: float = 1.0,
-                     device: str = "cpu") -> list[list[list[int]]]:
+
+def sample_solutions(
+    model,
+    tok: BPETokenizer,
+    problems: Sequence[str],
+    n: int,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+    device: str = "cpu",
+) -> list[list[list[int]]]:
     "`n` sampled solutions per problem (ids after the prompt, ending with the end-of-turn token when they stopped)."
-    out = complete(model, tok, [reasoning_prompt(tok, p) for p in problems for _ in range(n)], 32, temperature=temperature,
-                   generator=generator, keep_stop=True, device=device)
-    return [out[i * n:(i + 1) * n] for i in range(len(problems))]
+    out = complete(
+        model,
+        tok,
+        [reasoning_prompt(tok, p) for p in problems for _ in range(n)],
+        32,
+        temperature=temperature,
+        generator=generator,
+        keep_stop=True,
+        device=device,
+    )
+    return [out[i * n : (i + 1) * n] for i in range(len(problems))]
+
 
 def labelled_solution(tok: BPETokenizer, problem: str, completion: list[int], newlines: set) -> dict:
     "Prompt + solution ids, where each step ends, and each step's label by execution (an empty solution is one wrong step)."
     prompt, steps, current = reasoning_prompt(tok, problem), [], []
     for t in completion:
-        if t in newlines: steps.append(current); current = []
-        elif t not in tok.special_tokens.values(): current.append(t)
+        if t in newlines:
+            steps.append(current)
+            current = []
+        elif t not in tok.special_tokens.values():
+            current.append(t)
     steps.append(current)
     ends = step_ends(completion, newlines, len(prompt)) if completion else [len(prompt) - 1]
     return dict(ids=prompt + completion, ends=ends, labels=label_steps(problem, [tok.decode(s).strip() for s in steps]))
+
 
 def step_batch(tok: BPETokenizer, rows: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     "Right-padded ids, and targets: each step's label at its end position, −1 elsewhere."
     x = torch.full((len(rows), max(len(r["ids"]) for r in rows)), tok.special_tokens[ENDOFTEXT])
     y = torch.full(x.shape, -1.0)
     for i, r in enumerate(rows):
-        x[i, :len(r["ids"])] = torch.tensor(r["ids"])
+        x[i, : len(r["ids"])] = torch.tensor(r["ids"])
         y[i, r["ends"]] = torch.tensor(r.get("labels", [0] * len(r["ends"])), dtype=torch.float)
     return x, y
 
-def train_process_reward_model(prm: RewardModel, tok: BPETokenizer, rows: list[dict], steps: int, post: PostTrainingRecipe,
-                               seed: int = 0, device: str = "cpu") -> list[dict]:
+
+def train_process_reward_model(
+    prm: RewardModel,
+    tok: BPETokenizer,
+    rows: list[dict],
+    steps: int,
+    post: PostTrainingRecipe,
+    seed: int = 0,
+    device: str = "cpu",
+) -> list[dict]:
     "Binary cross-entropy on the label at every step's end; returns the log of each step."
+
     def batch_loss(batch):
         x, y = (t.to(device) for t in step_batch(tok, batch))
         logits, labelled = prm.token_scores(x), y >= 0
-        return (F.binary_cross_entropy_with_logits(logits[labelled], y[labelled]),
-                dict(accuracy=((logits[labelled] > 0) == y[labelled].bool()).float().mean().item()))
+        return (
+            F.binary_cross_entropy_with_logits(logits[labelled], y[labelled]),
+            dict(accuracy=((logits[labelled] > 0) == y[labelled].bool()).float().mean().item()),
+        )
+
     return optimize(prm, rows, steps, post.reward_lr, post, seed, batch_loss)
 
+
 @torch.no_grad()
-def step_probabilities(prm: RewardModel, tok: BPETokenizer, rows: Sequence[dict], device: str = "cpu", batch_size: int = 64) -> list[list[float]]:
+def step_probabilities(
+    prm: RewardModel, tok: BPETokenizer, rows: Sequence[dict], device: str = "cpu", batch_size: int = 64
+) -> list[list[float]]:
     "The PRM's probability that the solution is still right, at each step's end."
     out = []
     for start in range(0, len(rows), batch_size):
-        part = rows[start:start + batch_size]
+        part = rows[start : start + batch_size]
         p = torch.sigmoid(prm.token_scores(step_batch(tok, part)[0].to(device))).cpu()
         out += [p[i, r["ends"]].tolist() for i, r in enumerate(part)]
     return out
+
 
 def auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     "Area under the ROC curve: the chance a right item scores above a wrong one (ties count half)."
     scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
     right, wrong = scores[labels], scores[~labels]
-    if not len(right) or not len(wrong): return float("nan")
-    return float(((right[:, None] > wrong[None]).sum() + 0.5 * (right[:, None] == wrong[None]).sum()) / (len(right) * len(wrong)))
+    if not len(right) or not len(wrong):
+        return float("nan")
+    return float(
+        ((right[:, None] > wrong[None]).sum() + 0.5 * (right[:, None] == wrong[None]).sum()) / (len(right) * len(wrong))
+    )
 
 # %% ../nbs/05_post_training.ipynb #80d333bc
-def process_reward_model(solver, tok: BPETokenizer, problems: Sequence[str], steps: int, post: PostTrainingRecipe, samples: int = 4,
-                         seed: int = 0, device: str = "cpu") -> tuple[RewardModel, list[dict], list[dict]]:
+def process_reward_model(
+    solver,
+    tok: BPETokenizer,
+    problems: Sequence[str],
+    steps: int,
+    post: PostTrainingRecipe,
+    samples: int = 4,
+    seed: int = 0,
+    device: str = "cpu",
+) -> tuple[RewardModel, list[dict], list[dict]]:
     "Sample `samples` solutions per problem, label their steps by execution, train a PRM from the solver: (PRM, labelled rows, log)."
     generator, newlines = torch.Generator(device).manual_seed(seed), newline_tokens(tok)
-    rows = [labelled_solution(tok, p, c, newlines) for p, group in zip(problems, sample_solutions(solver, tok, problems, samples, generator, device=device))
-            for c in group]
+    rows = [
+        labelled_solution(tok, p, c, newlines)
+        for p, group in zip(problems, sample_solutions(solver, tok, problems, samples, generator, device=device))
+        for c in group
+    ]
     prm = RewardModel(copy.deepcopy(solver)).to(device)
     return prm, rows, train_process_reward_model(prm, tok, rows, steps, post, seed, device)
 
@@ -712,89 +1182,166 @@ def majority_vote(answers: Sequence[str]) -> str:
     "The most common answer (the first seen among ties)."
     return collections.Counter(answers).most_common(1)[0][0]
 
+
 def weighted_vote(answers: Sequence[str], weights: Sequence[float]) -> str:
     "The answer with the largest total weight."
     totals = collections.defaultdict(float)
-    for a, w in zip(answers, weights): totals[a] += w
+    for a, w in zip(answers, weights):
+        totals[a] += w
     return max(totals, key=totals.get)
 
+
 @torch.no_grad()
-def step_search(model, prm: RewardModel, tok: BPETokenizer, problem: str, width: int, newlines: set, generator: torch.Generator,
-                temperature: float = 1.0, max_steps: int = 6, device: str = "cpu") -> list[int]:
+def step_search(
+    model,
+    prm: RewardModel,
+    tok: BPETokenizer,
+    problem: str,
+    width: int,
+    newlines: set,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+    max_steps: int = 6,
+    device: str = "cpu",
+) -> list[int]:
     "Sample `width` candidates for the next step, keep the one the PRM rates highest; repeat until the solution ends."
     prompt, solution = reasoning_prompt(tok, problem), []
     stop = newlines | {tok.special_tokens[END_OF_TURN], tok.special_tokens[ENDOFTEXT]}
     for _ in range(max_steps):
-        candidates = [c for c in complete(model, tok, [prompt + solution] * width, 16, stop, temperature, generator, keep_stop=True, device=device) if c]
-        if not candidates: break
+        candidates = [
+            c
+            for c in complete(
+                model, tok, [prompt + solution] * width, 16, stop, temperature, generator, keep_stop=True, device=device
+            )
+            if c
+        ]
+        if not candidates:
+            break
         rows = [dict(ids=prompt + solution + c, ends=[len(prompt) + len(solution) + len(c) - 1]) for c in candidates]
         best = candidates[int(np.argmax([s[0] for s in step_probabilities(prm, tok, rows, device)]))]
         solution += best
-        if best[-1] not in newlines: break
+        if best[-1] not in newlines:
+            break
     return solution
 
 # %% ../nbs/05_post_training.ipynb #c25777c8
-TOOLS = [dict(name="calculator", description="+ - * / on numbers"), dict(name="python", description="a Python expression")]
+TOOLS = [
+    dict(name="calculator", description="+ - * / on numbers"),
+    dict(name="python", description="a Python expression"),
+]
+
 
 def calculator(expression: str) -> str:
     "The value of an arithmetic expression over numbers (+, −, ×, / and parentheses), through the sandbox."
-    try: tree = ast.parse(expression, mode="eval")
-    except (SyntaxError, ValueError, TypeError, RecursionError): raise SandboxError("not an arithmetic expression") from None
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except (SyntaxError, ValueError, TypeError, RecursionError):
+        raise SandboxError("not an arithmetic expression") from None
     for node in ast.walk(tree):
-        if not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.USub, ast.UAdd)) \
-                and not (isinstance(node, ast.Constant) and type(node.value) in (int, float)):
+        if not isinstance(
+            node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.USub, ast.UAdd)
+        ) and not (isinstance(node, ast.Constant) and type(node.value) in (int, float)):
             raise SandboxError(f"the calculator takes numbers and + - * / only, not {type(node).__name__}")
     return sandbox_eval(expression)
+
 
 def call_tool(call: dict) -> str:
     "Run one tool call (`{'name': ..., 'arguments': {'expression': ...}}`); a failure is returned as text for the model."
     tools = {"calculator": calculator, "python": sandbox_eval}
     try:
         name, expression = call["name"], call["arguments"]["expression"]
-        if name not in tools: return f"error: no tool named {name!r}"
+        if name not in tools:
+            return f"error: no tool named {name!r}"
         return tools[name](expression)
-    except SandboxError as e: return f"error: {e}"
-    except (KeyError, TypeError): return "error: a call is {\"name\": ..., \"arguments\": {\"expression\": ...}}"
+    except SandboxError as e:
+        return f"error: {e}"
+    except (KeyError, TypeError):
+        return 'error: a call is {"name": ..., "arguments": {"expression": ...}}'
 
 # %% ../nbs/05_post_training.ipynb #733fceed
-WORDS = ("alpha", "token", "python", "model", "data", "sandbox", "tensor", "book", "chapter", "layer", "vector", "batch")
+WORDS = (
+    "alpha",
+    "token",
+    "python",
+    "model",
+    "data",
+    "sandbox",
+    "tensor",
+    "book",
+    "chapter",
+    "layer",
+    "vector",
+    "batch",
+)
+
 
 def tool_problem(rng: random.Random) -> dict:
     "A question for the calculator (multi-digit arithmetic) or for the Python evaluator; its `kind` is the tool it needs."
     a, b, c = rng.randint(100, 9999), rng.randint(10, 999), rng.randint(2, 9)
-    if rng.random() < 0.5: expression, tool = f"{a} {rng.choice('+-*')} {b}", "calculator"
+    if rng.random() < 0.5:
+        expression, tool = f"{a} {rng.choice('+-*')} {b}", "calculator"
     else:
         w = rng.choice(WORDS)
-        expression, tool = rng.choice([f"max({a}, {b}) // {c}", f"min({a}, {b}) % {c}", f"abs({b} - {a}) + {c}",
-                                       f"len('{w}') * {b}", f"{a} // {b} + {c}", f"{a} % {b} - {c}"]), "python"
-    return dict(kind=tool, expression=expression, question=QUESTIONS["expression"][0].format(expression=expression),
-                answer=sandbox_eval(expression))
+        expression, tool = (
+            rng.choice(
+                [
+                    f"max({a}, {b}) // {c}",
+                    f"min({a}, {b}) % {c}",
+                    f"abs({b} - {a}) + {c}",
+                    f"len('{w}') * {b}",
+                    f"{a} // {b} + {c}",
+                    f"{a} % {b} - {c}",
+                ]
+            ),
+            "python",
+        )
+    return dict(
+        kind=tool,
+        expression=expression,
+        question=QUESTIONS["expression"][0].format(expression=expression),
+        answer=sandbox_eval(expression),
+    )
+
 
 def tool_problems(n: int, seed: int = 0) -> list[dict]:
     "`n` distinct problems."
     rng, problems = random.Random(seed), {}
     while len(problems) < n:
-        p = tool_problem(rng); problems.setdefault(p["expression"], p)
+        p = tool_problem(rng)
+        problems.setdefault(p["expression"], p)
     return list(problems.values())
+
 
 def tool_trace(problem: dict) -> list[dict]:
     "Question, tool call, the tool's answer, final answer."
     call = dict(name=problem["kind"], arguments=dict(expression=problem["expression"]))
-    return [dict(role="user", content=problem["question"]),
-            dict(role="assistant", content="", tool_calls=[dict(type="function", function=call)]),
-            dict(role="tool", content=call_tool(call)), dict(role="assistant", content=problem["answer"])]
+    return [
+        dict(role="user", content=problem["question"]),
+        dict(role="assistant", content="", tool_calls=[dict(type="function", function=call)]),
+        dict(role="tool", content=call_tool(call)),
+        dict(role="assistant", content=problem["answer"]),
+    ]
 
 # %% ../nbs/05_post_training.ipynb #45d457ef
 def tool_conversations(problems: list[dict], seed: int = 0) -> list:
     "Each problem twice: as a tool trace with the tools listed, and answered directly without them."
-    conversations = [dict(messages=tool_trace(p), tools=TOOLS) for p in problems] + [chat(p["question"], p["answer"]) for p in problems]
+    conversations = [dict(messages=tool_trace(p), tools=TOOLS) for p in problems] + [
+        chat(p["question"], p["answer"]) for p in problems
+    ]
     random.Random(seed).shuffle(conversations)
     return conversations
 
 # %% ../nbs/05_post_training.ipynb #90bd466e
 @torch.no_grad()
-def run_with_tools(model, tok: BPETokenizer, questions: Sequence[str], tools: list | None = TOOLS, max_calls: int = 2,
-                   max_new_tokens: int = 48, device: str = "cpu") -> list[list[dict]]:
+def run_with_tools(
+    model,
+    tok: BPETokenizer,
+    questions: Sequence[str],
+    tools: list | None = TOOLS,
+    max_calls: int = 2,
+    max_new_tokens: int = 48,
+    device: str = "cpu",
+) -> list[list[dict]]:
     "Each question's whole conversation: the tool calls the model made, the tools' answers, and its final answer."
     call_token = tok.special_tokens["<|tool_call|>"]
     conversations, waiting = [[dict(role="user", content=q)] for q in questions], list(range(len(questions)))
@@ -804,39 +1351,58 @@ def run_with_tools(model, tok: BPETokenizer, questions: Sequence[str], tools: li
         for i, ids in zip(waiting, complete(model, tok, prompts, max_new_tokens, device=device)):
             call = None
             if tools and call_token in ids and round_ < max_calls:
-                try: call = json.loads(tok.decode(ids[ids.index(call_token) + 1:]))
-                except json.JSONDecodeError: pass
+                try:
+                    call = json.loads(tok.decode(ids[ids.index(call_token) + 1 :]))
+                except json.JSONDecodeError:
+                    pass
             if isinstance(call, dict):
-                conversations[i] += [dict(role="assistant", content=tok.decode(ids[:ids.index(call_token)]).strip(),
-                                          tool_calls=[dict(type="function", function=call)]), dict(role="tool", content=call_tool(call))]
+                conversations[i] += [
+                    dict(
+                        role="assistant",
+                        content=tok.decode(ids[: ids.index(call_token)]).strip(),
+                        tool_calls=[dict(type="function", function=call)],
+                    ),
+                    dict(role="tool", content=call_tool(call)),
+                ]
                 still_waiting.append(i)
-            else: conversations[i].append(dict(role="assistant", content=tok.decode(ids).strip()))
+            else:
+                conversations[i].append(dict(role="assistant", content=tok.decode(ids).strip()))
         waiting = still_waiting
-        if not waiting: break
+        if not waiting:
+            break
     return conversations
+
 
 def tool_accuracy(model, tok: BPETokenizer, problems: list[dict], tools: list | None, device: str = "cpu") -> dict:
     "Exact match of the final answers, overall and by tool; tool calls per problem; the conversations."
     conversations = run_with_tools(model, tok, [p["question"] for p in problems], tools, device=device)
-    correct = [c[-1]["role"] == "assistant" and c[-1]["content"] == p["answer"] for c, p in zip(conversations, problems)]
-    return dict(accuracy_by_kind(problems, correct), calls=float(np.mean([sum(m["role"] == "tool" for m in c) for c in conversations])),
-                conversations=conversations)
+    correct = [
+        c[-1]["role"] == "assistant" and c[-1]["content"] == p["answer"] for c, p in zip(conversations, problems)
+    ]
+    return dict(
+        accuracy_by_kind(problems, correct),
+        calls=float(np.mean([sum(m["role"] == "tool" for m in c) for c in conversations])),
+        conversations=conversations,
+    )
 
 # %% ../nbs/05_post_training.ipynb #751c88fd
 def words(text: str) -> list[str]:
     "BM25's terms: runs of lower-case letters and digits (`statistics.fmean` → `statistics`, `fmean`)."
     return re.findall(r"[a-z0-9]+", text.lower())
 
+
 class BM25:
     "Okapi BM25 over a list of documents, in Lucene's form (the one `bm25s` computes by default)."
+
     def __init__(self, documents: Sequence[str], k1: float = 1.5, b: float = 0.75):
         self.k1, self.b, self.n = k1, b, len(documents)
         counts = [collections.Counter(words(d)) for d in documents]
         self.length = np.array([sum(c.values()) for c in counts], dtype=float)
         self.average_length = self.length.mean()
-        self.postings = collections.defaultdict(list)          # term → [(document, term frequency)]
+        self.postings = collections.defaultdict(list)  # term → [(document, term frequency)]
         for i, c in enumerate(counts):
-            for term, tf in c.items(): self.postings[term].append((i, tf))
+            for term, tf in c.items():
+                self.postings[term].append((i, tf))
         self.idf = {t: math.log(1 + (self.n - len(p) + 0.5) / (len(p) + 0.5)) for t, p in self.postings.items()}
 
     def scores(self, query: str) -> np.ndarray:
@@ -844,14 +1410,18 @@ class BM25:
         s = np.zeros(self.n)
         for term in words(query):
             for i, tf in self.postings.get(term, ()):
-                s[i] += self.idf[term] * tf / (tf + self.k1 * (1 - self.b + self.b * self.length[i] / self.average_length))
+                s[i] += (
+                    self.idf[term] * tf / (tf + self.k1 * (1 - self.b + self.b * self.length[i] / self.average_length))
+                )
         return s
 
     def search(self, query: str, k: int) -> list[int]:
         "The `k` best documents, best first (ties: the earlier document)."
         return np.argsort(-self.scores(query), kind="stable")[:k].tolist()
 
-RAG_KINDS = ("summary", "signature", "module")   # the questions documentation answers
+
+RAG_KINDS = ("summary", "signature", "module")  # the questions documentation answers
+
 
 def passage(entry: dict) -> str:
     "A function's documentation as one passage."
@@ -861,6 +1431,7 @@ def passage(entry: dict) -> str:
 def bm25_parity(documents: Sequence[str], queries: Sequence[str], k1: float = 1.5, b: float = 0.75) -> dict:
     "Largest score difference between our BM25 and `bm25s` (method 'lucene'), and how often their top 10 agree."
     import bm25s
+
     ours, reference = BM25(documents, k1, b), bm25s.BM25(k1=k1, b=b, method="lucene")
     reference.index([words(d) for d in documents], show_progress=False)
     differences, same_top = [], []
@@ -874,30 +1445,44 @@ def bm25_parity(documents: Sequence[str], queries: Sequence[str], k1: float = 1.
 def retrieval_corpus(corpus) -> tuple[list[dict], list[dict], list[str], dict]:
     "Documented functions of the training split and of the held-out modules, every one's passage (training ones first), and name → passage."
     train_entries, heldout_entries = instruction_entries(corpus["train"]), instruction_entries(corpus["heldout"])
-    if {e["module"] for e in train_entries} & set(HELDOUT_MODULES): raise ValueError("a held-out module is in the training split")
+    if {e["module"] for e in train_entries} & set(HELDOUT_MODULES):
+        raise ValueError("a held-out module is in the training split")
     everything = train_entries + heldout_entries
-    return train_entries, heldout_entries, [passage(e) for e in everything], {e["name"]: i for i, e in enumerate(everything)}
+    return (
+        train_entries,
+        heldout_entries,
+        [passage(e) for e in everything],
+        {e["name"]: i for i, e in enumerate(everything)},
+    )
 
 # %% ../nbs/05_post_training.ipynb #420bfe7c
 RAG_PASSAGES = 3
 
+
 def retrieval_prompt(question: str, passages: Sequence[str]) -> str:
     "The question, then the passages from the last found to the first, each with its number."
-    return question + "\n\nSources:\n" + "\n".join(f"[{len(passages) - i}] {p}" for i, p in enumerate(reversed(passages)))
+    return (
+        question + "\n\nSources:\n" + "\n".join(f"[{len(passages) - i}] {p}" for i, p in enumerate(reversed(passages)))
+    )
 
-def raft_conversations(tasks: list[dict], documents: Sequence[str], document_of: dict, index: BM25, golden: float = 0.8,
-                       seed: int = 0) -> list[list[dict]]:
+
+def raft_conversations(
+    tasks: list[dict], documents: Sequence[str], document_of: dict, index: BM25, golden: float = 0.8, seed: int = 0
+) -> list[list[dict]]:
     "Questions with retrieved passages: the right one (cited) with probability `golden`, otherwise distractors only (no citation)."
     rng, conversations = random.Random(seed), []
     for t in tasks:
         right, found = document_of[t["key"]], index.search(t["question"], RAG_PASSAGES + 1)
         if rng.random() < golden:
-            shown = found[:RAG_PASSAGES] if right in found[:RAG_PASSAGES] else found[:RAG_PASSAGES - 1]
-            if right not in shown: shown.insert(rng.randrange(RAG_PASSAGES), right)
+            shown = found[:RAG_PASSAGES] if right in found[:RAG_PASSAGES] else found[: RAG_PASSAGES - 1]
+            if right not in shown:
+                shown.insert(rng.randrange(RAG_PASSAGES), right)
             answer = f"{t['answer']} [{shown.index(right) + 1}]"
-        else: shown, answer = [d for d in found if d != right][:RAG_PASSAGES], t["answer"]
+        else:
+            shown, answer = [d for d in found if d != right][:RAG_PASSAGES], t["answer"]
         conversations.append(chat(retrieval_prompt(t["question"], [documents[d] for d in shown]), answer))
     return conversations
+
 
 def cited(answer: str) -> tuple[str, int | None]:
     "An answer without its trailing citation `[n]`, and n (None when it cites nothing)."
@@ -907,26 +1492,31 @@ def cited(answer: str) -> tuple[str, int | None]:
 # %% ../nbs/05_post_training.ipynb #cfb757b0
 def save_reward_model(rm: RewardModel, tok: BPETokenizer, directory: Path):
     "A reward model: its transformer in Hugging Face format (`backbone/`), its head as safetensors, and the head's sha256."
-    save_hf(rm.backbone.cpu(), tok, directory/"backbone")
-    digest = save_safetensors({"weight": rm.score.weight, "bias": rm.score.bias}, directory/"head.safetensors")
-    atomic_write_json(directory/"head.json", dict(sha256=digest))
+    save_hf(rm.backbone.cpu(), tok, directory / "backbone")
+    digest = save_safetensors({"weight": rm.score.weight, "bias": rm.score.bias}, directory / "head.safetensors")
+    atomic_write_json(directory / "head.json", dict(sha256=digest))
+
 
 def load_reward_model(directory: Path) -> RewardModel:
     "A reward model saved by `save_reward_model` (the head's digest is checked)."
     from transformers import AutoModelForCausalLM
-    rm = RewardModel(from_hf(AutoModelForCausalLM.from_pretrained(directory/"backbone")))
-    head = load_safetensors(directory/"head.safetensors", load_json(directory/"head.json")["sha256"])
+
+    rm = RewardModel(from_hf(AutoModelForCausalLM.from_pretrained(directory / "backbone")))
+    head = load_safetensors(directory / "head.safetensors", load_json(directory / "head.json")["sha256"])
     rm.score.load_state_dict(head)
     return rm.eval()
 
-def save_second_half(run: Run, tok: BPETokenizer, solver, prm: RewardModel, tool_model, reader, documents: Sequence[str], results: dict):
+
+def save_second_half(
+    run: Run, tok: BPETokenizer, solver, prm: RewardModel, tool_model, reader, documents: Sequence[str], results: dict
+):
     "prm/ (solver, process reward model), model/tools/, rag/ (passages, reader), and the second half's results in eval/post.json."
-    save_hf(solver.cpu(), tok, run.artifact("prm")/"solver")
-    save_reward_model(prm.cpu(), tok, run.artifact("prm")/"reward_model")
+    save_hf(solver.cpu(), tok, run.artifact("prm") / "solver")
+    save_reward_model(prm.cpu(), tok, run.artifact("prm") / "reward_model")
     save_hf(tool_model.cpu(), tok, run.artifact("model/tools"))
-    with atomic_path(run.artifact("rag")/"passages.jsonl") as tmp:
+    with atomic_path(run.artifact("rag") / "passages.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(dict(id=i, text=d)) + "\n" for i, d in enumerate(documents)))
-    save_hf(reader.cpu(), tok, run.artifact("rag")/"reader")
+    save_hf(reader.cpu(), tok, run.artifact("rag") / "reader")
     post = load_json(run.artifact("eval/post.json")) if run.artifact("eval/post.json").exists() else {}
     atomic_write_json(run.artifact("eval/post.json"), {**post, **results})
 
@@ -934,6 +1524,7 @@ def save_second_half(run: Run, tok: BPETokenizer, solver, prm: RewardModel, tool
 def produce(run: Run):
     "Both halves without the parity checks, plots and evaluations of the second half: every artifact of Chapter 5."
     from transformers import AutoModelForCausalLM
+
     cfg, post, device = run.cfg, PostTrainingRecipe(), torch_device(run.cfg)
     tok = load_tokenizer(run.artifact("tokenizer"))
     base = from_hf(AutoModelForCausalLM.from_pretrained(run.artifact("model/base"))).to(device)
@@ -944,19 +1535,46 @@ def produce(run: Run):
     sft_model = copy.deepcopy(base)
     sft(sft_model, tok, [chat(t["question"], t["answer"]) for t in train_tasks], cfg.sft_steps, post, cfg.seed, device)
     dpo_model, rl_model = copy.deepcopy(sft_model), copy.deepcopy(sft_model)
-    dpo(dpo_model, sft_model, tok, preference_pairs(train_tasks, cfg.seed), cfg.preference_steps, post, cfg.seed, device)
-    grpo(rl_model, sft_model, tok, [t for t in train_tasks if t["kind"] == "expression"], cfg.rl_steps, post, cfg.seed, device)
-    scores = {name: exact_match(m, tok, eval_tasks, device=device) for name, m in (("base", base), ("SFT", sft_model), ("DPO", dpo_model), ("RL", rl_model))}
-    for name, m in (("sft", sft_model), ("dpo", dpo_model), ("rl", rl_model)): save_hf(m.cpu(), tok, run.artifact(f"model/{name}"))
+    dpo(
+        dpo_model, sft_model, tok, preference_pairs(train_tasks, cfg.seed), cfg.preference_steps, post, cfg.seed, device
+    )
+    grpo(
+        rl_model,
+        sft_model,
+        tok,
+        [t for t in train_tasks if t["kind"] == "expression"],
+        cfg.rl_steps,
+        post,
+        cfg.seed,
+        device,
+    )
+    scores = {
+        name: exact_match(m, tok, eval_tasks, device=device)
+        for name, m in (("base", base), ("SFT", sft_model), ("DPO", dpo_model), ("RL", rl_model))
+    }
+    for name, m in (("sft", sft_model), ("dpo", dpo_model), ("rl", rl_model)):
+        save_hf(m.cpu(), tok, run.artifact(f"model/{name}"))
     table = {name: {"exact_match": {k: v for k, v in s.items() if k != "answers"}} for name, s in scores.items()}
     atomic_write_json(run.artifact("eval/post.json"), dict(before_after=table))
     run.record(sft_exact_match_gain=scores["SFT"]["all"] - scores["base"]["all"])
     reasoning_train, sft_model = reasoning_problems(cfg.reasoning_problems, cfg.seed)[0], sft_model.to(device)
-    solver = fine_tuned(sft_model, tok, worked_solutions(reasoning_train), cfg.reasoning_steps, post, cfg.seed, device)[0]
-    prm = process_reward_model(solver, tok, reasoning_train[:cfg.prm_problems], cfg.prm_steps, post, seed=cfg.seed, device=device)[0]
+    solver = fine_tuned(sft_model, tok, worked_solutions(reasoning_train), cfg.reasoning_steps, post, cfg.seed, device)[
+        0
+    ]
+    prm = process_reward_model(
+        solver, tok, reasoning_train[: cfg.prm_problems], cfg.prm_steps, post, seed=cfg.seed, device=device
+    )[0]
     tool_train = [p for p in tool_problems(cfg.tool_problems, cfg.seed) if not expression_heldout(p["expression"])]
-    tool_model = fine_tuned(sft_model, tok, tool_conversations(tool_train, cfg.seed), cfg.tool_steps, post, cfg.seed, device)[0]
+    tool_model = fine_tuned(
+        sft_model, tok, tool_conversations(tool_train, cfg.seed), cfg.tool_steps, post, cfg.seed, device
+    )[0]
     train_entries, _, documents, document_of = retrieval_corpus(corpus)
-    raft = raft_conversations([t for t in train_tasks if t["kind"] in RAG_KINDS], documents, document_of, BM25(documents[:len(train_entries)]), seed=cfg.seed)
+    raft = raft_conversations(
+        [t for t in train_tasks if t["kind"] in RAG_KINDS],
+        documents,
+        document_of,
+        BM25(documents[: len(train_entries)]),
+        seed=cfg.seed,
+    )
     reader = fine_tuned(sft_model, tok, raft, cfg.rag_steps, post, cfg.seed, device)[0]
     save_second_half(run, tok, solver, prm, tool_model, reader, documents, {})

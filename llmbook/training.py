@@ -32,37 +32,77 @@ import torch.nn.functional as F
 from einops import rearrange
 from fastcore.basics import patch
 
-from .book import (Run, atomic_path, atomic_write_json, load_json, load_safetensors, sha256_file, sha256_json, torch_device,
-                          sweep_interrupted_writes)
+from llmbook.book import (
+    Run,
+    atomic_path,
+    atomic_write_json,
+    load_json,
+    load_safetensors,
+    sha256_file,
+    sha256_json,
+    torch_device,
+    sweep_interrupted_writes,
+)
 from .data import expression_heldout, load_corpus, random_expression
 from .foundations import flops_per_token
-from .modeling import (DOMAIN_CODES, ENDOFTEXT, BPETokenizer, ModelConfig, PackedLoader, Recipe, Transformer, evaluate, generate,
-                              load_recipe, load_tokenizer, make_optimizer, open_tokens, save_hf, train_step)
+from llmbook.modeling import (
+    DOMAIN_CODES,
+    ENDOFTEXT,
+    BPETokenizer,
+    ModelConfig,
+    PackedLoader,
+    Recipe,
+    Transformer,
+    evaluate,
+    generate,
+    load_recipe,
+    load_tokenizer,
+    make_optimizer,
+    open_tokens,
+    save_hf,
+    train_step,
+)
 
 # %% ../nbs/04_training.ipynb #fc57dd3d
 class GPT2(nn.Module):
     "nanoGPT's GPT-2: LayerNorm, learned positions, multi-head attention, GELU MLP, tied embeddings."
+
     def __init__(self, vocab_size: int, n_layer: int, n_embd: int, n_head: int, seq_len: int):
         super().__init__()
         self.n_head = n_head
         self.wte, self.wpe = nn.Embedding(vocab_size, n_embd), nn.Embedding(seq_len, n_embd)
-        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
-            ln_1=nn.LayerNorm(n_embd), c_attn=nn.Linear(n_embd, 3 * n_embd), attn_proj=nn.Linear(n_embd, n_embd),
-            ln_2=nn.LayerNorm(n_embd), c_fc=nn.Linear(n_embd, 4 * n_embd), mlp_proj=nn.Linear(4 * n_embd, n_embd))) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                dict(
+                    ln_1=nn.LayerNorm(n_embd),
+                    c_attn=nn.Linear(n_embd, 3 * n_embd),
+                    attn_proj=nn.Linear(n_embd, n_embd),
+                    ln_2=nn.LayerNorm(n_embd),
+                    c_fc=nn.Linear(n_embd, 4 * n_embd),
+                    mlp_proj=nn.Linear(4 * n_embd, n_embd),
+                )
+            )
+            for _ in range(n_layer)
+        )
         self.ln_f, self.lm_head = nn.LayerNorm(n_embd), nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
         for name, p in self.named_parameters():
-            if p.ndim == 2: nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02)
-            elif name.endswith("bias"): nn.init.zeros_(p)
+            if p.ndim == 2:
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
 
     def forward(self, idx, targets=None):
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         for b in self.blocks:
             q, k, v = rearrange(b["c_attn"](b["ln_1"](x)), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
-            x = x + b["attn_proj"](rearrange(F.scaled_dot_product_attention(q, k, v, is_causal=True), "b h t d -> b t (h d)"))
+            x = x + b["attn_proj"](
+                rearrange(F.scaled_dot_product_attention(q, k, v, is_causal=True), "b h t d -> b t (h d)")
+            )
             x = x + b["mlp_proj"](F.gelu(b["c_fc"](b["ln_2"](x))))
         logits = self.lm_head(self.ln_f(x))
         return logits if targets is None else (logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten()))
+
 
 def gpt2_like(config: ModelConfig) -> GPT2:
     "The GPT-2-style model of the same depth, width and context as `config`."
@@ -71,49 +111,76 @@ def gpt2_like(config: ModelConfig) -> GPT2:
 # %% ../nbs/04_training.ipynb #fd996724
 def val_tokens_per_byte(tokens_dir: Path) -> float:
     "Tokens per byte of the validation split (both domains), from the token files' metadata."
-    val = load_json(Path(tokens_dir)/"meta.json")["splits"]["val"]
+    val = load_json(Path(tokens_dir) / "meta.json")["splits"]["val"]
     return sum(val["tokens_by_domain"].values()) / max(1, sum(val["bytes_by_domain"].values()))
+
 
 def bits_per_byte(nats_per_token: float, tokens_per_byte: float) -> float:
     "Cross-entropy in nats per token → bits per byte of text."
     return nats_per_token / math.log(2) * tokens_per_byte
 
 # %% ../nbs/04_training.ipynb #edb73c54
-def timed_run(build: Callable[[], nn.Module], recipe: Recipe, tokens_dir: Path, seconds: float, seq_len: int, batch_size: int,
-              epochs_by_domain: dict | None = None, seed: int = 0, eval_batches: int = 8, probe_steps: int = 5) -> dict:
+def timed_run(
+    build: Callable[[], nn.Module],
+    recipe: Recipe,
+    tokens_dir: Path,
+    seconds: float,
+    seq_len: int,
+    batch_size: int,
+    epochs_by_domain: dict | None = None,
+    seed: int = 0,
+    eval_batches: int = 8,
+    probe_steps: int = 5,
+) -> dict:
     "Train a fresh model for about `seconds` of wall-clock; return its loss curve and validation loss."
     torch.manual_seed(seed)
     probe, loader = build(), PackedLoader(tokens_dir, "train", seq_len, batch_size, epochs_by_domain, seed=seed)
     probe_optimizer = make_optimizer(probe, recipe)
-    train_step(probe, probe_optimizer, [loader.next_batch()], recipe, 0, 100)   # warm-up: first-touch costs are not a step's
+    train_step(
+        probe, probe_optimizer, [loader.next_batch()], recipe, 0, 100
+    )  # warm-up: first-touch costs are not a step's
     started = time.perf_counter()
-    for s in range(probe_steps): train_step(probe, probe_optimizer, [loader.next_batch()], recipe, s + 1, 100)
+    for s in range(probe_steps):
+        train_step(probe, probe_optimizer, [loader.next_batch()], recipe, s + 1, 100)
     steps = max(probe_steps, int(seconds / ((time.perf_counter() - started) / probe_steps)))
     torch.manual_seed(seed)
     model, loader = build(), PackedLoader(tokens_dir, "train", seq_len, batch_size, epochs_by_domain, seed=seed)
     optimizer, curve, started = make_optimizer(model, recipe), [], time.perf_counter()
-    for s in range(steps): curve.append(train_step(model, optimizer, [loader.next_batch()], recipe, s, steps)["loss"])
+    for s in range(steps):
+        curve.append(train_step(model, optimizer, [loader.next_batch()], recipe, s, steps)["loss"])
     elapsed = time.perf_counter() - started
     val = evaluate(model, PackedLoader(tokens_dir, "val", seq_len, batch_size, seed=seed), eval_batches)
-    return dict(steps=steps, seconds=elapsed, tokens=steps * batch_size * seq_len, curve=curve, val_loss=val,
-                val_bpb=bits_per_byte(val, val_tokens_per_byte(tokens_dir)), parameters=sum(p.numel() for p in model.parameters()))
+    return dict(
+        steps=steps,
+        seconds=elapsed,
+        tokens=steps * batch_size * seq_len,
+        curve=curve,
+        val_loss=val,
+        val_bpb=bits_per_byte(val, val_tokens_per_byte(tokens_dir)),
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
 
 # %% ../nbs/04_training.ipynb #d3537ef3
 class StabilityMonitor:
     "Watches losses and gradient norms; says 'non-finite', 'loss spike', 'gradient spike' or nothing."
+
     def __init__(self, window: int = 50, spike_factor: float = 3.0):
         self.window, self.spike_factor, self.losses, self.norms, self.events = window, spike_factor, [], [], []
 
     def check(self, step: int, loss: float, grad_norm: float) -> str | None:
         event = None
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)): event = "non-finite"
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            event = "non-finite"
         elif len(self.losses) >= 10:
             floor, spread = min(self.losses), np.median(np.abs(np.diff(self.losses))) + 1e-6
-            if loss > floor + self.spike_factor * 10 * spread and loss > 1.5 * np.median(self.losses): event = "loss spike"
-            elif grad_norm > 10 * np.median(self.norms): event = "gradient spike"
-        if event: self.events.append(dict(step=step, event=event, loss=loss, grad_norm=grad_norm))
+            if loss > floor + self.spike_factor * 10 * spread and loss > 1.5 * np.median(self.losses):
+                event = "loss spike"
+            elif grad_norm > 10 * np.median(self.norms):
+                event = "gradient spike"
+        if event:
+            self.events.append(dict(step=step, event=event, loss=loss, grad_norm=grad_norm))
         if event != "non-finite":
-            self.losses, self.norms = (self.losses + [loss])[-self.window:], (self.norms + [grad_norm])[-self.window:]
+            self.losses, self.norms = (self.losses + [loss])[-self.window :], (self.norms + [grad_norm])[-self.window :]
         return event
 
 # %% ../nbs/04_training.ipynb #70bde3c0
@@ -123,9 +190,12 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     tensors, scalars = {}, {}
     for index, entry in state["state"].items():
         for name, value in entry.items():
-            if torch.is_tensor(value): tensors[f"{index}.{name}"] = value
-            else: scalars[f"{index}.{name}"] = value
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
     return tensors, dict(param_groups=state["param_groups"], scalars=scalars)
+
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, rest: dict):
     "Load what `optimizer_tensors` saved."
@@ -133,37 +203,49 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, rest: dic
     for key, value in list(tensors.items()) + list(rest["scalars"].items()):
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
-    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in rest["param_groups"]]   # JSON made them lists
+    groups = [
+        dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in rest["param_groups"]
+    ]  # JSON made them lists
     optimizer.load_state_dict(dict(state=state, param_groups=groups))
 
 # %% ../nbs/04_training.ipynb #c92efd31
 def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizer, state: dict) -> Path:
     "checkpoints/step-NNNNNNN/ with model, optimizer, state and a manifest of digests, written atomically."
     from safetensors.torch import save_file
-    path = Path(directory)/f"step-{step:08d}"
+
+    path = Path(directory) / f"step-{step:08d}"
     tensors, rest = optimizer_tensors(optimizer)
     with atomic_path(path) as tmp:
         tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, str(tmp/"model.safetensors"))
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp/"optimizer.safetensors"))
-        (tmp/"state.json").write_text(json.dumps(dict(state, step=step, optimizer=rest)))
+        save_file(
+            {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+            str(tmp / "model.safetensors"),
+        )
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(dict(state, step=step, optimizer=rest)))
         files = ("model.safetensors", "optimizer.safetensors", "state.json")
-        (tmp/"manifest.json").write_text(json.dumps({f: sha256_file(tmp/f) for f in files}))
+        (tmp / "manifest.json").write_text(json.dumps({f: sha256_file(tmp / f) for f in files}))
     return path
 
 # %% ../nbs/04_training.ipynb #c0d387fa
 class CorruptCheckpoint(RuntimeError):
     "A checkpoint whose files are missing, truncated or not what its manifest says."
 
+
 def verify_checkpoint(path: Path) -> dict:
     "The checkpoint's state.json, after checking every file against the manifest (raises CorruptCheckpoint)."
     path = Path(path)
-    try: manifest = json.loads((path/"manifest.json").read_text())
-    except (OSError, ValueError) as e: raise CorruptCheckpoint(f"{path}: no readable manifest.json ({e})") from None
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{path}: no readable manifest.json ({e})") from None
     for name, digest in manifest.items():
-        if not (path/name).exists(): raise CorruptCheckpoint(f"{path}: {name} is missing")
-        if sha256_file(path/name) != digest: raise CorruptCheckpoint(f"{path}: {name} does not match its sha256 (truncated or altered)")
-    return json.loads((path/"state.json").read_text())
+        if not (path / name).exists():
+            raise CorruptCheckpoint(f"{path}: {name} is missing")
+        if sha256_file(path / name) != digest:
+            raise CorruptCheckpoint(f"{path}: {name} does not match its sha256 (truncated or altered)")
+    return json.loads((path / "state.json").read_text())
+
 
 def checkpoints(directory: Path) -> list[Path]:
     "Checkpoint directories, newest first."
@@ -172,9 +254,24 @@ def checkpoints(directory: Path) -> list[Path]:
 # %% ../nbs/04_training.ipynb #f5399ed1
 class Trainer:
     "Pretraining with checkpoints, exact resume, stability monitoring and rollback."
-    def __init__(self, model: nn.Module, recipe: Recipe, tokens_dir: Path, out: Path, total_steps: int, batch_size: int,
-                 seq_len: int, epochs_by_domain: dict | None = None, seed: int = 0, checkpoint_every: int = 50, keep: int = 3,
-                 peak_flops: float | None = None, device: str = "cpu", tensorboard: bool = True):
+
+    def __init__(
+        self,
+        model: nn.Module,
+        recipe: Recipe,
+        tokens_dir: Path,
+        out: Path,
+        total_steps: int,
+        batch_size: int,
+        seq_len: int,
+        epochs_by_domain: dict | None = None,
+        seed: int = 0,
+        checkpoint_every: int = 50,
+        keep: int = 3,
+        peak_flops: float | None = None,
+        device: str = "cpu",
+        tensorboard: bool = True,
+    ):
         self.model, self.recipe, self.out, self.total_steps, self.device = model, recipe, Path(out), total_steps, device
         self.optimizer = make_optimizer(model, recipe)
         self.loader = PackedLoader(tokens_dir, "train", seq_len, batch_size, epochs_by_domain, seed=seed)
@@ -184,31 +281,51 @@ class Trainer:
         self.flops_per_step = flops_per_token(config)["train"] * self.tokens_per_step if config else None
         self.peak_flops, self.monitor = peak_flops, StabilityMonitor()
         self.step, self.lr_scale, self.rollbacks = 0, 1.0, 0
-        self.fingerprint = sha256_json(dict(model=asdict(config) if config else repr(model), recipe=asdict(recipe), steps=total_steps,
-                                            tokens=load_json(Path(tokens_dir)/"meta.json")["tokenizer_sha256"], batch=batch_size, seed=seed))
-        self.inject_nan_at: int | None = None   # for demonstrating (and testing) the rollback
+        self.fingerprint = sha256_json(
+            dict(
+                model=asdict(config) if config else repr(model),
+                recipe=asdict(recipe),
+                steps=total_steps,
+                tokens=load_json(Path(tokens_dir) / "meta.json")["tokenizer_sha256"],
+                batch=batch_size,
+                seed=seed,
+            )
+        )
+        self.inject_nan_at: int | None = None  # for demonstrating (and testing) the rollback
         self._writer = None
 
 # %% ../nbs/04_training.ipynb #4ddad6e3
 @patch
 def save(self: Trainer) -> Path:
     "Checkpoint now, and drop all but the newest `keep`."
-    state = dict(fingerprint=self.fingerprint, lr_scale=self.lr_scale, rollbacks=self.rollbacks, loader=self.loader.state_dict(),
-                 torch_rng=torch.get_rng_state().tolist())
+    state = dict(
+        fingerprint=self.fingerprint,
+        lr_scale=self.lr_scale,
+        rollbacks=self.rollbacks,
+        loader=self.loader.state_dict(),
+        torch_rng=torch.get_rng_state().tolist(),
+    )
     path = save_checkpoint(self.out, self.step, self.model, self.optimizer, state)
-    for old in checkpoints(self.out)[self.keep:]: shutil.rmtree(old)
+    for old in checkpoints(self.out)[self.keep :]:
+        shutil.rmtree(old)
     return path
+
 
 @patch
 def load_latest(self: Trainer, log=print) -> bool:
     "Resume from the newest valid checkpoint of this run; corrupt or foreign ones are skipped, with the reason."
     sweep_interrupted_writes(self.out)
     for path in checkpoints(self.out):
-        try: state = verify_checkpoint(path)
-        except CorruptCheckpoint as e: log(f"refusing checkpoint: {e}; trying the previous one"); continue
-        if state["fingerprint"] != self.fingerprint: log(f"{path} belongs to another run (model, recipe or data changed): not resumed"); continue
-        self.model.load_state_dict(load_safetensors(path/"model.safetensors"), strict=False)
-        restore_optimizer(self.optimizer, load_safetensors(path/"optimizer.safetensors"), state["optimizer"])
+        try:
+            state = verify_checkpoint(path)
+        except CorruptCheckpoint as e:
+            log(f"refusing checkpoint: {e}; trying the previous one")
+            continue
+        if state["fingerprint"] != self.fingerprint:
+            log(f"{path} belongs to another run (model, recipe or data changed): not resumed")
+            continue
+        self.model.load_state_dict(load_safetensors(path / "model.safetensors"), strict=False)
+        restore_optimizer(self.optimizer, load_safetensors(path / "optimizer.safetensors"), state["optimizer"])
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         self.step, self.lr_scale, self.rollbacks = state["step"], state["lr_scale"], state["rollbacks"]
@@ -219,154 +336,262 @@ def load_latest(self: Trainer, log=print) -> bool:
 @patch
 def _log(self: Trainer, record: dict):
     "One line of metrics.jsonl (and TensorBoard scalars)."
-    with open(self.out/"metrics.jsonl", "a") as fh: fh.write(json.dumps(record) + "\n")
+    with open(self.out / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
     if self._writer is not None:
         for key in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu"):
-            if record.get(key) is not None: self._writer.add_scalar(f"train/{key}", record[key], record["step"])
+            if record.get(key) is not None:
+                self._writer.add_scalar(f"train/{key}", record[key], record["step"])
+
 
 @patch
 def _start_logging(self: Trainer):
     "Keep metrics up to the resumed step only (a killed run may have logged further), open TensorBoard."
-    path = self.out/"metrics.jsonl"
+    path = self.out / "metrics.jsonl"
     if path.exists():
         kept = []
         for line in path.read_text().splitlines():
-            try: record = json.loads(line)
-            except ValueError: continue   # a line cut by the kill
-            if record["step"] <= self.step: kept.append(line)
-        with atomic_path(path) as tmp: tmp.write_text("".join(l + "\n" for l in kept))
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut by the kill
+            if record["step"] <= self.step:
+                kept.append(line)
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(l + "\n" for l in kept))
     self._writer = None
     if self.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
-        self._writer = SummaryWriter(str(self.out/"tensorboard"), purge_step=self.step)
+
+        self._writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step)
 
 # %% ../nbs/04_training.ipynb #2199c964
 @patch
 def rollback(self: Trainer, log=print):
     "Restore the last good checkpoint and halve the learning rate."
     scale, rollbacks = self.lr_scale, self.rollbacks
-    if not self.load_latest(log): raise RuntimeError("training diverged before the first checkpoint: lower the learning rate")
+    if not self.load_latest(log):
+        raise RuntimeError("training diverged before the first checkpoint: lower the learning rate")
     self.lr_scale, self.rollbacks = scale / 2, rollbacks + 1
     log(f"non-finite loss: rolled back to step {self.step}, learning rate ×{self.lr_scale:g}")
+
 
 @patch
 def fit(self: Trainer, progress: bool = True, log=print) -> dict:
     "Train to `total_steps`, resuming if a checkpoint of this run exists; return a summary."
     from tqdm.auto import tqdm
+
     resumed = self.load_latest(log)
     self._start_logging()
-    if self.step == 0: self.save()
+    if self.step == 0:
+        self.save()
     bar = tqdm(total=self.total_steps, initial=self.step, desc="pretraining", disable=not progress)
     while self.step < self.total_steps:
         if self.inject_nan_at == self.step:
             self.inject_nan_at = None
-            with torch.no_grad(): next(self.model.parameters()).fill_(float("nan"))
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
         started = time.perf_counter()
         batches = [self.loader.next_batch() for _ in range(self.recipe.accumulation)]
-        out = train_step(self.model, self.optimizer, batches, self.recipe, self.step, self.total_steps, self.device, self.lr_scale)
+        out = train_step(
+            self.model, self.optimizer, batches, self.recipe, self.step, self.total_steps, self.device, self.lr_scale
+        )
         if self.monitor.check(self.step, out["loss"], out["grad_norm"]) == "non-finite":
-            self.rollback(log); bar.n = self.step; continue
+            self.rollback(log)
+            bar.n = self.step
+            continue
         seconds = time.perf_counter() - started
         self.step += 1
         mfu = self.flops_per_step / seconds / self.peak_flops if self.flops_per_step and self.peak_flops else None
-        self._log(dict(step=self.step, loss=out["loss"], grad_norm=out["grad_norm"], lr=out["lr"],
-                       tokens=self.step * self.tokens_per_step, tokens_per_s=self.tokens_per_step / seconds, mfu=mfu))
-        bar.update(); bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{self.tokens_per_step / seconds:,.0f}", mfu=f"{mfu or 0:.0%}")
-        if self.step % self.checkpoint_every == 0 or self.step == self.total_steps: self.save()
+        self._log(
+            dict(
+                step=self.step,
+                loss=out["loss"],
+                grad_norm=out["grad_norm"],
+                lr=out["lr"],
+                tokens=self.step * self.tokens_per_step,
+                tokens_per_s=self.tokens_per_step / seconds,
+                mfu=mfu,
+            )
+        )
+        bar.update()
+        bar.set_postfix(
+            loss=f"{out['loss']:.3f}", tok_s=f"{self.tokens_per_step / seconds:,.0f}", mfu=f"{mfu or 0:.0%}"
+        )
+        if self.step % self.checkpoint_every == 0 or self.step == self.total_steps:
+            self.save()
     bar.close()
-    if self._writer is not None: self._writer.close()
+    if self._writer is not None:
+        self._writer.close()
     return dict(resumed=resumed, steps=self.step, rollbacks=self.rollbacks, events=self.monitor.events)
 
 # %% ../nbs/04_training.ipynb #ef295f1e
-def resume_check_run(tokens_dir: str, out: str, depth: int, vocab_size: int, seq_len: int, batch_size: int, steps: int,
-                     checkpoint_every: int, slow: float = 0.0):
+def resume_check_run(
+    tokens_dir: str,
+    out: str,
+    depth: int,
+    vocab_size: int,
+    seq_len: int,
+    batch_size: int,
+    steps: int,
+    checkpoint_every: int,
+    slow: float = 0.0,
+):
     "A small deterministic training run (for the exact-resume check); writes final.safetensors."
     from safetensors.torch import save_file
+
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    trainer = Trainer(Transformer(ModelConfig.from_depth(depth, vocab_size, seq_len)), Recipe(), Path(tokens_dir), Path(out),
-                      steps, batch_size, seq_len, checkpoint_every=checkpoint_every, tensorboard=False)
-    if slow: trainer.loader.next_batch = _slowed(trainer.loader.next_batch, slow)
+    trainer = Trainer(
+        Transformer(ModelConfig.from_depth(depth, vocab_size, seq_len)),
+        Recipe(),
+        Path(tokens_dir),
+        Path(out),
+        steps,
+        batch_size,
+        seq_len,
+        checkpoint_every=checkpoint_every,
+        tensorboard=False,
+    )
+    if slow:
+        trainer.loader.next_batch = _slowed(trainer.loader.next_batch, slow)
     trainer.fit(progress=False, log=lambda m: None)
-    with atomic_path(Path(out)/"final.safetensors") as tmp:
+    with atomic_path(Path(out) / "final.safetensors") as tmp:
         save_file({k: v for k, v in trainer.model.state_dict().items() if k != "lm_head.weight"}, str(tmp))
+
 
 def _slowed(fn, seconds):
     def slow(*args):
-        time.sleep(seconds); return fn(*args)
+        time.sleep(seconds)
+        return fn(*args)
+
     return slow
 
 # %% ../nbs/04_training.ipynb #f3ff3778
 def _main(argv: Sequence[str] | None = None):
     import argparse
+
     parser = argparse.ArgumentParser(prog="python -m llmbook.training")
     parser.add_argument("command", choices=["resume-check"])
-    for name in ("tokens-dir", "out"): parser.add_argument(f"--{name}", required=True)
-    for name in ("depth", "vocab-size", "seq-len", "batch-size", "steps", "checkpoint-every"): parser.add_argument(f"--{name}", type=int, required=True)
+    for name in ("tokens-dir", "out"):
+        parser.add_argument(f"--{name}", required=True)
+    for name in ("depth", "vocab-size", "seq-len", "batch-size", "steps", "checkpoint-every"):
+        parser.add_argument(f"--{name}", type=int, required=True)
     parser.add_argument("--slow", type=float, default=0.0)
     a = parser.parse_args(argv)
-    resume_check_run(a.tokens_dir, a.out, a.depth, a.vocab_size, a.seq_len, a.batch_size, a.steps, a.checkpoint_every, a.slow)
+    resume_check_run(
+        a.tokens_dir, a.out, a.depth, a.vocab_size, a.seq_len, a.batch_size, a.steps, a.checkpoint_every, a.slow
+    )
 
-if __name__ == "__main__" and "ipykernel" not in sys.modules: _main()
+
+if __name__ == "__main__" and "ipykernel" not in sys.modules:
+    _main()
 
 # %% ../nbs/04_training.ipynb #9b4c7b9a
-def exact_resume_check(tokens_dir: Path, scratch: Path, vocab_size: int, steps: int = 40, kill_after_checkpoints: int = 3, **sizes) -> dict:
+def exact_resume_check(
+    tokens_dir: Path, scratch: Path, vocab_size: int, steps: int = 40, kill_after_checkpoints: int = 3, **sizes
+) -> dict:
     "Uninterrupted run vs a run killed with SIGKILL after some checkpoints and resumed: are the weights identical?"
     sizes = dict(dict(depth=1, seq_len=64, batch_size=2, checkpoint_every=5), **sizes)
+
     def command(out, slow=0.0):
-        args = [sys.executable, "-m", "llmbook.training", "resume-check", "--tokens-dir", str(tokens_dir), "--out", str(out),
-                "--vocab-size", str(vocab_size), "--steps", str(steps), "--slow", str(slow)]
+        args = [
+            sys.executable,
+            "-m",
+            "llmbook.training",
+            "resume-check",
+            "--tokens-dir",
+            str(tokens_dir),
+            "--out",
+            str(out),
+            "--vocab-size",
+            str(vocab_size),
+            "--steps",
+            str(steps),
+            "--slow",
+            str(slow),
+        ]
         return args + [a for k, v in sizes.items() for a in (f"--{k.replace('_', '-')}", str(v))]
-    subprocess.run(command(scratch/"straight"), check=True, capture_output=True)
-    process = subprocess.Popen(command(scratch/"killed", slow=0.05), start_new_session=True)
-    while len(checkpoints(scratch/"killed")) < kill_after_checkpoints and process.poll() is None: time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL); process.wait()
-    killed_at = checkpoints(scratch/"killed")[0].name
-    subprocess.run(command(scratch/"killed"), check=True, capture_output=True)   # the same command: it resumes
-    a, b = load_safetensors(scratch/"straight"/"final.safetensors"), load_safetensors(scratch/"killed"/"final.safetensors")
+
+    subprocess.run(command(scratch / "straight"), check=True, capture_output=True)
+    process = subprocess.Popen(command(scratch / "killed", slow=0.05), start_new_session=True)
+    while len(checkpoints(scratch / "killed")) < kill_after_checkpoints and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = checkpoints(scratch / "killed")[0].name
+    subprocess.run(command(scratch / "killed"), check=True, capture_output=True)  # the same command: it resumes
+    a, b = (
+        load_safetensors(scratch / "straight" / "final.safetensors"),
+        load_safetensors(scratch / "killed" / "final.safetensors"),
+    )
     identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     return dict(identical=identical, killed_after=killed_at, tensors=len(a))
 
 # %% ../nbs/04_training.ipynb #e9a8dbb3
 @torch.no_grad()
-def document_scores(model: nn.Module, tokens_dir: Path, split: str, seq_len: int, max_tokens: int, device: str = "cpu",
-                    batch_size: int = 16) -> "pd.DataFrame":
+def document_scores(
+    model: nn.Module,
+    tokens_dir: Path,
+    split: str,
+    seq_len: int,
+    max_tokens: int,
+    device: str = "cpu",
+    batch_size: int = 16,
+) -> "pd.DataFrame":
     "Per document: domain, tokens predicted and total nats, for documents in order until each domain has `max_tokens`."
     import pandas as pd
+
     ids, index, _ = open_tokens(tokens_dir, split)
     taken, windows, owner = {0: 0, 1: 0}, [], []
     for doc, (offset, length, domain) in enumerate(index.tolist()):
-        if taken[domain] >= max_tokens: continue
+        if taken[domain] >= max_tokens:
+            continue
         taken[domain] += length - 1
         for start in range(offset, offset + length - 1, seq_len):
-            windows.append(np.asarray(ids[start:min(start + seq_len + 1, offset + length)], dtype=np.int64)); owner.append(doc)
-    nats = np.zeros(len(index)); counted = np.zeros(len(index), dtype=np.int64)
+            windows.append(np.asarray(ids[start : min(start + seq_len + 1, offset + length)], dtype=np.int64))
+            owner.append(doc)
+    nats = np.zeros(len(index))
+    counted = np.zeros(len(index), dtype=np.int64)
     model.eval()
     for b in range(0, len(windows), batch_size):
-        chunk = windows[b:b + batch_size]
+        chunk = windows[b : b + batch_size]
         width = max(len(w) for w in chunk)
         x = torch.stack([F.pad(torch.from_numpy(w), (0, width - len(w))) for w in chunk])
         y = torch.stack([F.pad(torch.from_numpy(w[1:]), (0, width - len(w)), value=-100) for w in chunk])
-        per_token = F.cross_entropy(model(x[:, :-1].to(device)).float().transpose(1, 2), y.to(device), ignore_index=-100, reduction="none")
-        for w, doc in enumerate(owner[b:b + batch_size]):
-            nats[doc] += per_token[w].sum().item(); counted[doc] += (y[w] != -100).sum().item()
+        per_token = F.cross_entropy(
+            model(x[:, :-1].to(device)).float().transpose(1, 2), y.to(device), ignore_index=-100, reduction="none"
+        )
+        for w, doc in enumerate(owner[b : b + batch_size]):
+            nats[doc] += per_token[w].sum().item()
+            counted[doc] += (y[w] != -100).sum().item()
     scored = counted > 0
-    return pd.DataFrame(dict(doc=np.flatnonzero(scored), domain=index["domain"][scored], tokens=counted[scored], nats=nats[scored]))
+    return pd.DataFrame(
+        dict(doc=np.flatnonzero(scored), domain=index["domain"][scored], tokens=counted[scored], nats=nats[scored])
+    )
 
 # %% ../nbs/04_training.ipynb #58adeb84
 DOMAIN_NAMES = {code: name for name, code in DOMAIN_CODES.items()}
+
 
 def bits_per_byte_by_domain(scores, texts: Sequence[str]) -> dict:
     "Bits per byte and nats per token, per domain and overall, from document scores and the documents' texts."
     scores = scores.assign(bytes=[len(texts[d].encode("utf-8", "surrogatepass")) for d in scores.doc])
     out = {}
     for name, part in [(DOMAIN_NAMES[c], g) for c, g in scores.groupby("domain")] + [("all", scores)]:
-        out[name] = dict(bits_per_byte=part.nats.sum() / math.log(2) / part.bytes.sum(), nats_per_token=part.nats.sum() / part.tokens.sum(),
-                         tokens=int(part.tokens.sum()), bytes=int(part.bytes.sum()), documents=len(part))
+        out[name] = dict(
+            bits_per_byte=part.nats.sum() / math.log(2) / part.bytes.sum(),
+            nats_per_token=part.nats.sum() / part.tokens.sum(),
+            tokens=int(part.tokens.sum()),
+            bytes=int(part.bytes.sum()),
+            documents=len(part),
+        )
     return out
 
 # %% ../nbs/04_training.ipynb #fa0b6bb2
-def ngram_baselines(tokens_dir: Path, vocab_size: int, max_train_tokens: int = 5_000_000, smoothing: float = 5.0) -> dict:
+def ngram_baselines(
+    tokens_dir: Path, vocab_size: int, max_train_tokens: int = 5_000_000, smoothing: float = 5.0
+) -> dict:
     "Bits per byte of unigram and bigram models fitted on training tokens, on the validation split."
     train, _, _ = open_tokens(tokens_dir, "train")
     train = np.asarray(train[:max_train_tokens], dtype=np.int64)
@@ -376,7 +601,8 @@ def ngram_baselines(tokens_dir: Path, vocab_size: int, max_train_tokens: int = 5
     val, index, meta = open_tokens(tokens_dir, "val")
     val = np.asarray(val, dtype=np.int64)
     a, b = val[:-1], val[1:]
-    keep = np.ones(len(b), bool); keep[index["offset"][1:] - 1] = False            # no prediction across documents
+    keep = np.ones(len(b), bool)
+    keep[index["offset"][1:] - 1] = False  # no prediction across documents
     a, b = a[keep], b[keep]
     where = np.searchsorted(pairs, a * vocab_size + b)
     found = (where < len(pairs)) & (pairs[np.minimum(where, len(pairs) - 1)] == a * vocab_size + b)
@@ -387,6 +613,7 @@ def ngram_baselines(tokens_dir: Path, vocab_size: int, max_train_tokens: int = 5
 
 # %% ../nbs/04_training.ipynb #88338ccf
 _HEADER = re.compile(r"^(?P<name>[A-Za-z_][\w.]*)(?P<signature>\(.*\)(?: -> .+)?)$")
+
 
 def api_entries(documents: Iterable[str]) -> list[dict]:
     "(name, signature, summary) of each documented function in API documents (Chapter 2's docstring format)."
@@ -401,20 +628,28 @@ def api_entries(documents: Iterable[str]) -> list[dict]:
 
 # %% ../nbs/04_training.ipynb #e3e3449f
 @torch.no_grad()
-def continuation_logprob(model: nn.Module, tok: BPETokenizer, context: str, continuation: str, device: str = "cpu") -> float:
+def continuation_logprob(
+    model: nn.Module, tok: BPETokenizer, context: str, continuation: str, device: str = "cpu"
+) -> float:
     "log P(continuation | context) under the model, in nats."
     ctx, cont = [tok.special_tokens[ENDOFTEXT]] + tok.encode_ordinary(context), tok.encode_ordinary(continuation)
     ids = torch.tensor([ctx + cont], device=device)
-    logprobs = F.log_softmax(model(ids[:, :-1]).float(), dim=-1)[0, len(ctx) - 1:]
+    logprobs = F.log_softmax(model(ids[:, :-1]).float(), dim=-1)[0, len(ctx) - 1 :]
     return logprobs.gather(1, torch.tensor(cont, device=device)[:, None]).sum().item()
 
-def multiple_choice(model, tok, entries: list[dict], n_choices: int = 4, seed: int = 0, limit: int = 100, device: str = "cpu") -> dict:
+
+def multiple_choice(
+    model, tok, entries: list[dict], n_choices: int = 4, seed: int = 0, limit: int = 100, device: str = "cpu"
+) -> dict:
     "Accuracy at picking the function a summary describes, among `n_choices` held-out functions."
     rng, correct, items = np.random.default_rng(seed), 0, entries[:limit]
     for entry in items:
         others = [e for e in entries if e["name"] != entry["name"]]
         choices = [entry] + [others[i] for i in rng.choice(len(others), n_choices - 1, replace=False)]
-        scores = [continuation_logprob(model, tok, f"{c['name']}{c['signature']}\n", entry["summary"], device) for c in choices]
+        scores = [
+            continuation_logprob(model, tok, f"{c['name']}{c['signature']}\n", entry["summary"], device)
+            for c in choices
+        ]
         correct += int(np.argmax(scores) == 0)
     return dict(accuracy=correct / max(1, len(items)), items=len(items), chance=1 / n_choices)
 
@@ -423,8 +658,9 @@ def greedy_line(model, tok: BPETokenizer, prompt: str, max_new_tokens: int = 40,
     "Greedy continuation of `prompt` up to the end of the line."
     ids = torch.tensor([[tok.special_tokens[ENDOFTEXT]] + tok.encode_ordinary(prompt)], device=device)
     newline = {i for i, t in enumerate(tok.vocab) if b"\n" in t}
-    out = generate(model, ids, max_new_tokens, stop=newline)[0, ids.shape[1]:].tolist()
+    out = generate(model, ids, max_new_tokens, stop=newline)[0, ids.shape[1] :].tolist()
     return tok.decode(out).split("\n")[0]
+
 
 def signature_completion(model, tok, entries: list[dict], limit: int = 50, device: str = "cpu") -> dict:
     "Exact-match rate of greedy signature completion from `name(`."
@@ -432,13 +668,16 @@ def signature_completion(model, tok, entries: list[dict], limit: int = 50, devic
     hits = sum(greedy_line(model, tok, f"{e['name']}(", device=device) == e["signature"][1:] for e in items)
     return dict(accuracy=hits / max(1, len(items)), items=len(items))
 
+
 def heldout_expressions(n: int, seed: int = 0) -> list[str]:
     "Expressions of the kind Chapter 2 generates that its rule reserved for evaluation."
     rng, found = random.Random(seed), []
     while len(found) < n:
         e = random_expression(rng, rng.randint(1, 3))
-        if expression_heldout(e) and e not in found: found.append(e)
+        if expression_heldout(e) and e not in found:
+            found.append(e)
     return found
+
 
 def expression_values(model, tok, n: int = 50, seed: int = 0, device: str = "cpu") -> dict:
     "Exact-match rate of greedy `>>> expression` → value, on held-out expressions."
@@ -454,8 +693,8 @@ def induction(model, tok: BPETokenizer, length: int = 16, trials: int = 32, seed
     seq = torch.randint(256, len(tok.vocab), (trials, length), generator=g)
     ids = torch.cat([torch.full((trials, 1), tok.special_tokens[ENDOFTEXT]), seq, seq], dim=1).to(device)
     predicted = model(ids[:, :-1]).argmax(-1)
-    first = (predicted[:, 1:length] == ids[:, 2:length + 1]).float().mean().item()
-    second = (predicted[:, length + 1:] == ids[:, length + 2:]).float().mean().item()
+    first = (predicted[:, 1:length] == ids[:, 2 : length + 1]).float().mean().item()
+    second = (predicted[:, length + 1 :] == ids[:, length + 2 :]).float().mean().item()
     return dict(accuracy=second, first_copy=first, trials=trials)
 
 # %% ../nbs/04_training.ipynb #db878b9b
@@ -473,11 +712,24 @@ def produce(run: Run):
     torch.manual_seed(run.cfg.seed)
     model = Transformer(config).to(device)
     steps = max(1, choice["tokens"] // (run.cfg.batch_size * run.cfg.seq_len * recipe.accumulation))
-    Trainer(model, recipe, tokens_dir, run.artifact("checkpoints"), steps, run.cfg.batch_size, run.cfg.seq_len,
-            load_json(run.artifact("data/mixture.json"))["epochs"], run.cfg.seed, run.cfg.checkpoint_every, run.cfg.keep_checkpoints,
-            device=device).fit(progress=False)
+    Trainer(
+        model,
+        recipe,
+        tokens_dir,
+        run.artifact("checkpoints"),
+        steps,
+        run.cfg.batch_size,
+        run.cfg.seq_len,
+        load_json(run.artifact("data/mixture.json"))["epochs"],
+        run.cfg.seed,
+        run.cfg.checkpoint_every,
+        run.cfg.keep_checkpoints,
+        device=device,
+    ).fit(progress=False)
     save_hf(model.cpu(), tok, run.artifact("model/base"))
     corpus = load_corpus(run)
-    val = bits_per_byte_by_domain(document_scores(model, tokens_dir, "val", run.cfg.seq_len, run.cfg.eval_tokens), corpus["val"]["text"])
+    val = bits_per_byte_by_domain(
+        document_scores(model, tokens_dir, "val", run.cfg.seq_len, run.cfg.eval_tokens), corpus["val"]["text"]
+    )
     write_eval(run.artifact("eval/base.json"), val=val, baselines=ngram_baselines(tokens_dir, tok.vocab_size))
     run.record(val_bits_per_byte=val["all"]["bits_per_byte"])

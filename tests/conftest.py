@@ -1,4 +1,5 @@
 "Settings every test shares: nothing from a hub, plots without a screen."
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,16 +1,34 @@
 "Unit tests of llmbook.book: presets, atomic writes, digests, the run directory, stamps, report, CLI."
+
 import json
-import os
 import sys
 
 import pytest
 import torch
 
 from llmbook import book
-from llmbook.book import (CHAPTERS, PRESETS, ArtifactError, Chapter, Run, atomic_path, atomic_write_json,
-                          atomic_write_text, chapter_status, load_json, load_safetensors, main, make_preset,
-                          open_chapter, open_run, parse_overrides, read_stamp, save_safetensors, sha256_tree,
-                          start_chapter, write_report)
+from llmbook.book import (
+    CHAPTERS,
+    PRESETS,
+    ArtifactError,
+    Chapter,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    chapter_status,
+    load_json,
+    load_safetensors,
+    main,
+    make_preset,
+    open_chapter,
+    open_run,
+    parse_overrides,
+    read_stamp,
+    save_safetensors,
+    sha256_tree,
+    start_chapter,
+    write_report,
+)
 
 TOY = (Chapter(1, "toy_a", "Toy A", "01_toy_a", ("a.txt",)), Chapter(2, "toy_b", "Toy B", "02_toy_b", ("b",)))
 
@@ -23,10 +41,18 @@ def test_presets_are_typed_and_overridable():
     assert PRESETS["tiny"].depth < PRESETS["cpu"].depth < PRESETS["gpu"].depth < PRESETS["multi-gpu"].depth
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ("depht=3", "did you mean 'depth'"), ("depth", "not of the form key=value"), ("depth=2.5", "expected int"),
-    ("compile=maybe", "expected bool"), ("precision=fp8", "is not one of"), ("seq_len=-1", "must be positive"),
-    ("name=x", "not a preset field")])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ("depht=3", "did you mean 'depth'"),
+        ("depth", "not of the form key=value"),
+        ("depth=2.5", "expected int"),
+        ("compile=maybe", "expected bool"),
+        ("precision=fp8", "is not one of"),
+        ("seq_len=-1", "must be positive"),
+        ("name=x", "not a preset field"),
+    ],
+)
 def test_bad_overrides_name_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
         make_preset("tiny", overrides)
@@ -129,19 +155,23 @@ def test_read_json_checks_the_manifest(tmp_path):
 
 
 def test_chapter_opened_alone_produces_its_prerequisites(tmp_path):
-    run = open_chapter(2, "tiny", tmp_path)            # chapter 2 in an empty run directory
+    run = open_chapter(2, "tiny", tmp_path)  # chapter 2 in an empty run directory
     stamp = read_stamp(run, CHAPTERS[0])
     assert stamp["how"] == "package"
     assert set(stamp["outputs"]) == {"spec.json", "risks.json", "budget.json"}
     assert run.read_json("budget.json")["preset"] == "tiny"
-    run = open_chapter(2, "tiny", tmp_path)            # now fresh: not produced again
+    run = open_chapter(2, "tiny", tmp_path)  # now fresh: not produced again
     assert read_stamp(run, CHAPTERS[0])["finished_at"] == stamp["finished_at"]
 
 
 def test_report_card_scores_targets(tmp_path):
     run = open_chapter(1, "tiny", tmp_path, book=TOY)
-    spec = {"metrics": [{"name": "tokens", "chapter": 1, "direction": "at_least", "targets": {"tiny": 3}},
-                        {"name": "loss", "chapter": 2, "direction": "at_most", "targets": {"tiny": 1.0}}]}
+    spec = {
+        "metrics": [
+            {"name": "tokens", "chapter": 1, "direction": "at_least", "targets": {"tiny": 3}},
+            {"name": "loss", "chapter": 2, "direction": "at_most", "targets": {"tiny": 1.0}},
+        ]
+    }
     atomic_write_json(run.path / "spec.json", spec)
     atomic_write_text(run.artifact("a.txt"), "x")
     run.record(tokens=4)
@@ -157,11 +187,15 @@ def test_kernel_runs_this_interpreter(tmp_path, monkeypatch):
     # a user-registered kernel called python3 pointing elsewhere must not matter
     fake = tmp_path / "kernels" / "python3"
     fake.mkdir(parents=True)
-    (fake / "kernel.json").write_text(json.dumps({"argv": ["/usr/bin/false", "-f", "{connection_file}"],
-                                                  "display_name": "elsewhere", "language": "python"}))
+    (fake / "kernel.json").write_text(
+        json.dumps(
+            {"argv": ["/usr/bin/false", "-f", "{connection_file}"], "display_name": "elsewhere", "language": "python"}
+        )
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
     monkeypatch.setattr(book, "_KERNEL_DIR", None)
     from jupyter_client.kernelspec import KernelSpecManager
+
     assert KernelSpecManager().get_kernel_spec(book.kernel_for_this_python()).argv[0] == sys.executable
 
 

@@ -1,7 +1,7 @@
 """The book itself: every chapter notebook present runs at the tiny preset through the `llmbook` command,
 writes its artifacts and the report; a second run skips every chapter."""
+
 import json
-import os
 import subprocess
 import sys
 import time
@@ -52,7 +52,9 @@ def test_foundations_artifacts(tiny_run):
     assert {m["name"] for m in spec["metrics"]} >= {"book_minutes", "raw_text_mb", "val_bits_per_byte"}
     assert spec["licensing"]["release_license"] == "Apache-2.0"
     budget = json.loads((run_dir / "budget.json").read_text())
-    assert budget["machine"]["matmul_flops_fp32"] > 0 and budget["step_check"]["ratio"] <= budget["step_check"]["factor"]
+    assert (
+        budget["machine"]["matmul_flops_fp32"] > 0 and budget["step_check"]["ratio"] <= budget["step_check"]["factor"]
+    )
     assert budget["parameters"]["total"] == budget["presets"]["tiny"]["parameters"]
     risks = json.loads((run_dir / "risks.json").read_text())
     assert [r["score"] for r in risks] == sorted((r["score"] for r in risks), reverse=True)
@@ -61,6 +63,7 @@ def test_foundations_artifacts(tiny_run):
 def test_data_artifacts(tiny_run):
     run_dir, _, _ = tiny_run
     from llmbook.data import load_corpus
+
     corpus = load_corpus(open_run("tiny", run_dir))
     assert set(corpus) == {"train", "val", "heldout"} and len(corpus["train"]) > 100
     assert set(corpus["train"]["domain"]) == {"code", "prose"} and not any(corpus["train"]["heldout"])
@@ -78,6 +81,7 @@ def test_tokenizer_artifacts(tiny_run):
     run_dir, _, _ = tiny_run
     from transformers import AutoTokenizer
     from llmbook.modeling import load_tokenizer, open_tokens
+
     auto = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
     ours = load_tokenizer(run_dir / "tokenizer")
     assert len(auto) == ours.vocab_size == open_run("tiny", run_dir).cfg.vocab_size
@@ -90,6 +94,7 @@ def test_tokenizer_artifacts(tiny_run):
 def test_scaling_and_recipe_artifacts(tiny_run):
     run_dir, _, _ = tiny_run
     from llmbook.modeling import load_recipe
+
     recipe, choice = load_recipe(run_dir / "recipe.json")
     fit = json.loads((run_dir / "scaling" / "fit.json").read_text())
     pilots = json.loads((run_dir / "scaling" / "pilots.json").read_text())
@@ -101,8 +106,12 @@ def test_training_artifacts(tiny_run):
     run_dir, _, _ = tiny_run
     from transformers import AutoModelForCausalLM
     from llmbook.training import checkpoints, verify_checkpoint
+
     evaluation = json.loads((run_dir / "eval" / "base.json").read_text())
-    assert evaluation["resume"]["identical"] and evaluation["val"]["all"]["bits_per_byte"] < evaluation["baselines"]["unigram"]
+    assert (
+        evaluation["resume"]["identical"]
+        and evaluation["val"]["all"]["bits_per_byte"] < evaluation["baselines"]["unigram"]
+    )
     assert {"multiple_choice", "signature", "expressions", "induction"} <= set(evaluation["harness"])
     newest = checkpoints(run_dir / "checkpoints")[0]
     assert verify_checkpoint(newest)["step"] == evaluation["pretraining"]["steps"]
@@ -113,6 +122,7 @@ def test_training_artifacts(tiny_run):
 def test_post_training_artifacts(tiny_run):
     run_dir, _, _ = tiny_run
     from transformers import AutoModelForCausalLM
+
     post = json.loads((run_dir / "eval" / "post.json").read_text())
     table = post["before_after"]
     assert set(table) >= {"base", "SFT", "DPO", "RL"}
@@ -123,11 +133,22 @@ def test_post_training_artifacts(tiny_run):
         assert type(AutoModelForCausalLM.from_pretrained(run_dir / "model" / name)).__name__ == "Qwen3ForCausalLM"
     # the second half
     assert post["tools"]["escapes"] == [] and post["tools"]["hostile_expressions"] >= 40
-    assert post["retrieval"]["bm25_parity"]["max_score_difference"] < 1e-4 and post["retrieval"]["recall"]["recall@10"]["all"] > 0.9
-    assert set(post["process_supervision"]["selection"]) >= {"majority voting", "best-of-N (PRM, min over steps)", "step-level search (PRM)"}
+    assert (
+        post["retrieval"]["bm25_parity"]["max_score_difference"] < 1e-4
+        and post["retrieval"]["recall"]["recall@10"]["all"] > 0.9
+    )
+    assert set(post["process_supervision"]["selection"]) >= {
+        "majority voting",
+        "best-of-N (PRM, min over steps)",
+        "step-level search (PRM)",
+    }
     from llmbook.post_training import load_reward_model
+
     prm = load_reward_model(run_dir / "prm" / "reward_model")
-    assert type(AutoModelForCausalLM.from_pretrained(run_dir / "prm" / "solver")).__name__ == "Qwen3ForCausalLM" and prm.score.weight.abs().sum() > 0
+    assert (
+        type(AutoModelForCausalLM.from_pretrained(run_dir / "prm" / "solver")).__name__ == "Qwen3ForCausalLM"
+        and prm.score.weight.abs().sum() > 0
+    )
     passages = (run_dir / "rag" / "passages.jsonl").read_text().splitlines()
     assert len(passages) == post["retrieval"]["passages"] and json.loads(passages[0])["id"] == 0
     assert type(AutoModelForCausalLM.from_pretrained(run_dir / "rag" / "reader")).__name__ == "Qwen3ForCausalLM"
@@ -138,8 +159,13 @@ def test_post_training_through_the_package(tiny_run, tmp_path):
     import shutil
     from llmbook import post_training
     from llmbook.book import chapter_status, start_chapter
+
     run_dir = tmp_path / "tiny"
-    shutil.copytree(tiny_run[0], run_dir, ignore=shutil.ignore_patterns("sft", "dpo", "rl", "tools", "prm", "rag", "post.json", "05_*"))
+    shutil.copytree(
+        tiny_run[0],
+        run_dir,
+        ignore=shutil.ignore_patterns("sft", "dpo", "rl", "tools", "prm", "rag", "post.json", "05_*"),
+    )
     run = open_run("tiny", run_dir).for_chapter(5)
     assert not chapter_status(run, run.chapter)[0]
     start_chapter(run)
@@ -147,7 +173,13 @@ def test_post_training_through_the_package(tiny_run, tmp_path):
     run.finish(how="package")
     assert chapter_status(run, run.chapter)[0]
     assert json.loads((run_dir / "eval" / "post.json").read_text())["before_after"]["SFT"]["exact_match"]["all"] > 0
-    for output in ("model/tools", "prm/solver", "prm/reward_model/head.safetensors", "rag/passages.jsonl", "rag/reader"):
+    for output in (
+        "model/tools",
+        "prm/solver",
+        "prm/reward_model/head.safetensors",
+        "rag/passages.jsonl",
+        "rag/reader",
+    ):
         assert (run_dir / output).exists(), output
 
 
@@ -181,6 +213,11 @@ def test_tiny_book_fits_its_budget(tiny_run):
 
 def test_chapter_zero_notebook_runs(tmp_path):
     """00_book.ipynb has no run directory of its own: it demonstrates on scratch directories, and its asserts run here."""
-    papermill.execute_notebook(str(ROOT / "nbs" / "00_book.ipynb"), str(tmp_path / "00_book.ipynb"),
-                               kernel_name=kernel_for_this_python(), language="python", cwd=str(ROOT / "nbs"),
-                               progress_bar=False)
+    papermill.execute_notebook(
+        str(ROOT / "nbs" / "00_book.ipynb"),
+        str(tmp_path / "00_book.ipynb"),
+        kernel_name=kernel_for_this_python(),
+        language="python",
+        cwd=str(ROOT / "nbs"),
+        progress_bar=False,
+    )

@@ -1,5 +1,6 @@
 """Chapter 2, Data: a corpus of malformed input accounted for to the byte, license normalization, MinHash
 and LSH (against exact Jaccard and datasketch), PII and unsafe-content detection, splits and curriculum."""
+
 import json
 import os
 import random
@@ -25,28 +26,30 @@ def messy_corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("messy")
     src, hf = root / "src", root / "hf"
     good = {
-        "pkg/good.py": b'"""A module."""\n\ndef add(a, b):\n    """Add two numbers."""\n    return a + b  # plainly\n' * 3,
+        "pkg/good.py": b'"""A module."""\n\ndef add(a, b):\n    """Add two numbers."""\n    return a + b  # plainly\n'
+        * 3,
         "pkg/latin1.py": "# -*- coding: latin-1 -*-\nname = 'Jos\xe9'\nprint(name)\n".encode("latin-1"),
         "docs/guide.md": "# Guide\n\nSome prose about the package, long enough to be a document.\n".encode() * 4,
-        "docs/almost.txt": b"caf\xe9 " + b"fine text " * 300,                     # one bad byte: repaired
+        "docs/almost.txt": b"caf\xe9 " + b"fine text " * 300,  # one bad byte: repaired
         "docs/controls.txt": b"bell\x07 and escape\x1b[0m and CRLF\r\nend\r\n" * 10,
     }
     kept = sum(write(src / name, content) for name, content in good.items())
     undecodable = write(src / "bad/latin_soup.txt", bytes(range(128, 256)) * 40)
     binary = write(src / "bad/nul.py", b"x = 1\n\x00\x00\x00binary\n")
     empty = write(src / "bad/empty.txt", b"")
-    with open(src / "bad/huge.txt", "wb") as fh:                               # a 100 MB single line
+    with open(src / "bad/huge.txt", "wb") as fh:  # a 100 MB single line
         for _ in range(100):
             fh.write(b"y" * (1 << 20))
     huge = (src / "bad/huge.txt").stat().st_size
     (src / "bad/dangling.py").symlink_to(src / "bad/nowhere.py")
     (src / "bad/loop_a.txt").symlink_to(src / "bad/loop_b.txt")
     (src / "bad/loop_b.txt").symlink_to(src / "bad/loop_a.txt")
-    os.mkfifo(src / "bad/pipe.txt")                                           # reading it would block forever
+    os.mkfifo(src / "bad/pipe.txt")  # reading it would block forever
     link_bytes = {n: os.lstat(src / "bad" / n).st_size for n in ("dangling.py", "loop_a.txt", "loop_b.txt")}
-    write(src / "bad/image.png", b"\x89PNG\r\n")                              # not a text suffix: never an item
+    write(src / "bad/image.png", b"\x89PNG\r\n")  # not a text suffix: never an item
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     rows = [{"text": "first row of a local dataset, in prose"}, {"text": "second row, with more words in it"}]
     hf.mkdir()
     (hf / "part.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -54,8 +57,18 @@ def messy_corpus(tmp_path_factory):
     whole = (hf / "cut.parquet").read_bytes()
     truncated = write(hf / "cut.parquet", whole[: len(whole) // 2])
     row_bytes = sum(len(r["text"].encode()) for r in rows)
-    return dict(root=root, src=src, hf=hf, kept=kept + row_bytes, undecodable=undecodable, binary=binary, empty=empty,
-                huge=huge, links=link_bytes, truncated=truncated)
+    return dict(
+        root=root,
+        src=src,
+        hf=hf,
+        kept=kept + row_bytes,
+        undecodable=undecodable,
+        binary=binary,
+        empty=empty,
+        huge=huge,
+        links=link_bytes,
+        truncated=truncated,
+    )
 
 
 def test_malformed_input_is_counted_to_the_byte(messy_corpus, tmp_path):
@@ -68,9 +81,16 @@ def test_malformed_input_is_counted_to_the_byte(messy_corpus, tmp_path):
     assert dropped["unreadable (not a regular file)"] == [1, 0]
     malformed = [k for k in dropped if k.startswith("unreadable (malformed dataset file after 0 rows")]
     assert len(malformed) == 1 and dropped[malformed[0]] == [1, c["truncated"]]
-    assert ingestion.dropped == {"undecodable": [1, c["undecodable"]], "binary (NUL bytes)": [1, c["binary"]], "empty": [1, 0]}
+    assert ingestion.dropped == {
+        "undecodable": [1, c["undecodable"]],
+        "binary (NUL bytes)": [1, c["binary"]],
+        "empty": [1, 0],
+    }
     assert ingestion.kept_bytes == c["kept"]
-    assert acquisition.in_bytes == c["kept"] + c["undecodable"] + c["binary"] + c["huge"] + sum(c["links"].values()) + c["truncated"]
+    assert (
+        acquisition.in_bytes
+        == c["kept"] + c["undecodable"] + c["binary"] + c["huge"] + sum(c["links"].values()) + c["truncated"]
+    )
     manifest = [json.loads(l) for l in (tmp_path / "manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == acquisition.in_docs and sum(m["bytes"] for m in manifest) == acquisition.in_bytes
     texts = dict(zip(raw["path"], raw["text"]))
@@ -79,6 +99,7 @@ def test_malformed_input_is_counted_to_the_byte(messy_corpus, tmp_path):
     assert "\ufffd" in texts["docs/almost.txt"]
     # the rest of the pipeline runs on it and every ledger chains to the next
     from llmbook.foundations import LICENSE_POLICY
+
     licensed, l1 = D.license_step(raw, tmp_path / "work", LICENSE_POLICY)
     deduped, l2 = D.exact_dedup_step(licensed, tmp_path / "work")
     quality, l3 = D.quality_step(deduped, tmp_path / "work")
@@ -88,18 +109,28 @@ def test_malformed_input_is_counted_to_the_byte(messy_corpus, tmp_path):
 
 
 def test_license_normalization():
-    cases = {("", "MIT License", ()): "MIT", ("", "Apache 2.0", ()): "Apache-2.0", ("", "BSD", ("License :: OSI Approved :: BSD License",)): "BSD-3-Clause",
-             ("MIT OR Apache-2.0", "", ()): "MIT OR Apache-2.0", ("", "PSFL", ()): "PSF-2.0", ("", "UNKNOWN", ()): "NOASSERTION",
-             ("", "Permission is hereby granted, free of charge, to any person", ()): "MIT", ("", "GPLv3+", ()): "GPL-3.0-or-later",
-             ("", "", ("License :: OSI Approved :: GNU General Public License v3 (GPLv3)",)): "GPL-3.0-only"}
+    cases = {
+        ("", "MIT License", ()): "MIT",
+        ("", "Apache 2.0", ()): "Apache-2.0",
+        ("", "BSD", ("License :: OSI Approved :: BSD License",)): "BSD-3-Clause",
+        ("MIT OR Apache-2.0", "", ()): "MIT OR Apache-2.0",
+        ("", "PSFL", ()): "PSF-2.0",
+        ("", "UNKNOWN", ()): "NOASSERTION",
+        ("", "Permission is hereby granted, free of charge, to any person", ()): "MIT",
+        ("", "GPLv3+", ()): "GPL-3.0-or-later",
+        ("", "", ("License :: OSI Approved :: GNU General Public License v3 (GPLv3)",)): "GPL-3.0-only",
+    }
     for (expression, field, classifiers), spdx in cases.items():
         assert D.normalize_license(expression, field, classifiers) == spdx, (expression, field)
 
 
 def test_minhash_is_deterministic_and_batch_independent():
     rng = random.Random(0)
-    texts = [" ".join(rng.choice(["alpha", "beta", "gamma", "delta", "x1", "y2"]) for _ in range(rng.randint(0, 400))) for _ in range(50)]
-    texts += ["word " * 30000 + " ".join(str(i) for i in range(20000))]               # longer than one 64 KiB slice
+    texts = [
+        " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "x1", "y2"]) for _ in range(rng.randint(0, 400)))
+        for _ in range(50)
+    ]
+    texts += ["word " * 30000 + " ".join(str(i) for i in range(20000))]  # longer than one 64 KiB slice
     together = D.minhash_signatures(texts)
     alone = np.stack([D.minhash_signatures([t])[0] for t in texts])
     assert (together == alone).all()
@@ -111,6 +142,7 @@ def test_minhash_is_deterministic_and_batch_independent():
 
 def test_minhash_estimates_jaccard_like_datasketch():
     from datasketch import MinHash
+
     rng = random.Random(1)
     vocabulary = [f"w{i}" for i in range(3000)]
     base = [" ".join(rng.choice(vocabulary) for _ in range(600)) for _ in range(20)]
@@ -118,8 +150,12 @@ def test_minhash_estimates_jaccard_like_datasketch():
     exact = np.array([D.jaccard(D.shingle_set(a), D.shingle_set(b)) for a, b in pairs])
     sig = D.minhash_signatures([t for p in pairs for t in p])
     ours = (sig[0::2] == sig[1::2]).mean(axis=1)
+
     def theirs(t):
-        m = MinHash(num_perm=D.NUM_PERM); m.update_batch(list(D.shingle_set(t))); return m
+        m = MinHash(num_perm=D.NUM_PERM)
+        m.update_batch(list(D.shingle_set(t)))
+        return m
+
     ds = np.array([theirs(a).jaccard(theirs(b)) for a, b in pairs])
     assert abs((ours - exact).mean()) < 0.02 and np.abs(ours - exact).mean() < 0.05
     assert abs(np.abs(ours - exact).mean() - np.abs(ds - exact).mean()) < 0.02
@@ -153,8 +189,13 @@ def test_unsafe_filter_on_the_planted_set():
 
 
 def test_quality_rules():
-    assert D.quality_reason("# Auto-generated by tools/gen.py; do not edit\n" + "x = 1\n" * 30, "code") == "code: generated file"
-    assert D.quality_reason('"""Generated by passing a flag, says this docstring."""\n' + "x = 1\n" * 30, "code") is None
+    assert (
+        D.quality_reason("# Auto-generated by tools/gen.py; do not edit\n" + "x = 1\n" * 30, "code")
+        == "code: generated file"
+    )
+    assert (
+        D.quality_reason('"""Generated by passing a flag, says this docstring."""\n' + "x = 1\n" * 30, "code") is None
+    )
     assert D.quality_reason("T = (\n" + "    0x00, 0x01, 0x02,  # row\n" * 40 + ")\n", "code") == "code: data file"
     assert D.quality_reason("a" * 2000 + "\nb\nc\n", "code") == "code: minified or long lines"
     assert D.quality_reason("Too short to teach anything.", "prose") == "prose: too short"
@@ -173,6 +214,7 @@ def test_heldout_and_splits():
 
 def test_a_source_lost_to_the_license_policy_is_an_error(tmp_path):
     from llmbook.foundations import LICENSE_POLICY
+
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.md").write_text("Some prose that nobody licensed, long enough to count as a document. " * 3)
     raw, _, _ = D.ingest([D.directory_source(tmp_path / "docs")], 1e9, tmp_path / "work", tmp_path / "m.jsonl")

@@ -1,14 +1,28 @@
 "Unit tests of llmbook.foundations: the calculator against real models, the spec, the risk register."
+
 import math
 
 import pytest
 import torch
 
 from llmbook.book import CHAPTERS, PRESETS
-from llmbook.foundations import (LICENSE_POLICY, ModelShape, activation_elements_per_token, flops_per_token,
-                                 kv_cache_bytes, license_allowed, measure_saved_activation_bytes, parameter_counts,
-                                 preset_shape, reference_model, risk_register, serving_estimate, success_metrics,
-                                 training_estimate, training_memory)
+from llmbook.foundations import (
+    LICENSE_POLICY,
+    ModelShape,
+    activation_elements_per_token,
+    flops_per_token,
+    kv_cache_bytes,
+    license_allowed,
+    measure_saved_activation_bytes,
+    parameter_counts,
+    preset_shape,
+    reference_model,
+    risk_register,
+    serving_estimate,
+    success_metrics,
+    training_estimate,
+    training_memory,
+)
 
 
 @pytest.mark.parametrize("depth", range(1, 25))
@@ -18,8 +32,10 @@ def test_shape_from_depth_is_valid(depth):
     assert s.n_head % s.n_kv_head == 0 and s.ffn_hidden % 64 == 0 and s.ffn_hidden >= 8 * s.n_embd / 3
 
 
-@pytest.mark.parametrize("depth, vocab, tied, qk_norm", [(1, 300, True, True), (3, 1000, False, True),
-                                                         (4, 777, True, True), (5, 512, False, True)])
+@pytest.mark.parametrize(
+    "depth, vocab, tied, qk_norm",
+    [(1, 300, True, True), (3, 1000, False, True), (4, 777, True, True), (5, 512, False, True)],
+)
 def test_parameter_count_equals_reference(depth, vocab, tied, qk_norm):
     s = ModelShape(**{**ModelShape.from_depth(depth, vocab, 32).__dict__, "tied_embeddings": tied, "qk_norm": qk_norm})
     model = reference_model(s)
@@ -65,7 +81,10 @@ def test_memory_and_estimates_are_consistent():
     assert math.isclose(est["hours"], flops_per_token(s)["train"] * 1e6 / 5e10 / 3600)
     assert math.isclose(est["usd"], 2.0 * est["hours"])
     limits = dict(matmul_flops_fp32=1e11, matmul_flops_bf16=1e11, memory_bytes_per_s=1e10)
-    one, many = serving_estimate(s, limits, 0.5, 1.0, batch_size=1), serving_estimate(s, limits, 0.5, 1.0, batch_size=64)
+    one, many = (
+        serving_estimate(s, limits, 0.5, 1.0, batch_size=1),
+        serving_estimate(s, limits, 0.5, 1.0, batch_size=64),
+    )
     assert one["bound"] == "memory" and many["tokens_per_s"] > one["tokens_per_s"]
     assert many["usd_per_million_tokens"] < one["usd_per_million_tokens"]
 

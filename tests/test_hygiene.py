@@ -1,5 +1,6 @@
 """Hygiene: notebooks are the source (export and clean change nothing), the README is rendered from the
 front page, the import graph follows the book's order, and the pins that keep nbdev 2 working are in place."""
+
 import ast
 import configparser
 import hashlib
@@ -54,10 +55,16 @@ def test_one_notebook_per_module():
 def test_import_graph_follows_the_book():
     order = {"book": 0, **{c.slug: c.number for c in CHAPTERS}}
     for path in (ROOT / "llmbook").glob("*.py"):
-        if path.stem not in order: continue
+        if path.stem not in order:
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
-                    [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names = (
+                [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
             for name in names:
                 if name.startswith("llmbook."):
                     imported = name.split(".")[1]
@@ -67,7 +74,8 @@ def test_import_graph_follows_the_book():
 def test_chapter_notebooks_take_papermill_parameters_and_finish():
     for chapter in CHAPTERS:
         path = ROOT / "nbs" / f"{chapter.notebook}.ipynb"
-        if not path.exists(): continue
+        if not path.exists():
+            continue
         cells = json.loads(path.read_text())["cells"]
         tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) == 1, f"{path.name}: one cell tagged `parameters`"

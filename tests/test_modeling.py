@@ -1,6 +1,6 @@
 """Chapter 3, the model: counts against Chapter 1's calculator, the KV cache, parity with transformers (dense and
 MoE), the optimizers and schedules, gradient accumulation, the scaling-law fit, and distributed equivalence."""
-import math
+
 
 import numpy as np
 import pytest
@@ -23,6 +23,7 @@ def test_parameter_count_is_the_calculators(depth, tied):
 def test_flop_count_is_the_calculators():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
+
     c = M.ModelConfig.from_depth(2, 500, 48)
     x = torch.randint(0, 500, (3, 48))
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -37,7 +38,9 @@ def test_kv_cache_matches_full_forward():
     with torch.no_grad():
         full = model(x)
         cache = M.KVCache(model.config, 2, 20)
-        parts = [model(x[:, :7], cache=cache), model(x[:, 7:15], cache=cache)] + [model(x[:, i:i + 1], cache=cache) for i in range(15, 20)]
+        parts = [model(x[:, :7], cache=cache), model(x[:, 7:15], cache=cache)] + [
+            model(x[:, i : i + 1], cache=cache) for i in range(15, 20)
+        ]
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
     with pytest.raises(ValueError, match="KV cache full"):
         model(x[:, :1], cache=cache)
@@ -59,13 +62,16 @@ def test_logits_match_transformers_both_ways(moe):
 
 def test_saved_model_loads_and_generates_the_same(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok = M.BPETokenizer(M.train_bpe(M.count_chunks(["def f(x): return x + 1\n" * 50]), 40))
     torch.manual_seed(2)
     model = M.Transformer(M.ModelConfig.from_depth(1, tok.vocab_size, 64))
     M.save_hf(model, tok, tmp_path / "m")
     hf, auto_tok = AutoModelForCausalLM.from_pretrained(tmp_path / "m"), AutoTokenizer.from_pretrained(tmp_path / "m")
     ids = auto_tok("def f(x):", return_tensors="pt", add_special_tokens=False)["input_ids"]
-    assert torch.equal(hf.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None), M.generate(model, ids, 10))
+    assert torch.equal(
+        hf.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None), M.generate(model, ids, 10)
+    )
 
 
 def test_moe_routes_and_balances():
@@ -74,7 +80,7 @@ def test_moe_routes_and_balances():
     x = torch.randint(0, 300, (4, 32))
     _, loss = model(x, x)
     aux = [layer.mlp.aux_loss.item() for layer in model.layers]
-    assert all(a >= 1.0 - 1e-6 for a in aux)       # E·Σ fᵢPᵢ ≥ 1, equal to 1 only when perfectly balanced
+    assert all(a >= 1.0 - 1e-6 for a in aux)  # E·Σ fᵢPᵢ ≥ 1, equal to 1 only when perfectly balanced
     loss.backward()
     assert model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
 
@@ -88,7 +94,10 @@ def test_newton_schulz_and_muon():
     optimizer = M.make_optimizer(model, M.Recipe(optimizer="muon"))
     assert {g["kind"] for g in optimizer.param_groups} == {"muon", "adamw"}
     x = torch.randint(0, 300, (4, 32))
-    losses = [M.train_step(model, optimizer, [(x, x)], M.Recipe(optimizer="muon", warmup_frac=0), s, 20)["loss"] for s in range(20)]
+    losses = [
+        M.train_step(model, optimizer, [(x, x)], M.Recipe(optimizer="muon", warmup_frac=0), s, 20)["loss"]
+        for s in range(20)
+    ]
     assert losses[-1] < losses[0] - 1.0
     state = optimizer.state_dict()
     again = M.make_optimizer(model, M.Recipe(optimizer="muon"))
@@ -105,7 +114,9 @@ def test_adamw_matches_torch():
     for _ in range(10):
         x = torch.randn(4, 8)
         for m, o in ((a, ours), (b, theirs)):
-            o.zero_grad(); m(x).pow(2).mean().backward(); o.step()
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
     assert torch.allclose(a.weight, b.weight, atol=1e-6)
 
 
@@ -132,7 +143,8 @@ def test_accumulation_equals_a_bigger_batch():
 def test_scaling_fit_recovers_a_known_law():
     rng = np.random.default_rng(0)
     truth = dict(E=2.0, A=400.0, B=900.0, alpha=0.35, beta=0.3)
-    n = np.repeat([1e5, 3e5, 1e6, 3e6], 4); d = np.tile([1e6, 3e6, 1e7, 3e7], 4)
+    n = np.repeat([1e5, 3e5, 1e6, 3e6], 4)
+    d = np.tile([1e6, 3e6, 1e7, 3e7], 4)
     losses = M.predicted_loss(truth, n, d) * np.exp(rng.normal(0, 0.002, len(n)))
     fit = M.fit_scaling_law(n, d, losses)
     assert abs(fit["alpha"] - 0.35) < 0.05 and abs(fit["beta"] - 0.3) < 0.05 and abs(fit["E"] - 2.0) < 0.25
@@ -141,9 +153,13 @@ def test_scaling_fit_recovers_a_known_law():
 
 def test_distributed_equals_one_process(tmp_path):
     import datasets
+
     tok = M.BPETokenizer(M.train_bpe(M.count_chunks(["alpha beta gamma delta " * 40]), 30))
     rng = np.random.default_rng(0)
-    docs = [dict(text=" ".join(rng.choice(["alpha", "beta", "gamma", "delta"], rng.integers(20, 200))), domain="prose") for _ in range(80)]
+    docs = [
+        dict(text=" ".join(rng.choice(["alpha", "beta", "gamma", "delta"], rng.integers(20, 200))), domain="prose")
+        for _ in range(80)
+    ]
     corpus = datasets.DatasetDict(train=datasets.Dataset.from_list(docs), val=datasets.Dataset.from_list(docs[:5]))
     M.write_tokens(corpus, tok, tmp_path / "tokens", "digest")
     sizes = dict(depth=1, vocab_size=tok.vocab_size, seq_len=32, batch_size=2, steps=3)

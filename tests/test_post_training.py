@@ -2,6 +2,7 @@
 same batch, the DPO loss on a hand-checked example, the reward model, and GRPO's reward and update direction.
 Second half: the sandbox against hostile expressions, the tools, step-by-step reductions and their labels, the
 process reward model's reading positions, the tool-call loop, BM25 against bm25s, RAFT data and citations."""
+
 import copy
 import math
 import os
@@ -17,7 +18,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="module")
 def tok():
-    text = " ".join(P.QUESTIONS["summary"] + P.QUESTIONS["expression"] + [P.REFUSAL, "json.dumps (obj, *, indent=None) 12 + 30 = 42"])
+    text = " ".join(
+        P.QUESTIONS["summary"]
+        + P.QUESTIONS["expression"]
+        + [P.REFUSAL, "json.dumps (obj, *, indent=None) 12 + 30 = 42"]
+    )
     return M.BPETokenizer(M.train_bpe(M.count_chunks([text * 20]), 60))
 
 
@@ -27,8 +32,16 @@ def model(tok):
     return M.Transformer(M.ModelConfig.from_depth(1, tok.vocab_size, 128)).eval()
 
 
-ENTRIES = [dict(name=f"pkg.mod{i}.func{i}", signature=f"(x, y={i})", summary=f"Return x plus {i}.", module=f"pkg.mod{i}",
-                short=f"func{i}") for i in range(40)]
+ENTRIES = [
+    dict(
+        name=f"pkg.mod{i}.func{i}",
+        signature=f"(x, y={i})",
+        summary=f"Return x plus {i}.",
+        module=f"pkg.mod{i}",
+        short=f"func{i}",
+    )
+    for i in range(40)
+]
 
 
 def conversations(n=6):
@@ -41,12 +54,15 @@ def test_instruction_tasks_and_splits():
     kinds = {t["kind"] for t in tasks}
     assert kinds == {"summary", "signature", "module", "expression", "refusal"}
     for t in tasks:
-        if t["kind"] == "expression": assert str(eval(t["key"])) == t["answer"]
-        if t["kind"] == "module": assert t["answer"] == t["key"].rsplit(".", 1)[0]
+        if t["kind"] == "expression":
+            assert str(eval(t["key"])) == t["answer"]
+        if t["kind"] == "module":
+            assert t["answer"] == t["key"].rsplit(".", 1)[0]
     train = {t["key"] for t in tasks if not P.is_eval_task(t)}
     held = {t["key"] for t in tasks if P.is_eval_task(t)}
-    assert train and held and not train & held                      # a function's three questions never straddle the split
+    assert train and held and not train & held  # a function's three questions never straddle the split
     from llmbook.data import expression_heldout
+
     assert all(expression_heldout(t["key"]) == P.is_eval_task(t) for t in tasks if t["kind"] == "expression")
     sample = P.evaluation_sample(tasks, per_kind=5)
     assert len(sample) == 25 and sample == P.evaluation_sample(tasks, per_kind=5)
@@ -65,8 +81,13 @@ def test_sft_loss_equals_trl(tok, model, tmp_path):
 
 
 def test_dpo_loss_on_a_hand_checked_example():
-    loss, margin = P.dpo_loss(torch.tensor([-3.0, -1.0]), torch.tensor([-5.0, -1.0]), torch.tensor([-4.0, -1.0]),
-                              torch.tensor([-4.0, -1.0]), beta=0.5)
+    loss, margin = P.dpo_loss(
+        torch.tensor([-3.0, -1.0]),
+        torch.tensor([-5.0, -1.0]),
+        torch.tensor([-4.0, -1.0]),
+        torch.tensor([-4.0, -1.0]),
+        beta=0.5,
+    )
     assert margin.tolist() == [1.0, 0.0]
     assert abs(loss.item() - (math.log1p(math.exp(-1.0)) + math.log(2)) / 2) < 1e-6
 
@@ -75,7 +96,8 @@ def test_dpo_loss_equals_trl(tok, model, tmp_path):
     pairs = P.preference_pairs(P.instruction_tasks(ENTRIES[:4], n_expressions=4, seed=2), seed=0)[:6]
     policy = copy.deepcopy(model)
     with torch.no_grad():
-        for p in policy.parameters(): p.add_(torch.randn_like(p) * 0.02)
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
     result = P.dpo_parity(policy, model, tok, pairs, tmp_path)
     assert result["max_logits_difference"] < 1e-4 and result["difference"] < 1e-5, result
     assert abs(result["our_loss"] - math.log(2)) > 1e-3
@@ -86,8 +108,10 @@ def test_preference_pairs_are_plausibly_wrong():
     for pair in P.preference_pairs(tasks):
         chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
         assert chosen != rejected
-        if pair["kind"] == "expression": assert abs(int(chosen) - int(rejected)) == 1
-        if pair["kind"] == "refusal": assert chosen == P.REFUSAL and rejected.startswith("Return x plus")
+        if pair["kind"] == "expression":
+            assert abs(int(chosen) - int(rejected)) == 1
+        if pair["kind"] == "refusal":
+            assert chosen == P.REFUSAL and rejected.startswith("Return x plus")
 
 
 def test_reward_model_reads_the_last_token(tok, model):
@@ -104,7 +128,7 @@ def test_completion_reward(tok):
     end = tok.special_tokens[M.END_OF_TURN]
     assert P.completion_reward(tok, tok.encode_ordinary("42") + [end], "42") == 1.0
     assert P.completion_reward(tok, tok.encode_ordinary(" 42 ") + [end], "42") == 1.0
-    assert P.completion_reward(tok, tok.encode_ordinary("42"), "42") == 0.0          # never stopped
+    assert P.completion_reward(tok, tok.encode_ordinary("42"), "42") == 0.0  # never stopped
     assert P.completion_reward(tok, tok.encode_ordinary("43") + [end], "42") == 0.0
     assert P.first_stop([5, 6, end, 7], {end}) == [5, 6] and P.first_stop([5, 6], {end}) == [5, 6]
 
@@ -117,10 +141,11 @@ def test_grpo_step_favours_the_rewarded_answer(tok, model):
     policy = copy.deepcopy(model).train()
     before = P.sequence_logps(policy, x, y).tolist()
     loss, kl = P.grpo_loss(policy, model, x, y, torch.tensor([1.0, -1.0]), beta=0.04)
-    assert abs(kl) < 1e-6                                         # policy = reference
+    assert abs(kl) < 1e-6  # policy = reference
     loss.backward()
     with torch.no_grad():
-        for p in policy.parameters(): p -= 0.05 * p.grad
+        for p in policy.parameters():
+            p -= 0.05 * p.grad
     after = P.sequence_logps(policy, x, y).tolist()
     assert after[0] > before[0] and after[1] < before[1]
 
@@ -133,32 +158,43 @@ def test_sft_lowers_the_loss(tok, model):
 
 # ---- second half ----
 
+
 def test_sandbox_refuses_every_hostile_expression():
     assert P.sandbox_escapes() == []
     for e in P.HOSTILE_EXPRESSIONS:
-        with pytest.raises(P.SandboxError): P.sandbox_eval(e)
+        with pytest.raises(P.SandboxError):
+            P.sandbox_eval(e)
 
 
 def test_sandbox_evaluates_the_allowed_subset():
     assert P.sandbox_eval("max(3, 14) * 2 + len('abc')") == "31"
-    assert P.sandbox_eval("2 ** 10, -7 // 2, 7 % 3, abs(-2.5), round(2.675, 2)") == repr((1024, -4, 1, 2.5, round(2.675, 2)))
+    assert P.sandbox_eval("2 ** 10, -7 // 2, 7 % 3, abs(-2.5), round(2.675, 2)") == repr(
+        (1024, -4, 1, 2.5, round(2.675, 2))
+    )
     assert P.sandbox_eval("1 < 2 <= 2 != 3") == "True" and P.sandbox_eval("[1, 2] + [3]") == "[1, 2, 3]"
     tight = P.SandboxLimits(max_steps=5)
-    with pytest.raises(P.SandboxError, match="more than 5 steps"): P.sandbox_eval("1 + 1 + 1 + 1 + 1", tight)
-    with pytest.raises(P.SandboxError, match="digits"): P.sandbox_eval("10 ** 99 * 10 ** 99")
-    with pytest.raises(P.SandboxError, match="an expression is text"): P.sandbox_eval(b"1 + 1")
+    with pytest.raises(P.SandboxError, match="more than 5 steps"):
+        P.sandbox_eval("1 + 1 + 1 + 1 + 1", tight)
+    with pytest.raises(P.SandboxError, match="digits"):
+        P.sandbox_eval("10 ** 99 * 10 ** 99")
+    with pytest.raises(P.SandboxError, match="an expression is text"):
+        P.sandbox_eval(b"1 + 1")
 
 
 def test_tools_and_their_errors():
     assert P.calculator("(1234 + 66) * 2 / 4") == "650.0"
-    with pytest.raises(P.SandboxError, match="the calculator takes"): P.calculator("max(1, 2)")
+    with pytest.raises(P.SandboxError, match="the calculator takes"):
+        P.calculator("max(1, 2)")
     assert P.call_tool(dict(name="python", arguments=dict(expression="len('four')"))) == "4"
-    assert P.call_tool(dict(name="python", arguments=dict(expression="open('x')"))).startswith("error: Call is not allowed")
+    assert P.call_tool(dict(name="python", arguments=dict(expression="open('x')"))).startswith(
+        "error: Call is not allowed"
+    )
     assert P.call_tool(dict(name="rm", arguments=dict(expression="1"))) == "error: no tool named 'rm'"
     assert P.call_tool(dict(arguments=1)).startswith("error: a call is")
     problems = P.tool_problems(60, seed=3)
     assert len({p["expression"] for p in problems}) == 60 and {p["kind"] for p in problems} == {"calculator", "python"}
-    for p in problems: assert p["answer"] == repr(eval(p["expression"]))
+    for p in problems:
+        assert p["answer"] == repr(eval(p["expression"]))
 
 
 def test_tool_trace_renders_and_trains_the_call(tok):
@@ -166,7 +202,11 @@ def test_tool_trace_renders_and_trains_the_call(tok):
     row = dict(messages=P.tool_trace(problem), tools=P.TOOLS)
     ids, mask = M.render_chat(tok, row["messages"], tools=P.TOOLS)
     trained = tok.decode([t for t, m in zip(ids, mask) if m])
-    assert "<|tool_call|>" in trained and problem["expression"] in trained and trained.endswith(problem["answer"] + M.END_OF_TURN)
+    assert (
+        "<|tool_call|>" in trained
+        and problem["expression"] in trained
+        and trained.endswith(problem["answer"] + M.END_OF_TURN)
+    )
     x, y = P.chat_batch(tok, [row, P.chat("a", "b")], 1 << 16)
     assert tok.decode(y[0][y[0] != -100].tolist()) == trained
 
@@ -184,12 +224,18 @@ def test_run_with_tools_executes_the_call(tok, model, monkeypatch):
 def test_reductions_and_their_labels():
     assert P.reduction_steps("7 - 2 * (3 + 4)") == ["7 - 2 * 7", "7 - 14", "-7"]
     assert P.reduction_steps("(2 + 3) * (4 - 6)") == ["5 * (4 - 6)", "5 * -2", "-10"]
-    assert P.label_steps("7 - 2 * (3 + 4)", ["7 - 2 * 7", "7 - 15", "-8", "__import__('os')"]) == [True, False, False, False]
-    assert P.label_steps("7 - 2 * (3 + 4)", ["7 - 2 * 7", "7 - 14"]) == [True, False]          # stopped before the value
+    assert P.label_steps("7 - 2 * (3 + 4)", ["7 - 2 * 7", "7 - 15", "-8", "__import__('os')"]) == [
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert P.label_steps("7 - 2 * (3 + 4)", ["7 - 2 * 7", "7 - 14"]) == [True, False]  # stopped before the value
     assert P.label_steps("2 + 3", ["5"]) == [True]
     train, held = P.reasoning_problems(300, seed=1)
     assert len(train) + len(held) == 300 and held and not set(train) & set(held)
-    for p in train[:50]: assert P.reduction_steps(p)[-1] == repr(eval(p))
+    for p in train[:50]:
+        assert P.reduction_steps(p)[-1] == repr(eval(p))
 
 
 def test_process_reward_model_reads_every_step_end(tok, model):
@@ -200,7 +246,10 @@ def test_process_reward_model_reads_every_step_end(tok, model):
     completion = tok.encode_ordinary("2 + 12") + [newline] + tok.encode_ordinary("15") + [end]
     row = P.labelled_solution(tok, problem, completion, newlines)
     prompt = P.reasoning_prompt(tok, problem)
-    assert row["labels"] == [True, False] and row["ends"] == [len(prompt) + completion.index(newline), len(prompt) + len(completion) - 1]
+    assert row["labels"] == [True, False] and row["ends"] == [
+        len(prompt) + completion.index(newline),
+        len(prompt) + len(completion) - 1,
+    ]
     prm = P.RewardModel(copy.deepcopy(model))
     torch.nn.init.normal_(prm.score.weight)
     x, y = P.step_batch(tok, [row])
@@ -215,18 +264,27 @@ def test_process_reward_model_reads_every_step_end(tok, model):
 def test_reward_model_round_trip(tok, model, tmp_path):
     rm = P.RewardModel(copy.deepcopy(model))
     torch.nn.init.normal_(rm.score.weight)
-    P.save_reward_model(rm, tok, tmp_path/"rm")
-    again = P.load_reward_model(tmp_path/"rm")
+    P.save_reward_model(rm, tok, tmp_path / "rm")
+    again = P.load_reward_model(tmp_path / "rm")
     x, lengths = P.reward_inputs(tok, [P.chat("What is `a`?", "b")])
     torch.testing.assert_close(again(x, lengths), rm(x, lengths))
-    (tmp_path/"rm"/"head.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "rm" / "head.safetensors").write_bytes(b"not a safetensors file")
     from llmbook.book import ArtifactError
-    with pytest.raises(ArtifactError): P.load_reward_model(tmp_path/"rm")
+
+    with pytest.raises(ArtifactError):
+        P.load_reward_model(tmp_path / "rm")
 
 
 def test_bm25_equals_bm25s():
-    documents = [P.passage(e) for e in ENTRIES] + ["statistics.fmean(data): Convert data to floats and compute the arithmetic mean."]
-    queries = ["What does `statistics.fmean` do?", "Which module defines `func7`?", "Return x plus 3", "nothing matches zzz"]
+    documents = [P.passage(e) for e in ENTRIES] + [
+        "statistics.fmean(data): Convert data to floats and compute the arithmetic mean."
+    ]
+    queries = [
+        "What does `statistics.fmean` do?",
+        "Which module defines `func7`?",
+        "Return x plus 3",
+        "nothing matches zzz",
+    ]
     result = P.bm25_parity(documents, queries)
     assert result["max_score_difference"] < 1e-5 and result["top10_agreement"] == 1.0, result
     index = P.BM25(documents)
@@ -245,7 +303,10 @@ def test_raft_conversations_cite_the_right_passage():
         assert answer == t["answer"] and user["content"].startswith(t["question"])
         shown = user["content"].split("Sources:\n", 1)[1].split("\n")
         assert len(shown) == P.RAG_PASSAGES and shown[-1].startswith("[1] ")
-        passages = {int(line[1:line.index("]")]): line[line.index("]") + 2:] for line in shown}
-        if n is None: assert documents[document_of[t["key"]]] not in passages.values()
-        else: with_citation += 1; assert passages[n] == documents[document_of[t["key"]]]
+        passages = {int(line[1 : line.index("]")]): line[line.index("]") + 2 :] for line in shown}
+        if n is None:
+            assert documents[document_of[t["key"]]] not in passages.values()
+        else:
+            with_citation += 1
+            assert passages[n] == documents[document_of[t["key"]]]
     assert 0.7 < with_citation / len(tasks) < 0.9

@@ -1,5 +1,5 @@
 "The papermill runner: failures name chapter and cell, reruns skip finished chapters, killed runs resume."
-import json
+
 import os
 import signal
 import subprocess
@@ -42,10 +42,16 @@ def test_failure_names_chapter_and_cell_then_resumes(tmp_path, toy_nbs):
 def test_killed_run_resumes_where_it_stopped(tmp_path, toy_nbs):
     go = tmp_path / "go"
     write_toy_book(toy_nbs, f"import time\nwhile not __import__('pathlib').Path({str(go)!r}).exists(): time.sleep(0.2)")
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); from toy import TOY_BOOK; from llmbook.book import *; "
-              "run_book(open_run('tiny', sys.argv[2], book=TOY_BOOK), progress=False)")
-    proc = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent), str(tmp_path / "run")],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from toy import TOY_BOOK; from llmbook.book import *; "
+        "run_book(open_run('tiny', sys.argv[2], book=TOY_BOOK), progress=False)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(Path(__file__).parent), str(tmp_path / "run")],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     executed = tmp_path / "run" / "notebooks" / "02_toy_b.ipynb"
     deadline = time.time() + 120
     while not executed.exists() and time.time() < deadline and proc.poll() is None:
@@ -69,8 +75,20 @@ def test_cli_exits_nonzero_naming_chapter_and_cell(tmp_path):
     (tmp_path / "nbs").mkdir()
     nbformat.write(nb, tmp_path / "nbs" / "01_foundations.ipynb")
     env = {**os.environ, "LLMBOOK_NBS": str(tmp_path / "nbs")}
-    result = subprocess.run([str(Path(sys.executable).parent / "llmbook"), "run", "--preset", "tiny", "--run-dir",
-                             str(tmp_path / "run"), "--no-progress"], env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "llmbook"),
+            "run",
+            "--preset",
+            "tiny",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1, result.stderr
     cell = opened + 2 + 1  # 1-based, after papermill's injected-parameters cell
     assert f"Chapter 1 (Foundations) failed in cell {cell}" in result.stderr, result.stderr

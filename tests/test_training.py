@@ -1,5 +1,6 @@
 """Chapter 4, training: exact resume after SIGKILL, corrupt-checkpoint fallback, NaN rollback, metrics on resume,
 and the evaluation harness on hand-checked examples."""
+
 import json
 
 import numpy as np
@@ -15,10 +16,14 @@ from llmbook import training as T
 def toy(tmp_path_factory):
     "A tokenizer and token files of a small synthetic corpus."
     import datasets
+
     rng = np.random.default_rng(0)
     words = ["def", "return", "self", "value", "(", ")", ":", "\n", "    ", "x", "y", "+", "1"]
     tok = M.BPETokenizer(M.train_bpe(M.count_chunks([" ".join(words) * 30]), 40))
-    docs = [dict(text=" ".join(rng.choice(words, rng.integers(30, 300))), domain=["code", "prose"][i % 2]) for i in range(120)]
+    docs = [
+        dict(text=" ".join(rng.choice(words, rng.integers(30, 300))), domain=["code", "prose"][i % 2])
+        for i in range(120)
+    ]
     corpus = datasets.DatasetDict(train=datasets.Dataset.from_list(docs), val=datasets.Dataset.from_list(docs[:10]))
     directory = tmp_path_factory.mktemp("toy") / "tokens"
     M.write_tokens(corpus, tok, directory, "digest")
@@ -27,8 +32,18 @@ def toy(tmp_path_factory):
 
 def trainer(tok, directory, out, steps=12, **kw):
     torch.manual_seed(0)
-    return T.Trainer(M.Transformer(M.ModelConfig.from_depth(1, tok.vocab_size, 32)), M.Recipe(), directory, out, steps, 2, 32,
-                     checkpoint_every=4, tensorboard=False, **kw)
+    return T.Trainer(
+        M.Transformer(M.ModelConfig.from_depth(1, tok.vocab_size, 32)),
+        M.Recipe(),
+        directory,
+        out,
+        steps,
+        2,
+        32,
+        checkpoint_every=4,
+        tensorboard=False,
+        **kw,
+    )
 
 
 def test_exact_resume_after_sigkill(toy, tmp_path):
@@ -73,9 +88,10 @@ def test_metrics_are_cut_back_to_the_resumed_step(toy, tmp_path):
     tok, directory = toy
     trainer(tok, directory, tmp_path, steps=12).fit(progress=False)
     with open(tmp_path / "metrics.jsonl", "a") as fh:
-        fh.write('{"step": 99, "loss": 1.0}\n{"step": 100, "lo')       # what a killed run could leave
+        fh.write('{"step": 99, "loss": 1.0}\n{"step": 100, "lo')  # what a killed run could leave
     t = trainer(tok, directory, tmp_path, steps=12)
-    t.load_latest(); t._start_logging()
+    t.load_latest()
+    t._start_logging()
     steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
 
@@ -87,42 +103,54 @@ def test_optimizer_state_round_trip():
     M.train_step(model, opt, [(x, x)], M.Recipe(), 0, 5)
     tensors, rest = T.optimizer_tensors(opt)
     fresh = M.make_optimizer(model, M.Recipe())
-    T.restore_optimizer(fresh, tensors, json.loads(json.dumps(rest)))   # the JSON part goes through state.json
+    T.restore_optimizer(fresh, tensors, json.loads(json.dumps(rest)))  # the JSON part goes through state.json
     restored, original = fresh.state_dict(), opt.state_dict()
     assert restored["param_groups"] == original["param_groups"] and restored["state"].keys() == original["state"].keys()
     for i, entry in original["state"].items():
         assert entry.keys() == restored["state"][i].keys()
-        assert all(torch.equal(v, restored["state"][i][k]) if torch.is_tensor(v) else v == restored["state"][i][k] for k, v in entry.items())
+        assert all(
+            torch.equal(v, restored["state"][i][k]) if torch.is_tensor(v) else v == restored["state"][i][k]
+            for k, v in entry.items()
+        )
 
 
 class Oracle(nn.Module):
     "A stub language model: it predicts the next token of any of `sequences` whose prefix it is given, else nothing."
+
     def __init__(self, vocab_size, sequences):
         super().__init__()
         self.vocab_size, self.sequences = vocab_size, [list(s) for s in sequences]
-        self.lm_head = nn.Linear(1, 1)                       # generate() reads the dtype from here
+        self.lm_head = nn.Linear(1, 1)  # generate() reads the dtype from here
         self.config = M.ModelConfig.from_depth(1, vocab_size, 512)
 
     def forward(self, idx, targets=None, cache=None):
         full = idx
-        if cache is not None:                                # with a KV cache only new tokens come in: keep the history
+        if cache is not None:  # with a KV cache only new tokens come in: keep the history
             full = self.history = idx if cache.length == 0 else torch.cat([self.history, idx], 1)
             cache.length += idx.shape[1]
         logits = torch.zeros(full.shape[0], full.shape[1], self.vocab_size)
         for b, row in enumerate(full.tolist()):
             for s in self.sequences:
-                if s[:len(row)] == row:
+                if s[: len(row)] == row:
                     for i in range(len(row)):
-                        if i + 1 < len(s): logits[b, i, s[i + 1]] = 20.0
-        return logits[:, -idx.shape[1]:]
+                        if i + 1 < len(s):
+                            logits[b, i, s[i + 1]] = 20.0
+        return logits[:, -idx.shape[1] :]
 
 
 def test_harness_on_hand_checked_examples(toy):
     tok, _ = toy
-    document = ("mod\nA module.\n\nmod.add(a, b)\nReturn the sum of a and b.\n\nmod.neg(x)\nReturn minus x, always.\n\n"
-                "mod.Box\nA class.\n\nmod.Box.open(self)\nOpen the box now please.\n\nmod.mul(a, b)\nMultiply two numbers together.")
+    document = (
+        "mod\nA module.\n\nmod.add(a, b)\nReturn the sum of a and b.\n\nmod.neg(x)\nReturn minus x, always.\n\n"
+        "mod.Box\nA class.\n\nmod.Box.open(self)\nOpen the box now please.\n\nmod.mul(a, b)\nMultiply two numbers together."
+    )
     entries = T.api_entries([document])
-    assert [(e["name"], e["signature"]) for e in entries] == [("mod.add", "(a, b)"), ("mod.neg", "(x)"), ("mod.Box.open", "(self)"), ("mod.mul", "(a, b)")]
+    assert [(e["name"], e["signature"]) for e in entries] == [
+        ("mod.add", "(a, b)"),
+        ("mod.neg", "(x)"),
+        ("mod.Box.open", "(self)"),
+        ("mod.mul", "(a, b)"),
+    ]
     bos = tok.special_tokens[M.ENDOFTEXT]
     knows = [[bos] + tok.encode_ordinary(f"{e['name']}{e['signature']}\n{e['summary']}") for e in entries]
     result = T.multiple_choice(Oracle(tok.vocab_size, knows), tok, entries, n_choices=4)
@@ -132,6 +160,7 @@ def test_harness_on_hand_checked_examples(toy):
     assert T.greedy_line(Oracle(tok.vocab_size, [line]), tok, "mod.add(") == "a, b)"
     assert T.signature_completion(Oracle(tok.vocab_size, [line]), tok, entries[:1])["accuracy"] == 1.0
     from llmbook.data import expression_heldout
+
     assert all(expression_heldout(e) for e in T.heldout_expressions(20))
 
 
@@ -139,4 +168,6 @@ def test_ngram_baselines_and_units(toy):
     tok, directory = toy
     b = T.ngram_baselines(directory, tok.vocab_size)
     assert b["bigram"] < b["unigram"]
-    assert T.bits_per_byte(np.log(2), 1.0) == pytest.approx(1.0)   # ln 2 nats per token at one token per byte: one bit per byte
+    assert T.bits_per_byte(np.log(2), 1.0) == pytest.approx(
+        1.0
+    )  # ln 2 nats per token at one token per byte: one bit per byte
