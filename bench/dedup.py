@@ -71,13 +71,15 @@ def main():
             **D.pair_quality(found, truth, near_threshold),
         )
     print(
-        f"{len(texts)} documents ({len(bases)} bases + {len(D.PLANTED_SIMILARITIES)} variants each), {megabytes:.1f} MB; "
+        f"{len(texts)} documents ({len(bases)} bases + {len(D.PLANTED_SIMILARITIES)} variants each), "
+        f"{megabytes:.1f} MB; "
         f"{len(truth)} true duplicate pairs, {len(near_threshold)} pairs within {D.MARGIN} of the threshold not scored"
     )
     print(f"{'':>11} {'seconds':>8} {'docs/s':>9} {'MB/s':>6} {'precision':>9} {'recall':>7}")
     for name, r in rows.items():
         print(
-            f"{name:>11} {r['seconds']:8.3f} {r['docs_per_s']:9.0f} {r['mb_per_s']:6.2f} {r['precision']:9.3f} {r['recall']:7.3f}"
+            f"{name:>11} {r['seconds']:8.3f} {r['docs_per_s']:9.0f} {r['mb_per_s']:6.2f} "
+            f"{r['precision']:9.3f} {r['recall']:7.3f}"
         )
     ratio = rows["llmbook"]["docs_per_s"] / rows["datasketch"]["docs_per_s"]
     print(f"llmbook / datasketch throughput: {ratio:.1f}×")

@@ -106,7 +106,8 @@ def main():
     )
     print(
         f"pipeline (tiktoken) vs HF tokenizers: {ratios['pipeline_vs_hf_single']:.1f}× one thread, "
-        f"{ratios['pipeline_vs_hf_batched']:.1f}× batched; the from-scratch trainer costs {ratios['train_ours_vs_hf']:.0f}× HF's"
+        f"{ratios['pipeline_vs_hf_batched']:.1f}× batched; "
+        f"the from-scratch trainer costs {ratios['train_ours_vs_hf']:.0f}× HF's"
     )
     print(
         json.dumps(

@@ -2,7 +2,8 @@
 identical dimensions, batch and dtype, eager and torch.compile'd; tokens/s and MFU against this machine's
 measured fp32 matmul rate (Chapter 1's measure, taken in turn with the steps).
 
-    .venv/bin/python bench/train_step.py [--depth 4] [--vocab 8192] [--seq-len 256] [--batch 16] [--threads 2] [--no-compile]
+    .venv/bin/python bench/train_step.py [--depth 4] [--vocab 8192] [--seq-len 256] [--batch 16] [--threads 2]
+        [--no-compile]
 """
 
 import argparse

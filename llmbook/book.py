@@ -7,10 +7,12 @@ __all__ = ['PRESETS', 'CHAPTERS', 'Preset', 'parse_overrides', 'make_preset', 't
            'is_interrupted_write', 'sweep_interrupted_writes', 'atomic_write_bytes', 'atomic_write_text',
            'atomic_write_json', 'sha256_bytes', 'sha256_file', 'sha256_tree', 'sha256_json', 'load_json',
            'save_safetensors', 'load_safetensors', 'Chapter', 'find_chapter', 'package_dir', 'project_root', 'nbs_dir',
-           'present_chapters', 'Run', 'default_run_dir', 'open_run', 'code_digest', 'read_stamp', 'chapter_inputs',
-           'output_digests', 'chapter_status', 'start_chapter', 'manifest_digest', 'ensure_prerequisites',
-           'open_chapter', 'environment', 'target_status', 'write_report', 'kernel_for_this_python', 'ChapterFailed',
-           'failing_line', 'execute_chapter', 'run_lock', 'run_book', 'chapter_notebook', 'render_readme', 'main']
+           'present_chapters', 'Run', 'default_run_dir', 'open_run', 'say', 'target_status', 'target_margin',
+           'spec_metrics', 'target_sentence', 'code_digest', 'read_stamp', 'chapter_inputs', 'output_digests',
+           'chapter_status', 'start_chapter', 'manifest_digest', 'ensure_prerequisites', 'open_chapter', 'environment',
+           'measured_metrics', 'missed_targets', 'targets_summary', 'write_report', 'kernel_for_this_python',
+           'ChapterFailed', 'failing_line', 'execute_chapter', 'run_lock', 'run_book', 'chapter_notebook',
+           'render_readme', 'main']
 
 # %% ../nbs/00_book.ipynb #60802d6a
 import argparse
@@ -201,7 +203,7 @@ PRESETS = {
 
 # %% ../nbs/00_book.ipynb #446cd63a
 def parse_overrides(overrides: str | Iterable[str] | dict | None) -> dict:
-    "`'depth=6 seq_len=512'` (papermill), `['depth=6']` (`--set`) or a dict → `{'depth': '6', ...}`; values hold no spaces."
+    "`'depth=6 seq_len=512'` (papermill), `['depth=6']` (`--set`) or a dict → `{'depth': '6', ...}`."
     if not overrides:
         return {}
     if isinstance(overrides, dict):
@@ -644,6 +646,81 @@ def save_figure(self: Run, fig, name: str) -> Path:
     atomic_write_json(_results_path(self), results)
     return path
 
+# %% ../nbs/00_book.ipynb #5a1c0e02
+def say(text: str):
+    "Show a sentence measured by a cell: rendered Markdown in a notebook, plain text elsewhere."
+    with contextlib.suppress(ImportError):
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+
+        if get_ipython() is not None:
+            display(Markdown(text))
+            return
+    print(text)
+
+# %% ../nbs/00_book.ipynb #d79080ff
+def target_status(value, target, direction: str) -> str:
+    "'met', 'not met', 'not measured yet' or 'no target' for a measured value against a target."
+    if target is None:
+        return "no target"
+    if value is None:
+        return "not measured yet"
+    if direction == "at_least":
+        ok = value >= target
+    elif direction == "at_most":
+        ok = value <= target
+    else:
+        ok = value == target
+    return "met" if ok else "not met"
+
+
+def target_margin(value, target, direction: str) -> float | None:
+    "How far `value` is on the good side of `target` (negative: short of it)."
+    if target is None or value is None or isinstance(value, str):
+        return None
+    return value - target if direction == "at_least" else target - value
+
+# %% ../nbs/00_book.ipynb #5a1c0e03
+_SIGN = {"at_least": "≥", "at_most": "≤"}
+
+
+def _fmt(value) -> str:
+    "A value as the report shows it: floats to 4 significant digits, None as a dash."
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "—" if value is None else str(value)
+
+
+def spec_metrics(run: Run) -> dict:
+    "Chapter 1's success metrics by name, from the run's spec.json (none before Chapter 1 has run)."
+    path = run.path / "spec.json"
+    return {m["name"]: m for m in load_json(path)["metrics"]} if path.exists() else {}
+
+
+def target_sentence(metric: dict, value, preset: str) -> str:
+    "One sentence: the measured value against the preset's target, met or not and by how much."
+    target, direction = metric["targets"].get(preset), metric["direction"]
+    measured = f"`{metric['name']}` = {_fmt(value)} {metric['unit']}"
+    if target is None:
+        return f"{measured} — no target at `{preset}`: the preset is too small to judge it ({metric['why']})."
+    status = target_status(value, target, direction)
+    margin = target_margin(value, target, direction)
+    by = f" by {_fmt(abs(margin))}" if margin is not None else ""
+    verdict = f"met{by}" if status == "met" else f"**{status}**{' — short' + by if by else ''}"
+    goal = f"{_SIGN.get(direction, '=')} {_fmt(target)}"
+    return f"{measured} — target at `{preset}` {goal}: {verdict} ({metric['why']})."
+
+
+@patch
+def target(self: Run, name: str, value) -> str:
+    "Record `value` of Chapter 1's success metric `name`; say if it meets the preset's target (a miss never raises)."
+    metric = spec_metrics(self).get(name)
+    if metric is None:
+        raise ValueError(f"{name!r} is not a success metric in {self.path / 'spec.json'}: add it to Chapter 1's list")
+    self.record(**{name: value})
+    say(target_sentence(metric, value, self.cfg.name))
+    return target_status(value, metric["targets"].get(self.cfg.name), metric["direction"])
+
 # %% ../nbs/00_book.ipynb #f6a44fd6
 def _notebook_code(path: Path) -> str:
     "The code cells of a notebook, without outputs: what decides what the notebook does."
@@ -779,25 +856,17 @@ def read_json(self: Run, name: str) -> Any:
     return load_json(self.artifact(name), manifest_digest(self, name))
 
 # %% ../nbs/00_book.ipynb #38d51a2b
-def ensure_prerequisites(run: Run, chapter: Chapter):
-    "Produce, through the package, every earlier chapter that is missing or stale."
-    for earlier in run.book:
+def ensure_prerequisites(run: Run, chapter: Chapter, progress: bool = True):
+    "Run the notebook of every earlier chapter that has not finished in `run` or is stale, in order."
+    for earlier in present_chapters(run.book):
         if earlier.number >= chapter.number:
             break
-        try:
-            module = importlib.import_module(earlier.module)
-        except ModuleNotFoundError as e:
-            if e.name != earlier.module:
-                raise
-            continue  # a chapter not written yet
         fresh, why = chapter_status(run, earlier)
         if fresh:
             continue
-        print(f"{earlier}: {why}; producing it through the package ({earlier.module}.produce)")
-        sub = run.for_chapter(earlier)
-        start_chapter(sub)
-        module.produce(sub)
-        sub.finish(how="package")
+        print(f"{earlier}: {why}; running its notebook first → {run.notebooks_dir / earlier.notebook}.ipynb")
+        with run_lock(run):
+            execute_chapter(run, earlier, progress=progress)
 
 
 def open_chapter(
@@ -808,7 +877,7 @@ def open_chapter(
     book: Sequence[Chapter] = CHAPTERS,
     prerequisites: bool = True,
 ) -> Run:
-    "Open the run directory for `chapter`: check the preset, produce missing prerequisites, start the chapter."
+    "Open the run directory for `chapter`: check the preset, run missing earlier chapters, start this one."
     run = open_run(preset, run_dir, overrides, book)
     run = run.for_chapter(chapter)
     if prerequisites:
@@ -858,23 +927,7 @@ def environment() -> dict:
         packages=packages,
     )
 
-# %% ../nbs/00_book.ipynb #d79080ff
-def target_status(value, target, direction: str) -> str:
-    "'met', 'not yet', 'not measured yet' or 'no target' for a measured value against a target."
-    if target is None:
-        return "no target"
-    if value is None:
-        return "not measured yet"
-    ok = value >= target if direction == "at_least" else value <= target if direction == "at_most" else value == target
-    return "met" if ok else "not yet"
-
 # %% ../nbs/00_book.ipynb #ef4c7d3b
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "—" if value is None else str(value)
-
-
 def _chapter_rows(run: Run, results: dict) -> tuple[list, float, bool]:
     "Rows of the chapters table, their total time, and whether every chapter present has finished."
     rows, total, all_fresh = [], 0.0, True
@@ -898,28 +951,57 @@ def _chapter_rows(run: Run, results: dict) -> tuple[list, float, bool]:
 
 
 def _target_rows(run: Run, targets: list[dict], measured: dict) -> list[list]:
-    "Rows of the targets table: each of Chapter 1's metrics against what was measured."
-    sign = {"at_least": "≥", "at_most": "≤"}
-    return [
-        [
-            t["name"],
-            t["chapter"],
-            f"{sign.get(t['direction'], '=')} {_fmt(t['targets'].get(run.cfg.name))}",
-            _fmt(measured.get(t["name"])),
-            target_status(measured.get(t["name"]), t["targets"].get(run.cfg.name), t["direction"]),
-        ]
-        for t in targets
+    "Rows of the targets table: each of Chapter 1's metrics against what was measured, and by how much."
+    rows = []
+    for t in targets:
+        target, value = t["targets"].get(run.cfg.name), measured.get(t["name"])
+        margin = target_margin(value, target, t["direction"])
+        rows.append(
+            [
+                t["name"],
+                t["chapter"],
+                f"{_SIGN.get(t['direction'], '=')} {_fmt(target)}",
+                _fmt(value),
+                target_status(value, target, t["direction"]),
+                "—" if margin is None else f"{margin:+.4g}",
+            ]
+        )
+    return rows
+
+
+def measured_metrics(run: Run) -> dict:
+    "Everything the run's chapters recorded, and the whole book's time once every chapter has finished."
+    results = {c.number: load_json(p) for c in run.book if (p := run.results_dir / f"{c.notebook}.json").exists()}
+    _, total, all_finished = _chapter_rows(run, results)
+    measured = {k: v for r in results.values() for k, v in r["metrics"].items()}
+    if all_finished:
+        measured["book_minutes"] = total / 60
+    return measured
+
+
+def missed_targets(run: Run) -> list[list]:
+    "The target rows whose status is 'not met'."
+    rows = _target_rows(run, list(spec_metrics(run).values()), measured_metrics(run))
+    return [row for row in rows if row[4] == "not met"]
+
+
+def targets_summary(run: Run, missed: list[list]) -> str:
+    "What `llmbook run` prints at the end: how many targets were met, and each one that was not."
+    rows = _target_rows(run, list(spec_metrics(run).values()), measured_metrics(run))
+    met = sum(row[4] == "met" for row in rows)
+    lines = [f"targets at {run.cfg.name}: {met} met, {len(missed)} not met (the report card lists all {len(rows)})"]
+    lines += [
+        f"  not met: {name} (Chapter {chapter}) measured {value}, target {target}"
+        for name, chapter, target, value, *_ in missed
     ]
+    return "\n".join(lines)
 
 
 def _report_blocks(run: Run) -> list[tuple]:
     "The report's content: ('h', level, text), ('p', text), ('table', header, rows) and ('img', path)."
-    spec = load_json(run.path / "spec.json") if (run.path / "spec.json").exists() else {}
     results = {c.number: load_json(p) for c in run.book if (p := run.results_dir / f"{c.notebook}.json").exists()}
-    rows, total, all_finished = _chapter_rows(run, results)
-    measured = {k: v for r in results.values() for k, v in r["metrics"].items()}
-    if all_finished:
-        measured["book_minutes"] = total / 60  # the whole book's time, once every chapter has finished
+    rows, total, _ = _chapter_rows(run, results)
+    targets, measured = list(spec_metrics(run).values()), measured_metrics(run)
     blocks = [
         ("h", 1, f"llmbook report card — preset {run.cfg.name}"),
         (
@@ -931,15 +1013,9 @@ def _report_blocks(run: Run) -> list[tuple]:
         ("table", ["chapter", "status", "wall time (s)", "how"], rows),
         ("p", f"Total chapter time: {total / 60:.1f} min."),
     ]
-    if spec.get("metrics"):
-        blocks += [
-            ("h", 2, "Targets (Chapter 1)"),
-            (
-                "table",
-                ["metric", "chapter", "target", "measured", "status"],
-                _target_rows(run, spec["metrics"], measured),
-            ),
-        ]
+    if targets:
+        header = ["metric", "chapter", "target", "measured", "status", "margin"]
+        blocks += [("h", 2, "Targets (Chapter 1)"), ("table", header, _target_rows(run, targets, measured))]
     for chapter in run.book:
         if chapter.number not in results:
             continue
@@ -1112,18 +1188,27 @@ def execute_chapter(run: Run, chapter: Chapter, progress: bool = True) -> float:
     return wall_s
 
 # %% ../nbs/00_book.ipynb #c6885378
+_LOCK_HELD = "LLMBOOK_RUN_LOCKED"  # the run directory this process (or its parent runner) holds
+
+
 @contextlib.contextmanager
 def run_lock(run: Run):
-    "Hold the run directory for this process, or fail with a clear message if another run holds it."
+    "Hold the run directory for this process and the kernels it starts, or fail clearly if another run holds it."
+    if os.environ.get(_LOCK_HELD) == str(run.path):
+        yield
+        return
     run.path.mkdir(parents=True, exist_ok=True)
     with open(run.path / ".lock", "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(
-                f"another llmbook run is using {run.path}; wait for it or choose another run dir"
-            ) from None
-        yield
+            message = f"another llmbook run is using {run.path}; wait for it or choose another run dir"
+            raise RuntimeError(message) from None
+        os.environ[_LOCK_HELD] = str(run.path)
+        try:
+            yield
+        finally:
+            del os.environ[_LOCK_HELD]
 
 # %% ../nbs/00_book.ipynb #0b8ab208
 def run_book(run: Run, only=None, start=None, progress: bool = True, log=print) -> list[dict]:
@@ -1136,22 +1221,24 @@ def run_book(run: Run, only=None, start=None, progress: bool = True, log=print) 
     elif start is not None:
         chapters = [c for c in chapters if c.number >= find_chapter(start, run.book).number]
     forced = only is not None or start is not None
-    say = tqdm.write if progress else log
+    announce = tqdm.write if progress else log
     outcomes = []
     with run_lock(run):
+        if chapters:
+            ensure_prerequisites(run, chapters[0], progress=progress)
         bar = tqdm(chapters, unit="chapter", disable=not progress)
         for chapter in bar:
             bar.set_description(f"{chapter.number:02d} {chapter.title}")
             fresh, why = chapter_status(run, chapter)
             if fresh and not forced:
-                say(f"{chapter}: skipped ({why})")
+                announce(f"{chapter}: skipped ({why})")
                 outcomes.append(dict(chapter=chapter.number, status="skipped", wall_s=0.0))
                 continue
             try:
                 wall_s = execute_chapter(run, chapter, progress=progress)
             finally:
                 write_report(run)
-            say(f"{chapter}: done in {wall_s:.1f} s")
+            announce(f"{chapter}: done in {wall_s:.1f} s")
             outcomes.append(dict(chapter=chapter.number, status="ran", wall_s=wall_s))
     write_report(run)
     return outcomes
@@ -1219,6 +1306,7 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--only", metavar="CH", help="run only this chapter (number or name)")
     group.add_argument("--from", dest="start", metavar="CH", help="run from this chapter on")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--strict", action="store_true", help="exit with 3 when a target of Chapter 1 is not met")
     with_run_options(sub.add_parser("status", help="which chapters are finished and fresh"))
     with_run_options(sub.add_parser("report", help="write report.md and report.html"))
     sub.add_parser("presets", help="print the presets")
@@ -1270,6 +1358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             started = time.time()
             run_book(run, only=args.only, start=args.start, progress=not args.no_progress)
             print(f"book done in {(time.time() - started) / 60:.1f} min; report: {run.report_md} and {run.report_html}")
+            missed = missed_targets(run)
+            print(targets_summary(run, missed))
+            if args.strict and missed:
+                return 3
         return 0
     except ChapterFailed as e:
         print(f"llmbook: {e}", file=sys.stderr)

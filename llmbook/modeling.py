@@ -373,7 +373,8 @@ CHAT_TEMPLATE = (
     "{%- if message['role'] == 'assistant' %}"
     "{{- '<|assistant|>' }}{%- generation %}"
     "{%- if message.get('content') %}{{- message['content'] }}{%- endif %}"
-    "{%- for call in message.get('tool_calls') or [] %}{{- '<|tool_call|>' + (call['function'] | tojson) }}{%- endfor %}"
+    "{%- for call in message.get('tool_calls') or [] %}"
+    "{{- '<|tool_call|>' + (call['function'] | tojson) }}{%- endfor %}"
     "{{- '<|end|>' }}{%- endgeneration %}"
     "{%- else %}{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{%- endif %}"
     "{%- endfor %}"
@@ -509,7 +510,7 @@ def open_tokens(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray, di
 
 # %% ../nbs/03_modeling.ipynb #8894fc20
 def epoch_order(domains: np.ndarray, epochs_by_domain: dict | None, seed: int, epoch: int = 0) -> np.ndarray:
-    "Document indices of one epoch: curriculum order, each domain repeated per the mixture, repeats spread within each quarter."
+    "Document indices of one epoch: curriculum order, domains repeated per the mixture, repeats spread within quarters."
     n = len(domains)
     if not epochs_by_domain:
         return np.arange(n)
@@ -1107,7 +1108,7 @@ def autocast(recipe: Recipe, device: str):
 def optimizer_update(
     model, optimizer, recipe: Recipe, step: int, total: int, lr_scale: float = 1.0, loss_finite: bool = True
 ) -> tuple[float, bool]:
-    "After backward: the scheduled learning rate, clipping, a step unless gradient or loss is not finite; → (gradient norm, stepped)."
+    "After backward: scheduled lr, clipping, a step unless gradient or loss is not finite; → (gradient norm, stepped)."
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * lr_multiplier(step, total, recipe) * lr_scale
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
@@ -1191,7 +1192,7 @@ def pilot_grid(cfg) -> list[tuple[float, int]]:
 
 
 def candidate_depths(cfg) -> range:
-    "Depths the scaling law may choose: from the shallowest pilot's (no extrapolating below what was measured) to twice the preset's."
+    "Depths the scaling law may choose: from the shallowest pilot's (no extrapolating below it) to twice the preset's."
     return range(min(int(d) for d in str(cfg.scaling_depths).split(",")), 2 * cfg.depth + 1)
 
 

@@ -227,7 +227,8 @@ def trained_batch(
 
 
 def chat_batch(tok: BPETokenizer, conversations: Sequence, max_len: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    "(inputs, targets) of conversations — lists of messages, or TRL's `{'messages': ..., 'tools': ...}` rows; targets are −100 except on the assistant's tokens."
+    "(inputs, targets) of conversations; targets are −100 except on the assistant's tokens."
+    # a conversation: a list of messages, or TRL's `{'messages': ..., 'tools': ...}` row
     rendered = [
         render_chat(tok, c["messages"], tools=c.get("tools")) if isinstance(c, dict) else render_chat(tok, c)
         for c in conversations
@@ -269,7 +270,8 @@ def sft(
 def trl_sft_trainer(
     model: Transformer, tok: BPETokenizer, conversations: list[list[dict]], scratch: Path, callbacks=(), **config
 ):
-    "TRL's `SFTTrainer` on the transformers copy of `model`, one batch per step, in fp32 (TRL defaults to bf16, even on a CPU)."
+    "TRL's `SFTTrainer` on the transformers copy of `model`, one batch per step, in fp32."
+    # fp32 because TRL defaults to bf16, even on a CPU
     import datasets
     from trl import SFTConfig, SFTTrainer
 
@@ -330,7 +332,8 @@ def complete(
     keep_stop: bool = False,
     device: str = "cpu",
 ) -> list[list[int]]:
-    "Generated ids of each prompt, up to its first stop token (end of turn by default; kept if `keep_stop`), batched by prompt length."
+    "Generated ids of each prompt, up to its first stop token, batched by prompt length."
+    # the stop tokens are end of turn by default; the stop token is kept if `keep_stop`
     stop = stop or {tok.special_tokens[END_OF_TURN], tok.special_tokens[ENDOFTEXT]}
     by_length, out = collections.defaultdict(list), [None] * len(prompts)
     for i, p in enumerate(prompts):
@@ -546,7 +549,8 @@ def optimizer_step(model, optimizer, loss: torch.Tensor, recipe: Recipe, step: i
 
 
 def optimize(model, items: list, steps: int, lr: float, post: PostTrainingRecipe, seed: int, batch_loss) -> list[dict]:
-    "AdamW at `lr` on random batches of `items`; `batch_loss(batch)` gives the loss and what else to log. Returns the log of each step."
+    "AdamW at `lr` on random batches of `items`; returns the log of each step."
+    # `batch_loss(batch)` gives the loss and what else to log
     recipe = post.adamw(lr)
     optimizer, log = make_optimizer(model, recipe), []
     model.train()
@@ -599,7 +603,7 @@ def kl_divergence(
 
 # %% ../nbs/05_post_training.ipynb #68b8c455
 class RewardModel(nn.Module):
-    "A transformer with a scalar head, read at each conversation's last token (or, for process rewards, at every token)."
+    "A transformer with a scalar head, read at each conversation's last token (for process rewards, at every token)."
 
     def __init__(self, backbone: Transformer):
         super().__init__()
@@ -998,7 +1002,7 @@ def reduction_steps(expression: str) -> list[str]:
 
 # %% ../nbs/05_post_training.ipynb #76c2076a
 def label_steps(expression: str, steps: Sequence[str]) -> list[bool]:
-    "For each step: does executing it (in the sandbox) give the expression's value? The last step must be the value itself."
+    "For each step: does executing it (in the sandbox) give the expression's value? The last must be the value itself."
     value, labels = sandbox_eval(expression), []
     for step in steps:
         try:
@@ -1088,7 +1092,7 @@ def sample_solutions(
 
 
 def labelled_solution(tok: BPETokenizer, problem: str, completion: list[int], newlines: set) -> dict:
-    "Prompt + solution ids, where each step ends, and each step's label by execution (an empty solution is one wrong step)."
+    "Prompt + solution ids, where each step ends, each step's label by execution (an empty solution is one wrong step)."
     prompt, steps, current = reasoning_prompt(tok, problem), [], []
     for t in completion:
         if t in newlines:
@@ -1167,7 +1171,8 @@ def process_reward_model(
     seed: int = 0,
     device: str = "cpu",
 ) -> tuple[RewardModel, list[dict], list[dict]]:
-    "Sample `samples` solutions per problem, label their steps by execution, train a PRM from the solver: (PRM, labelled rows, log)."
+    "Sample solutions, label their steps by execution, train a PRM from the solver: (PRM, labelled rows, log)."
+    # `samples` solutions per problem
     generator, newlines = torch.Generator(device).manual_seed(seed), newline_tokens(tok)
     rows = [
         labelled_solution(tok, p, c, newlines)
@@ -1246,7 +1251,7 @@ def calculator(expression: str) -> str:
 
 
 def call_tool(call: dict) -> str:
-    "Run one tool call (`{'name': ..., 'arguments': {'expression': ...}}`); a failure is returned as text for the model."
+    "Run one tool call (`{'name': ..., 'arguments': {'expression': ...}}`); a failure comes back as text for the model."
     tools = {"calculator": calculator, "python": sandbox_eval}
     try:
         name, expression = call["name"], call["arguments"]["expression"]
@@ -1276,7 +1281,7 @@ WORDS = (
 
 
 def tool_problem(rng: random.Random) -> dict:
-    "A question for the calculator (multi-digit arithmetic) or for the Python evaluator; its `kind` is the tool it needs."
+    "A question for the calculator (multi-digit arithmetic) or the Python evaluator; its `kind` is the tool it needs."
     a, b, c = rng.randint(100, 9999), rng.randint(10, 999), rng.randint(2, 9)
     if rng.random() < 0.5:
         expression, tool = f"{a} {rng.choice('+-*')} {b}", "calculator"
@@ -1406,7 +1411,7 @@ class BM25:
         self.idf = {t: math.log(1 + (self.n - len(p) + 0.5) / (len(p) + 0.5)) for t, p in self.postings.items()}
 
     def scores(self, query: str) -> np.ndarray:
-        "The score of every document: Σ over the query's terms of idf · tf / (tf + k1 · (1 − b + b · length / average length))."
+        "Every document's score: Σ over query terms of idf · tf / (tf + k1 · (1 − b + b · length / average length))."
         s = np.zeros(self.n)
         for term in words(query):
             for i, tf in self.postings.get(term, ()):
@@ -1443,7 +1448,7 @@ def bm25_parity(documents: Sequence[str], queries: Sequence[str], k1: float = 1.
 
 # %% ../nbs/05_post_training.ipynb #6d028637
 def retrieval_corpus(corpus) -> tuple[list[dict], list[dict], list[str], dict]:
-    "Documented functions of the training split and of the held-out modules, every one's passage (training ones first), and name → passage."
+    "Training and held-out documented functions, every one's passage (training ones first), and name → passage."
     train_entries, heldout_entries = instruction_entries(corpus["train"]), instruction_entries(corpus["heldout"])
     if {e["module"] for e in train_entries} & set(HELDOUT_MODULES):
         raise ValueError("a held-out module is in the training split")
@@ -1469,7 +1474,8 @@ def retrieval_prompt(question: str, passages: Sequence[str]) -> str:
 def raft_conversations(
     tasks: list[dict], documents: Sequence[str], document_of: dict, index: BM25, golden: float = 0.8, seed: int = 0
 ) -> list[list[dict]]:
-    "Questions with retrieved passages: the right one (cited) with probability `golden`, otherwise distractors only (no citation)."
+    "Questions with retrieved passages: the right one (cited) with probability `golden`."
+    # otherwise distractors only (no citation)
     rng, conversations = random.Random(seed), []
     for t in tasks:
         right, found = document_of[t["key"]], index.search(t["question"], RAG_PASSAGES + 1)
@@ -1491,7 +1497,7 @@ def cited(answer: str) -> tuple[str, int | None]:
 
 # %% ../nbs/05_post_training.ipynb #cfb757b0
 def save_reward_model(rm: RewardModel, tok: BPETokenizer, directory: Path):
-    "A reward model: its transformer in Hugging Face format (`backbone/`), its head as safetensors, and the head's sha256."
+    "A reward model: its transformer in Hugging Face format (`backbone/`), its head as safetensors, the head's sha256."
     save_hf(rm.backbone.cpu(), tok, directory / "backbone")
     digest = save_safetensors({"weight": rm.score.weight, "bias": rm.score.bias}, directory / "head.safetensors")
     atomic_write_json(directory / "head.json", dict(sha256=digest))
@@ -1510,7 +1516,7 @@ def load_reward_model(directory: Path) -> RewardModel:
 def save_second_half(
     run: Run, tok: BPETokenizer, solver, prm: RewardModel, tool_model, reader, documents: Sequence[str], results: dict
 ):
-    "prm/ (solver, process reward model), model/tools/, rag/ (passages, reader), and the second half's results in eval/post.json."
+    "prm/ (solver, PRM), model/tools/, rag/ (passages, reader), and the second half's results in eval/post.json."
     save_hf(solver.cpu(), tok, run.artifact("prm") / "solver")
     save_reward_model(prm.cpu(), tok, run.artifact("prm") / "reward_model")
     save_hf(tool_model.cpu(), tok, run.artifact("model/tools"))

@@ -154,13 +154,13 @@ def test_read_json_checks_the_manifest(tmp_path):
         run.read_json("x.json")
 
 
-def test_chapter_opened_alone_produces_its_prerequisites(tmp_path):
+def test_chapter_opened_alone_runs_its_prerequisites_notebooks(tmp_path):
     run = open_chapter(2, "tiny", tmp_path)  # chapter 2 in an empty run directory
     stamp = read_stamp(run, CHAPTERS[0])
-    assert stamp["how"] == "package"
+    assert stamp["how"] == "papermill" and (run.notebooks_dir / "01_foundations.ipynb").exists()
     assert set(stamp["outputs"]) == {"spec.json", "risks.json", "budget.json"}
     assert run.read_json("budget.json")["preset"] == "tiny"
-    run = open_chapter(2, "tiny", tmp_path)  # now fresh: not produced again
+    run = open_chapter(2, "tiny", tmp_path)  # now fresh: not run again
     assert read_stamp(run, CHAPTERS[0])["finished_at"] == stamp["finished_at"]
 
 
@@ -170,17 +170,26 @@ def test_report_card_scores_targets(tmp_path):
         "metrics": [
             {"name": "tokens", "chapter": 1, "direction": "at_least", "targets": {"tiny": 3}},
             {"name": "loss", "chapter": 2, "direction": "at_most", "targets": {"tiny": 1.0}},
+            {"name": "gain", "chapter": 1, "direction": "at_least", "targets": {"tiny": 0.1}},
         ]
     }
+    spec["metrics"] = [dict(m, unit="", why="test") for m in spec["metrics"]]
     atomic_write_json(run.path / "spec.json", spec)
     atomic_write_text(run.artifact("a.txt"), "x")
     run.record(tokens=4)
+    assert run.target("gain", 0.04) == "not met"  # a missed target is recorded, not raised
     run.finish()
     md, html = write_report(run)
     text = md.read_text()
-    assert "| tokens | 1 | ≥ 3 | 4 | met |" in text
-    assert "| loss | 2 | ≤ 1 | — | not measured yet |" in text
+    assert "| tokens | 1 | ≥ 3 | 4 | met | +1 |" in text
+    assert "| loss | 2 | ≤ 1 | — | not measured yet | — |" in text
+    assert "| gain | 1 | ≥ 0.1 | 0.04 | not met | -0.06 |" in text
     assert "<td>met</td>" in html.read_text()
+    missed = book.missed_targets(run)
+    assert [row[0] for row in missed] == ["gain"]
+    assert "1 met, 1 not met" in book.targets_summary(run, missed)
+    with pytest.raises(ValueError, match="not a success metric"):
+        run.target("unknown", 1.0)
 
 
 def test_kernel_runs_this_interpreter(tmp_path, monkeypatch):

@@ -212,7 +212,7 @@ def test_tiny_book_fits_its_budget(tiny_run):
 
 
 def test_chapter_zero_notebook_runs(tmp_path):
-    """00_book.ipynb has no run directory of its own: it demonstrates on scratch directories, and its asserts run here."""
+    """00_book.ipynb has no run directory: it demonstrates on scratch directories, and its asserts run here."""
     papermill.execute_notebook(
         str(ROOT / "nbs" / "00_book.ipynb"),
         str(tmp_path / "00_book.ipynb"),

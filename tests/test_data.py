@@ -135,7 +135,10 @@ def test_minhash_is_deterministic_and_batch_independent():
     alone = np.stack([D.minhash_signatures([t])[0] for t in texts])
     assert (together == alone).all()
     assert (together[[i for i, t in enumerate(texts) if not t.split()]] == 0xFFFFFFFF).all()
-    code = "import numpy as np\nfrom llmbook.data import minhash_signatures\nprint(minhash_signatures(['the same text in another process']).tobytes().hex())"
+    code = (
+        "import numpy as np\nfrom llmbook.data import minhash_signatures\n"
+        "print(minhash_signatures(['the same text in another process']).tobytes().hex())"
+    )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert other == D.minhash_signatures(["the same text in another process"]).tobytes().hex()
 

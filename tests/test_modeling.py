@@ -1,7 +1,6 @@
 """Chapter 3, the model: counts against Chapter 1's calculator, the KV cache, parity with transformers (dense and
 MoE), the optimizers and schedules, gradient accumulation, the scaling-law fit, and distributed equivalence."""
 
-
 import numpy as np
 import pytest
 import torch

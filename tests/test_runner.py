@@ -94,3 +94,33 @@ def test_cli_exits_nonzero_naming_chapter_and_cell(tmp_path):
     assert f"Chapter 1 (Foundations) failed in cell {cell}" in result.stderr, result.stderr
     assert "AssertionError: planted failure" in result.stderr
     assert str(tmp_path / "run" / "notebooks" / "01_foundations.ipynb") in result.stderr
+
+
+def test_only_runs_missing_earlier_chapters_first(tmp_path, toy_nbs):
+    write_toy_book(toy_nbs)
+    run = open_run("tiny", tmp_path / "run", book=TOY_BOOK)
+    assert [o["chapter"] for o in run_book(run, only=2, progress=False)] == [2]
+    assert read_stamp(run, TOY_BOOK[0])["how"] == "papermill"  # chapter 1 ran first, through the runner
+    assert (run.path / "b.txt").read_text() == "3"
+
+
+def test_strict_exits_nonzero_on_a_missed_target_and_plain_run_does_not(tmp_path):
+    """A stand-in Chapter 1 that writes a spec with one target and misses it: the run finishes either way."""
+    from llmbook.book import CHAPTERS, chapter_notebook
+
+    body = [
+        "metric = dict(name='gain', chapter=1, unit='', direction='at_least', targets={'tiny': 0.5}, why='test')\n"
+        "atomic_write_json(run.artifact('spec.json'), dict(metrics=[metric]))\n"
+        "for name in ('risks.json', 'budget.json'):\n"
+        "    atomic_write_json(run.artifact(name), {})",
+        "run.target('gain', 0.25)",
+    ]
+    (tmp_path / "nbs").mkdir()
+    nbformat.write(chapter_notebook(CHAPTERS[0], body), tmp_path / "nbs" / "01_foundations.ipynb")
+    env = {**os.environ, "LLMBOOK_NBS": str(tmp_path / "nbs")}
+    command = [str(Path(sys.executable).parent / "llmbook"), "run", "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    plain = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert plain.returncode == 0, plain.stderr
+    assert "targets at tiny: 0 met, 1 not met" in plain.stdout and "not met: gain (Chapter 1)" in plain.stdout
+    strict = subprocess.run(command + ["--strict"], env=env, capture_output=True, text=True)
+    assert strict.returncode == 3, strict.stdout + strict.stderr

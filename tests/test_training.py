@@ -142,7 +142,8 @@ def test_harness_on_hand_checked_examples(toy):
     tok, _ = toy
     document = (
         "mod\nA module.\n\nmod.add(a, b)\nReturn the sum of a and b.\n\nmod.neg(x)\nReturn minus x, always.\n\n"
-        "mod.Box\nA class.\n\nmod.Box.open(self)\nOpen the box now please.\n\nmod.mul(a, b)\nMultiply two numbers together."
+        "mod.Box\nA class.\n\nmod.Box.open(self)\nOpen the box now please.\n\n"
+        "mod.mul(a, b)\nMultiply two numbers together."
     )
     entries = T.api_entries([document])
     assert [(e["name"], e["signature"]) for e in entries] == [
