@@ -19,7 +19,7 @@ __all__ = ['LICENSE_ALIASES', 'LICENSE_TEXT_MARKERS', 'CLASSIFIER_LICENSES', 'SU
            'shannon_entropy', 'luhn_valid', 'PiiMatch', 'find_pii', 'scrub', 'pii_scores', 'shipped_jsonl',
            'load_blocklist', 'unsafe_reason', 'privacy_step', 'split_of', 'unigram_model', 'mixture',
            'curriculum_order', 'document_table', 'write_corpus', 'load_corpus', 'heldout_leaks', 'check_chain',
-           'write_data_report', 'write_heldout', 'produce']
+           'write_data_report', 'write_heldout']
 
 # %% ../nbs/02_data.ipynb #bb2d92b2
 import ast
@@ -1492,45 +1492,3 @@ def write_heldout(run: Run, corpus) -> dict:
     )
     atomic_write_json(run.artifact("data/heldout.json"), heldout)
     return heldout
-
-# %% ../nbs/02_data.ipynb #fe49bb63
-def produce(run: Run):
-    "Build data/ and data_report.json for `run` (what this chapter's notebook does)."
-    work = run.path / ".work-02_data"
-    shutil.rmtree(work, ignore_errors=True)
-    raw, acquisition, ingestion = ingest(
-        catalog(run.cfg), run.cfg.data_mb * 1e6, work, run.artifact("data/raw_manifest.jsonl")
-    )
-    licensed, license_ledger = license_step(raw, work, run.read_json("spec.json")["licensing"])
-    deduped, exact_ledger = exact_dedup_step(licensed, work)
-    quality, quality_ledger = quality_step(deduped, work)
-    filtered, near_ledger = near_dedup_step(quality, work)
-    private, privacy_ledger = privacy_step(filtered, work, load_blocklist())
-    split_stats = write_corpus(private, run.artifact("data/corpus"))
-    corpus = load_corpus(run)
-    write_heldout(run, corpus)
-    table = document_table(corpus)
-    mix = mixture(table[table.split == "train"].groupby("domain")["bytes"].sum().to_dict())
-    atomic_write_json(run.artifact("data/mixture.json"), mix)
-    pii_quality = pii_scores(shipped_jsonl("pii_planted.jsonl"))
-    leaked = heldout_leaks(corpus)
-    ledgers = check_chain(
-        [acquisition, ingestion, license_ledger, exact_ledger, quality_ledger, near_ledger, privacy_ledger]
-    )
-    write_data_report(
-        run,
-        ledgers,
-        raw_text_mb=acquisition.kept_bytes / 1e6,
-        splits=split_stats,
-        mixture=mix,
-        pii=pii_quality,
-        heldout_leaked_documents=leaked,
-        license_mix={k: int(v) for k, v in table.groupby("license")["bytes"].sum().items()},
-    )
-    run.record(
-        raw_text_mb=acquisition.kept_bytes / 1e6,
-        pii_recall=pii_quality["overall"]["recall"],
-        pii_precision=pii_quality["overall"]["precision"],
-        heldout_leaked_documents=leaked,
-    )
-    shutil.rmtree(work, ignore_errors=True)

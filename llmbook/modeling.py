@@ -13,7 +13,7 @@ __all__ = ['GPT4_SPLIT_PATTERN', 'SPECIAL_TOKENS', 'ENDOFTEXT', 'END_OF_TURN', '
            'from_hf', 'save_hf', 'newton_schulz', 'MuonAdamW', 'Recipe', 'make_optimizer', 'lr_multiplier', 'autocast',
            'optimizer_update', 'train_step', 'evaluate', 'train', 'pilot_grid', 'candidate_depths', 'run_pilots',
            'fit_scaling_law', 'predicted_loss', 'compute_optimal', 'save_scaling', 'lr_sweep', 'write_recipe',
-           'load_recipe', 'distributed_check', 'single_process_reference', 'launch_distributed_check', 'produce']
+           'load_recipe', 'distributed_check', 'single_process_reference', 'launch_distributed_check']
 
 # %% ../nbs/03_modeling.ipynb #587805c7
 import collections
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from fastcore.basics import patch
 
-from .book import Run, atomic_path, atomic_write_json, load_json, sha256_file
+from .book import atomic_path, atomic_write_json, load_json, sha256_file
 from .data import DOMAIN_WEIGHTS, load_corpus
 from .foundations import ModelShape, flops_per_token, parameter_counts, preset_shape, training_flops
 
@@ -1424,41 +1424,3 @@ def launch_distributed_check(tokens_dir: Path, out: Path, nproc: int = 2, **size
         if (out / "losses.json").exists():
             return load_json(out / "losses.json")  # rank 0 writes it after every collective step
     raise RuntimeError(f"torchrun failed ({result.returncode}):\n{result.stderr[-3000:]}")
-
-# %% ../nbs/03_modeling.ipynb #ba2c32a6
-def produce(run: Run):
-    "Write tokenizer/, tokens/, scaling/ and recipe.json for `run` (what this chapter's notebook does)."
-    corpus = load_corpus(run)
-    tok = train_tokenizer(corpus, run.cfg.vocab_size, run.cfg.tokenizer_mb, run.cfg.tokenizer_trainer)
-    digest = save_tokenizer(tok, run.artifact("tokenizer"), encoder="tiktoken")
-    meta = write_tokens(corpus, tok, run.artifact("tokens"), digest)
-    epochs = load_json(run.artifact("data/mixture.json"))["epochs"]
-    pilots = run_pilots(run.cfg, run.artifact("tokens"), tok.vocab_size, epochs)
-    law = fit_scaling_law(
-        [p["parameters"] for p in pilots], [p["tokens"] for p in pilots], [p["val_loss"] for p in pilots]
-    )
-    budget = training_flops(preset_shape(run.cfg), run.cfg.train_tokens)
-    choice = compute_optimal(law, budget, tok.vocab_size, run.cfg.seq_len, candidate_depths(run.cfg))
-    save_scaling(run.artifact("scaling"), pilots, law, choice, budget)
-    sweep = lr_sweep(
-        run.cfg,
-        run.artifact("tokens"),
-        tok.vocab_size,
-        epochs,
-        {"adamw": [1e-3, 3e-3, 1e-2], "muon": [0.01, 0.02, 0.05]},
-    )
-    best = {o: min((r for r in sweep if r["optimizer"] == o), key=lambda r: r["val_loss"]) for o in ("adamw", "muon")}
-    recipe = Recipe(
-        optimizer=min(best, key=lambda o: best[o]["val_loss"]),
-        lr=best["adamw"]["lr"],
-        muon_lr=best["muon"]["lr"],
-        precision=run.cfg.precision,
-        compile=run.cfg.compile,
-    )
-    write_recipe(run.artifact("recipe.json"), recipe, choice, dict(lr_sweep=sweep, scaling_law=law))
-    run.record(
-        tokenizer_parity=parity(tok, (t for s in ("val", "heldout") for t in corpus[s]["text"]))["fraction"],
-        train_tokens_available=meta["splits"]["train"]["tokens"],
-        chosen_depth=choice["depth"],
-        predicted_loss=choice["loss"],
-    )

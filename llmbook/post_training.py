@@ -18,7 +18,7 @@ __all__ = ['REFUSAL', 'QUESTIONS', 'OUT_OF_SCOPE', 'OUT_OF_SCOPE_TOPICS', 'HOSTI
            'weighted_vote', 'step_search', 'calculator', 'call_tool', 'tool_problem', 'tool_problems', 'tool_trace',
            'tool_conversations', 'run_with_tools', 'tool_accuracy', 'words', 'BM25', 'passage', 'bm25_parity',
            'retrieval_corpus', 'retrieval_prompt', 'raft_conversations', 'cited', 'save_reward_model',
-           'load_reward_model', 'save_second_half', 'produce']
+           'load_reward_model', 'save_second_half']
 
 # %% ../nbs/05_post_training.ipynb #a0912b7a
 import ast
@@ -1525,62 +1525,3 @@ def save_second_half(
     save_hf(reader.cpu(), tok, run.artifact("rag") / "reader")
     post = load_json(run.artifact("eval/post.json")) if run.artifact("eval/post.json").exists() else {}
     atomic_write_json(run.artifact("eval/post.json"), {**post, **results})
-
-# %% ../nbs/05_post_training.ipynb #9b30c567
-def produce(run: Run):
-    "Both halves without the parity checks, plots and evaluations of the second half: every artifact of Chapter 5."
-    from transformers import AutoModelForCausalLM
-
-    cfg, post, device = run.cfg, PostTrainingRecipe(), torch_device(run.cfg)
-    tok = load_tokenizer(run.artifact("tokenizer"))
-    base = from_hf(AutoModelForCausalLM.from_pretrained(run.artifact("model/base"))).to(device)
-    corpus = load_corpus(run)
-    tasks = instruction_tasks(instruction_entries(corpus["train"]), cfg.instruction_expressions, cfg.seed)
-    train_tasks = [t for t in tasks if not is_eval_task(t)]
-    eval_tasks = evaluation_sample([t for t in tasks if is_eval_task(t)], per_kind=100, seed=cfg.seed)
-    sft_model = copy.deepcopy(base)
-    sft(sft_model, tok, [chat(t["question"], t["answer"]) for t in train_tasks], cfg.sft_steps, post, cfg.seed, device)
-    dpo_model, rl_model = copy.deepcopy(sft_model), copy.deepcopy(sft_model)
-    dpo(
-        dpo_model, sft_model, tok, preference_pairs(train_tasks, cfg.seed), cfg.preference_steps, post, cfg.seed, device
-    )
-    grpo(
-        rl_model,
-        sft_model,
-        tok,
-        [t for t in train_tasks if t["kind"] == "expression"],
-        cfg.rl_steps,
-        post,
-        cfg.seed,
-        device,
-    )
-    scores = {
-        name: exact_match(m, tok, eval_tasks, device=device)
-        for name, m in (("base", base), ("SFT", sft_model), ("DPO", dpo_model), ("RL", rl_model))
-    }
-    for name, m in (("sft", sft_model), ("dpo", dpo_model), ("rl", rl_model)):
-        save_hf(m.cpu(), tok, run.artifact(f"model/{name}"))
-    table = {name: {"exact_match": {k: v for k, v in s.items() if k != "answers"}} for name, s in scores.items()}
-    atomic_write_json(run.artifact("eval/post.json"), dict(before_after=table))
-    run.record(sft_exact_match_gain=scores["SFT"]["all"] - scores["base"]["all"])
-    reasoning_train, sft_model = reasoning_problems(cfg.reasoning_problems, cfg.seed)[0], sft_model.to(device)
-    solver = fine_tuned(sft_model, tok, worked_solutions(reasoning_train), cfg.reasoning_steps, post, cfg.seed, device)[
-        0
-    ]
-    prm = process_reward_model(
-        solver, tok, reasoning_train[: cfg.prm_problems], cfg.prm_steps, post, seed=cfg.seed, device=device
-    )[0]
-    tool_train = [p for p in tool_problems(cfg.tool_problems, cfg.seed) if not expression_heldout(p["expression"])]
-    tool_model = fine_tuned(
-        sft_model, tok, tool_conversations(tool_train, cfg.seed), cfg.tool_steps, post, cfg.seed, device
-    )[0]
-    train_entries, _, documents, document_of = retrieval_corpus(corpus)
-    raft = raft_conversations(
-        [t for t in train_tasks if t["kind"] in RAG_KINDS],
-        documents,
-        document_of,
-        BM25(documents[: len(train_entries)]),
-        seed=cfg.seed,
-    )
-    reader = fine_tuned(sft_model, tok, raft, cfg.rag_steps, post, cfg.seed, device)[0]
-    save_second_half(run, tok, solver, prm, tool_model, reader, documents, {})

@@ -7,8 +7,7 @@ __all__ = ['DOMAIN_NAMES', 'GPT2', 'gpt2_like', 'val_tokens_per_byte', 'bits_per
            'optimizer_tensors', 'restore_optimizer', 'save_checkpoint', 'CorruptCheckpoint', 'verify_checkpoint',
            'checkpoints', 'Trainer', 'resume_check_run', 'exact_resume_check', 'document_scores',
            'bits_per_byte_by_domain', 'ngram_baselines', 'api_entries', 'continuation_logprob', 'multiple_choice',
-           'greedy_line', 'signature_completion', 'heldout_expressions', 'expression_values', 'induction', 'write_eval',
-           'produce']
+           'greedy_line', 'signature_completion', 'heldout_expressions', 'expression_values', 'induction', 'write_eval']
 
 # %% ../nbs/04_training.ipynb #c6a2d81c
 import json
@@ -33,7 +32,6 @@ from einops import rearrange
 from fastcore.basics import patch
 
 from llmbook.book import (
-    Run,
     atomic_path,
     atomic_write_json,
     load_json,
@@ -702,34 +700,3 @@ def write_eval(path: Path, **results) -> dict:
     "eval/base.json."
     atomic_write_json(path, results)
     return results
-
-# %% ../nbs/04_training.ipynb #aeafbe98
-def produce(run: Run):
-    "Pretrain the chosen model and evaluate it: checkpoints/, model/base/, eval/base.json (without the ablations)."
-    tok, (recipe, choice) = load_tokenizer(run.artifact("tokenizer")), load_recipe(run.artifact("recipe.json"))
-    config = ModelConfig.from_depth(choice["depth"], tok.vocab_size, run.cfg.seq_len)
-    tokens_dir, device = run.artifact("tokens"), torch_device(run.cfg)
-    torch.manual_seed(run.cfg.seed)
-    model = Transformer(config).to(device)
-    steps = max(1, choice["tokens"] // (run.cfg.batch_size * run.cfg.seq_len * recipe.accumulation))
-    Trainer(
-        model,
-        recipe,
-        tokens_dir,
-        run.artifact("checkpoints"),
-        steps,
-        run.cfg.batch_size,
-        run.cfg.seq_len,
-        load_json(run.artifact("data/mixture.json"))["epochs"],
-        run.cfg.seed,
-        run.cfg.checkpoint_every,
-        run.cfg.keep_checkpoints,
-        device=device,
-    ).fit(progress=False)
-    save_hf(model.cpu(), tok, run.artifact("model/base"))
-    corpus = load_corpus(run)
-    val = bits_per_byte_by_domain(
-        document_scores(model, tokens_dir, "val", run.cfg.seq_len, run.cfg.eval_tokens), corpus["val"]["text"]
-    )
-    write_eval(run.artifact("eval/base.json"), val=val, baselines=ngram_baselines(tokens_dir, tok.vocab_size))
-    run.record(val_bits_per_byte=val["all"]["bits_per_byte"])

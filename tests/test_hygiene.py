@@ -97,3 +97,12 @@ def test_pins():
     pinned = {re.split(r"[=<>]", line)[0].lower() for line in constraints if "==" in line}
     for requirement in requirements:
         assert re.split(r"[=<>]", requirement)[0].lower() in pinned, f"{requirement} is not pinned in constraints.txt"
+
+
+def test_one_statement_per_line_and_lines_a_reader_can_hold():
+    "ruff on nbs/, tests/ and bench/: the rules in pyproject.toml (line length, one statement per line), formatting."
+    for args in (["check"], ["format", "--check"]):
+        result = subprocess.run(
+            [str(BIN / "ruff"), *args, "nbs", "tests", "bench"], cwd=ROOT, capture_output=True, text=True
+        )
+        assert result.returncode == 0, f"ruff {' '.join(args)}:\n{result.stdout}{result.stderr}"
