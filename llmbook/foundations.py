@@ -7,7 +7,7 @@ __all__ = ['USERS', 'CHANCE_ALPHA', 'BYTES', 'TRAIN_POLICIES', 'STEP_TIME_FACTOR
            'default_tasks', 'SuccessMetric', 'per_preset', 'success_metrics', 'binomial_tail', 'above_chance',
            'better_than', 'Risk', 'risk_register', 'ModelShape', 'preset_shape', 'parameter_counts', 'reference_config',
            'reference_model', 'flops_per_token', 'training_flops', 'activation_elements_per_token', 'training_memory',
-           'kv_cache_bytes', 'measure_saved_activation_bytes', 'median_seconds', 'matmul_benchmark',
+           'kv_cache_bytes', 'measure_saved_activation_bytes', 'median_seconds', 'matmul_benchmark', 'matmul_size',
            'measure_matmul_flops', 'measure_memory_bandwidth', 'machine_limits', 'reference_train_step',
            'step_time_check', 'training_estimate', 'serving_estimate', 'license_allowed', 'write_spec', 'write_risks',
            'budget', 'write_budget', 'record_results']
@@ -660,10 +660,19 @@ def median_seconds(fns: dict, repeats: int, device: str = "cpu") -> dict:
 
 
 def matmul_benchmark(dtype=torch.float32, device: str = "cpu", n: int | None = None):
-    "An `n × n` matrix multiply to time, and its FLOPs (2·n³)."
-    n = n or (8192 if device == "cuda" else 2048)
+    "An `n × n` matrix multiply to time, and its FLOPs (2·n³); by default n is sized for this machine."
+    n = n or matmul_size(dtype, device)
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     return (lambda: a @ b), 2 * n**3
+
+
+def matmul_size(dtype, device: str = "cpu", seconds: float = 2.0) -> int:
+    "8192 on a GPU; on a CPU the largest of 512, 1024, 2048 predicted (from a 512 multiply) to take under `seconds`."
+    if device == "cuda":
+        return 8192
+    fn, _ = matmul_benchmark(dtype, device, 512)
+    small_s = median_seconds(dict(matmul=fn), 3, device)["matmul"]
+    return max(n for n in (512, 1024, 2048) if n == 512 or small_s * (n / 512) ** 3 <= seconds)
 
 
 def measure_matmul_flops(dtype=torch.float32, device: str = "cpu", repeats: int = 7) -> float:
