@@ -500,7 +500,7 @@ def find_chapter(ref: "int | str | Chapter", book: Sequence[Chapter] = CHAPTERS)
             return chapter
     raise ValueError(f"no chapter {ref!r}; chapters: " + ", ".join(f"{c.number} {c.slug}" for c in book))
 
-
+# %% ../nbs/00_book.ipynb #0fa8463e
 def package_dir() -> Path:
     "The installed `llmbook` package's directory (this file's, also when a notebook runs this code)."
     return Path(importlib.util.find_spec("llmbook").origin).parent
@@ -710,7 +710,7 @@ def target_sentence(metric: dict, value, preset: str) -> str:
     goal = f"{_SIGN.get(direction, '=')} {_fmt(target)}"
     return f"{measured} — target at `{preset}` {goal}: {verdict} ({metric['why']})."
 
-
+# %% ../nbs/00_book.ipynb #92428ee2
 @patch
 def target(self: Run, name: str, value) -> str:
     "Record `value` of Chapter 1's success metric `name`; say if it meets the preset's target (a miss never raises)."
@@ -968,7 +968,7 @@ def _target_rows(run: Run, targets: list[dict], measured: dict) -> list[list]:
         )
     return rows
 
-
+# %% ../nbs/00_book.ipynb #b806839e
 def measured_metrics(run: Run) -> dict:
     "Everything the run's chapters recorded, and the whole book's time once every chapter has finished."
     results = {c.number: load_json(p) for c in run.book if (p := run.results_dir / f"{c.notebook}.json").exists()}
@@ -996,7 +996,7 @@ def targets_summary(run: Run, missed: list[list]) -> str:
     ]
     return "\n".join(lines)
 
-
+# %% ../nbs/00_book.ipynb #105643d7
 def _report_blocks(run: Run) -> list[tuple]:
     "The report's content: ('h', level, text), ('p', text), ('table', header, rows) and ('img', path)."
     results = {c.number: load_json(p) for c in run.book if (p := run.results_dir / f"{c.notebook}.json").exists()}
@@ -1077,7 +1077,7 @@ def _render_html(blocks) -> str:
             out.append(f"<table><tr>{head}</tr>{body}</table>")
     return "\n".join(out) + "\n"
 
-
+# %% ../nbs/00_book.ipynb #39d12c53
 def write_report(run: Run) -> tuple[Path, Path]:
     "Write report.md and report.html for the run; return their paths."
     blocks = _report_blocks(run)
