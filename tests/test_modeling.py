@@ -73,13 +73,27 @@ def test_saved_model_loads_and_generates_the_same(tmp_path):
     )
 
 
-def test_moe_routes_and_balances():
+def test_balancing_loss_equals_transformers():
+    "E·Σ fᵢPᵢ over all layers, as transformers' load_balancing_loss_func computes it — also for unbalanced routers."
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    torch.manual_seed(4)
+    for layers, experts, k, skew in ((1, 2, 1, 3.0), (3, 4, 2, 1.0), (2, 8, 2, 0.0)):
+        logits = [torch.randn(50, experts) + skew * torch.arange(experts).flip(0) for _ in range(layers)]
+        ours = M.load_balancing_loss(logits, experts, k)
+        assert torch.allclose(ours, load_balancing_loss_func(tuple(logits), experts, k), atol=1e-6)
+
+
+def test_moe_routes_and_trains_like_transformers():
     torch.manual_seed(3)
     model = M.Transformer(small(n_experts=4, experts_per_token=2, expert_hidden=16))
     x = torch.randint(0, 300, (4, 32))
-    _, loss = model(x, x)
-    aux = [layer.mlp.aux_loss.item() for layer in model.layers]
-    assert all(a >= 1.0 - 1e-6 for a in aux)  # E·Σ fᵢPᵢ ≥ 1, equal to 1 only when perfectly balanced
+    y = torch.cat([x[:, 1:], torch.full((4, 1), -100)], dim=1)
+    _, loss = model(x, y)
+    hf = M.to_hf(model)
+    with torch.no_grad():
+        theirs = hf(input_ids=x, labels=x, output_router_logits=True).loss  # cross-entropy + coef × balancing loss
+    assert abs(loss.item() - theirs.item()) < 1e-5
     loss.backward()
     assert model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
 
