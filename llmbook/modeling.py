@@ -1236,15 +1236,22 @@ SCALING_EXPONENT_BOUNDS = (0.1, 1.0)  # α and β: published fits of this form l
 def fit_scaling_law(parameters, tokens, losses, delta: float = 1e-3, exponents=SCALING_EXPONENT_BOUNDS) -> dict:
     "Fit L(N, D) = E + A/N^α + B/D^β (Chinchilla's approach 3), bounded: α, β in `exponents`, E below every loss."
     from scipy.optimize import minimize
-    from scipy.special import logsumexp
 
-    logN, logD, logL = np.log(parameters), np.log(tokens), np.log(losses)
+    logN, logD, logL = (np.log(np.asarray(v, float)) for v in (parameters, tokens, losses))
 
     def objective(theta):
+        "The Huber loss and its gradient (given, so each L-BFGS run takes milliseconds)."
         a, b, e, alpha, beta = theta
-        predicted = logsumexp([a - alpha * logN, b - beta * logD, np.full_like(logN, e)], axis=0)
-        r = predicted - logL
-        return np.where(np.abs(r) <= delta, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta)).sum()
+        terms = np.stack([a - alpha * logN, b - beta * logD, np.full_like(logN, e)])
+        top = terms.max(0)
+        weights = np.exp(terms - top)
+        total = weights.sum(0)
+        r = top + np.log(total) - logL  # log predicted − log observed
+        weights /= total  # d log L / d (each term's log)
+        slope = np.clip(r, -delta, delta)
+        loss = np.where(np.abs(r) <= delta, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta)).sum()
+        grad = [slope @ weights[0], slope @ weights[1], slope @ weights[2], -slope @ (weights[0] * logN)]
+        return loss, np.array(grad + [-slope @ (weights[1] * logD)])
 
     bounds = [(-5, 30), (-5, 30), (-3, logL.min() - 1e-3), exponents, exponents]
     low, high = exponents
@@ -1253,7 +1260,8 @@ def fit_scaling_law(parameters, tokens, losses, delta: float = 1e-3, exponents=S
         for beta in (low, (low + high) / 2, high):
             for e in (-1.0, 0.0, logL.min() - 0.1):
                 for a in (0.0, 5.0, 10.0):
-                    result = minimize(objective, [a, a, e, alpha, beta], method="L-BFGS-B", bounds=bounds)
+                    start = [a, a, e, alpha, beta]
+                    result = minimize(objective, start, jac=True, method="L-BFGS-B", bounds=bounds)
                     if best is None or result.fun < best.fun:
                         best = result
     a, b, e, alpha, beta = best.x

@@ -164,6 +164,20 @@ def test_scaling_fit_recovers_a_known_law():
     assert np.abs(M.predicted_loss(fit, n, d) / losses - 1).max() < 0.01
 
 
+def test_scaling_fit_stays_bounded_on_few_noisy_pilots():
+    "Six noisy pilots on a narrow grid (the tiny preset's shape): exponents stay in bounds, E under every loss."
+    rng = np.random.default_rng(1)
+    truth = dict(E=3.0, A=60.0, B=300.0, alpha=0.3, beta=0.4)
+    n, d = np.repeat([2e5, 4e5, 8e5], 2), np.tile([2e5, 6e5], 3)
+    losses = M.predicted_loss(truth, n, d) * np.exp(rng.normal(0, 0.03, len(n)))
+    fit = M.fit_scaling_law(n, d, losses)
+    low, high = M.SCALING_EXPONENT_BOUNDS
+    assert low <= fit["alpha"] <= high and low <= fit["beta"] <= high and fit["E"] < losses.min()
+    left_out = M.leave_one_out(n, d, losses)
+    assert len(left_out) == 6 and all(low <= r["alpha"] <= high for r in left_out)
+    assert max(abs(r["error"]) for r in left_out) < 0.2
+
+
 def test_distributed_equals_one_process(tmp_path):
     import datasets
 
