@@ -73,13 +73,27 @@ def test_saved_model_loads_and_generates_the_same(tmp_path):
     )
 
 
-def test_moe_routes_and_balances():
+def test_balancing_loss_equals_transformers():
+    "E·Σ fᵢPᵢ over all layers, as transformers' load_balancing_loss_func computes it — also for unbalanced routers."
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    torch.manual_seed(4)
+    for layers, experts, k, skew in ((1, 2, 1, 3.0), (3, 4, 2, 1.0), (2, 8, 2, 0.0)):
+        logits = [torch.randn(50, experts) + skew * torch.arange(experts).flip(0) for _ in range(layers)]
+        ours = M.load_balancing_loss(logits, experts, k)
+        assert torch.allclose(ours, load_balancing_loss_func(tuple(logits), experts, k), atol=1e-6)
+
+
+def test_moe_routes_and_trains_like_transformers():
     torch.manual_seed(3)
     model = M.Transformer(small(n_experts=4, experts_per_token=2, expert_hidden=16))
     x = torch.randint(0, 300, (4, 32))
-    _, loss = model(x, x)
-    aux = [layer.mlp.aux_loss.item() for layer in model.layers]
-    assert all(a >= 1.0 - 1e-6 for a in aux)  # E·Σ fᵢPᵢ ≥ 1, equal to 1 only when perfectly balanced
+    y = torch.cat([x[:, 1:], torch.full((4, 1), -100)], dim=1)
+    _, loss = model(x, y)
+    hf = M.to_hf(model)
+    with torch.no_grad():
+        theirs = hf(input_ids=x, labels=x, output_router_logits=True).loss  # cross-entropy + coef × balancing loss
+    assert abs(loss.item() - theirs.item()) < 1e-5
     loss.backward()
     assert model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
 
@@ -148,6 +162,20 @@ def test_scaling_fit_recovers_a_known_law():
     fit = M.fit_scaling_law(n, d, losses)
     assert abs(fit["alpha"] - 0.35) < 0.05 and abs(fit["beta"] - 0.3) < 0.05 and abs(fit["E"] - 2.0) < 0.25
     assert np.abs(M.predicted_loss(fit, n, d) / losses - 1).max() < 0.01
+
+
+def test_scaling_fit_stays_bounded_on_few_noisy_pilots():
+    "Six noisy pilots on a narrow grid (the tiny preset's shape): exponents stay in bounds, E under every loss."
+    rng = np.random.default_rng(1)
+    truth = dict(E=3.0, A=60.0, B=300.0, alpha=0.3, beta=0.4)
+    n, d = np.repeat([2e5, 4e5, 8e5], 2), np.tile([2e5, 6e5], 3)
+    losses = M.predicted_loss(truth, n, d) * np.exp(rng.normal(0, 0.03, len(n)))
+    fit = M.fit_scaling_law(n, d, losses)
+    low, high = M.SCALING_EXPONENT_BOUNDS
+    assert low <= fit["alpha"] <= high and low <= fit["beta"] <= high and fit["E"] < losses.min()
+    left_out = M.leave_one_out(n, d, losses)
+    assert len(left_out) == 6 and all(low <= r["alpha"] <= high for r in left_out)
+    assert max(abs(r["error"]) for r in left_out) < 0.2
 
 
 def test_distributed_equals_one_process(tmp_path):
