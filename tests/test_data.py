@@ -240,7 +240,7 @@ def test_catalog_of_presets():
 
 # A hostile installation: what a hostile review tried against acquisition. The pipeline runs on it in a child
 # process, so that a hang meets a timeout (a guard, not a speed target) and peak memory is the pipeline's own.
-HANG_GUARD_S = 600
+HANG_GUARD_S = 300
 SPARSE_BYTES = 4 << 30
 ONE_LINE_BYTES = 100 << 20
 DESCRIPTION_BYTES = 10 << 20
