@@ -236,3 +236,143 @@ def test_catalog_of_presets():
     assert [s.name for s in tiny] == ["synthetic:expressions", "python"]
     gpu = D.catalog(make_preset("gpu"))
     assert gpu[-1].name == "hf:HuggingFaceFW/fineweb-edu"
+
+
+# A hostile installation: what a hostile review tried against acquisition. The pipeline runs on it in a child
+# process, so that a hang meets a timeout (a guard, not a speed target) and peak memory is the pipeline's own.
+HANG_GUARD_S = 300
+SPARSE_BYTES = 4 << 30
+ONE_LINE_BYTES = 100 << 20
+DESCRIPTION_BYTES = 10 << 20
+GOOD_PY = b'"""A module."""\n\n\ndef add(a, b):\n    """Add two numbers."""\n    return a + b  # plainly\n' * 4
+ODD_NAMES = (b"caf\xe9.py", b"dir\xff/inside.py", b"new\nline.py", b"bell\x07.py")  # legal on Linux, not UTF-8
+
+
+def _write_at(dir_fd: int, name: str, data: bytes):
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=dir_fd)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def _build_deep_tree(top, levels: int = 60, name_chars: int = 100):
+    "A tree `levels` deep whose full path outgrows PATH_MAX (4096) on the way down: made relative to open directories."
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for level in range(levels):
+        name = f"level{level:02d}".ljust(name_chars, "x")
+        os.mkdir(name, dir_fd=fd)
+        below = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = below
+        if level in (9, levels - 1):
+            _write_at(fd, f"depth{level + 1}.py", GOOD_PY)
+    os.close(fd)
+
+
+def _build_hostile_stdlib(stdlib):
+    "Files a directory walk meets: names that are not UTF-8, a pipe, link loops, huge files, a deep tree."
+    write(stdlib / "fractions.py", GOOD_PY + b"# held out\n")
+    write(stdlib / "__pycache__" / "skipped.py", GOOD_PY)
+    os.makedirs(os.fsencode(stdlib / "dir") + b"\xff")
+    for name in ODD_NAMES:
+        with open(os.fsencode(stdlib) + b"/" + name, "wb") as fh:
+            fh.write(GOOD_PY + b"# " + name.replace(b"\n", b" ").replace(b"\x07", b" ") + b"\n")
+    os.mkfifo(stdlib / "pipe.py")  # opening it would block until a writer comes
+    (stdlib / "loop_a.py").symlink_to(stdlib / "loop_b.py")
+    (stdlib / "loop_b.py").symlink_to(stdlib / "loop_a.py")
+    (stdlib / "dangling.py").symlink_to(stdlib / "nowhere.py")
+    (stdlib / "itself").symlink_to(stdlib, target_is_directory=True)  # a directory loop
+    with open(stdlib / "sparse.py", "wb") as fh:
+        fh.truncate(SPARSE_BYTES)  # 4 GiB of holes: reading it whole would need 4 GiB of memory
+    with open(stdlib / "one_line.txt", "wb") as fh:
+        for _ in range(ONE_LINE_BYTES >> 20):
+            fh.write(b"y" * (1 << 20))
+    (stdlib / "deep").mkdir()
+    _build_deep_tree(stdlib / "deep")
+
+
+def _build_hostile_site_packages(site, outside) -> int:
+    "Distributions: broken metadata, a 10 MB description, a 4 GiB METADATA, bad RECORDs; the description's size."
+    write(outside, b"# a file outside the installation, named by an absolute path in a RECORD\n" * 10)
+    description = b"A long description, line after line of it.\n" * (DESCRIPTION_BYTES // 43)
+    broken_license = b"License: " + b"(" * 5000 + b"MIT AND\n  \x01 BSD??\nLicense-Expression: MIT AND (\n"
+    metadata = b"Metadata-Version: 2.1\nName: hostile\nVersion: 1.0\n" + broken_license + b"\n" + description
+    write(site / "hostile-1.0.dist-info" / "METADATA", metadata)
+    record = ["hostile/__init__.py,,", "hostile/pipe.py,,", "hostile/missing.py,,", f"{outside},,", "../../x.py,,"]
+    write(site / "hostile-1.0.dist-info" / "RECORD", "\n".join(record).encode() + b"\n")
+    write(site / "hostile" / "__init__.py", GOOD_PY)
+    os.mkfifo(site / "hostile" / "pipe.py")
+    write(site / "undecodable-1.0.dist-info" / "METADATA", b"Metadata-Version: 2.1\nName: caf\xe9\nVersion: 1\n\nx\n")
+    for name, record in (("badrecord", b"badrecord.py,,\n\xff\xfe\n"), ("longrecord", b"x" * 200_000 + b",,\n")):
+        write(
+            site / f"{name}-1.0.dist-info" / "METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1\n".encode()
+        )
+        write(site / f"{name}-1.0.dist-info" / "RECORD", record)  # not UTF-8; a field over csv's limit
+    (site / "sparse-1.0.dist-info").mkdir()
+    with open(site / "sparse-1.0.dist-info" / "METADATA", "wb") as fh:
+        fh.truncate(SPARSE_BYTES)  # parsing it would take 4 GiB
+    write(site / "fine-2.0.dist-info" / "METADATA", b"Metadata-Version: 2.1\nName: fine\nVersion: 2.0\nLicense: MIT\n")
+    write(site / "fine-2.0.dist-info" / "RECORD", b"fine.py,,\n")
+    write(site / "fine.py", GOOD_PY + b"# fine\n")
+    return len(description)
+
+
+HOSTILE_PIPELINE = """
+import json, resource, sys, time
+from pathlib import Path
+import datasets, pyarrow  # imported before the baseline: their size is not the pipeline's
+from llmbook import data as D
+from llmbook.foundations import LICENSE_POLICY
+
+stdlib, site, work, out = map(Path, sys.argv[1:])
+rss_now_mb = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
+started = time.perf_counter()
+source = D.installation_source(stdlib_root=stdlib, distribution_paths=[site])
+raw, acquisition, ingestion = D.ingest([source], 1e12, work, work / "manifest.jsonl")
+licensed, l1 = D.license_step(raw, work, LICENSE_POLICY)
+deduped, l2 = D.exact_dedup_step(licensed, work)
+quality, l3 = D.quality_step(deduped, work)
+near, l4 = D.near_dedup_step(quality, work)
+private, l5 = D.privacy_step(near, work, D.load_blocklist())
+ledgers = D.check_chain([acquisition, ingestion, l1, l2, l3, l4, l5])
+out.write_text(json.dumps(dict(
+    seconds=time.perf_counter() - started,
+    rss_before_mb=rss_now_mb,
+    rss_peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    ledgers=[vars(l) for l in ledgers],
+    paths=list(raw["path"]),
+    heldout=list(raw["heldout"]),
+)))
+"""
+
+
+def test_a_hostile_installation_is_counted_not_crashed(tmp_path):
+    stdlib, site, outside = tmp_path / "lib" / "python3", tmp_path / "site-packages", tmp_path / "outside" / "x.py"
+    _build_hostile_stdlib(stdlib)
+    description_bytes = _build_hostile_site_packages(site, outside)
+    work, out = tmp_path / "work", tmp_path / "result.json"
+    args = [sys.executable, "-c", HOSTILE_PIPELINE, str(stdlib), str(site), str(work), str(out)]
+    child = subprocess.run(args, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert child.returncode == 0, child.stderr[-4000:]
+    result = json.loads(out.read_text())
+    acquisition = result["ledgers"][0]
+    dropped, paths = acquisition["dropped"], set(result["paths"])
+    # names that are not UTF-8 (or hold control characters) are read, under a printable, escaped path
+    assert {"caf\\xe9.py", "dir\\xff/inside.py", "new\\nline.py", "bell\\x07.py"} <= paths, paths
+    assert "fractions.py" in paths and any(result["heldout"]) and "fine.py" in paths
+    assert any(p.endswith("/depth10.py") for p in paths)
+    # what cannot be read is dropped with its reason: never opened, followed, or read whole
+    assert dropped["unreadable (not a regular file)"] == [2, 0]  # the two pipes
+    assert dropped["unreadable (symbolic link (not followed))"][0] == 3
+    assert dropped["unreadable (missing)"] == [1, 0]
+    assert dropped["too large"] == [4, 2 * SPARSE_BYTES + ONE_LINE_BYTES + description_bytes]
+    assert dropped["unreadable (directory not listed: File name too long)"][0] == 1  # the deep tree, past PATH_MAX
+    assert dropped["unreadable (METADATA: not UTF-8)"][0] == 1
+    assert dropped["unreadable (RECORD: not UTF-8)"][0] == dropped["unreadable (RECORD: malformed)"][0] == 1
+    manifest = [json.loads(line) for line in (work / "manifest.jsonl").read_text().splitlines()]
+    assert not any("outside" in m["path"] or m["path"].endswith("x.py") for m in manifest)
+    assert all(m["sha256"] is None for m in manifest if m["status"] == "too large")
+    # the ledgers balance (checked in the child, step by step) and the manifest lists every item once
+    assert len(manifest) == acquisition["in_docs"] and sum(m["bytes"] for m in manifest) == acquisition["in_bytes"]
+    rss = f"peak RSS {result['rss_peak_mb']:.0f} MB, {result['rss_before_mb']:.0f} MB before the pipeline"
+    print(f"hostile installation: {result['seconds']:.1f} s, {rss}")
+    assert result["rss_peak_mb"] - result["rss_before_mb"] < 256, result  # nothing large was read whole
