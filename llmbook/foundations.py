@@ -658,7 +658,7 @@ def median_seconds(fns: dict, repeats: int, device: str = "cpu") -> dict:
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
-
+# %% ../nbs/01_foundations.ipynb #71b3f7df
 def matmul_benchmark(dtype=torch.float32, device: str = "cpu", n: int | None = None):
     "An `n × n` matrix multiply to time, and its FLOPs (2·n³); by default n is sized for this machine."
     n = n or matmul_size(dtype, device)
@@ -680,7 +680,7 @@ def measure_matmul_flops(dtype=torch.float32, device: str = "cpu", repeats: int 
     fn, flops = matmul_benchmark(dtype, device)
     return flops / median_seconds(dict(matmul=fn), repeats, device)["matmul"]
 
-
+# %% ../nbs/01_foundations.ipynb #a837b929
 def measure_memory_bandwidth(mib: int = 256, repeats: int = 7, device: str = "cpu") -> float:
     "Median bytes/s of copying a `mib` MiB buffer (each byte read once and written once)."
     src = torch.ones(mib * 2**20 // 4, device=device)
@@ -752,7 +752,7 @@ def training_estimate(s: ModelShape, tokens: int, flops_per_s: float, mfu: float
     seconds = training_flops(s, tokens) / (flops_per_s * mfu)
     return dict(tokens=tokens, flops=training_flops(s, tokens), hours=seconds / 3600, usd=seconds / 3600 * usd_per_hour)
 
-
+# %% ../nbs/01_foundations.ipynb #374d1014
 def serving_estimate(
     s: ModelShape,
     limits: dict,
