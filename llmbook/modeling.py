@@ -12,8 +12,8 @@ __all__ = ['GPT4_SPLIT_PATTERN', 'SPECIAL_TOKENS', 'ENDOFTEXT', 'END_OF_TURN', '
            'Attention', 'MLP', 'Experts', 'MixtureOfExperts', 'load_balancing_loss', 'Block', 'Transformer',
            'chunked_cross_entropy', 'generate', 'hf_config', 'to_hf', 'from_hf', 'save_hf', 'newton_schulz',
            'MuonAdamW', 'Recipe', 'make_optimizer', 'lr_multiplier', 'autocast', 'optimizer_update', 'train_step',
-           'evaluate', 'train', 'pilot_grid', 'candidate_depths', 'run_pilots', 'fit_scaling_law', 'predicted_loss',
-           'leave_one_out', 'isoflop_options', 'compute_optimal', 'save_scaling', 'lr_sweep', 'write_recipe',
+           'evaluate', 'train', 'pilot_grid', 'run_pilots', 'fit_scaling_law', 'predicted_loss', 'leave_one_out',
+           'isoflop_options', 'candidate_depths', 'compute_optimal', 'save_scaling', 'lr_sweep', 'write_recipe',
            'load_recipe', 'distributed_check', 'single_process_reference', 'launch_distributed_check']
 
 # %% ../nbs/03_modeling.ipynb #587805c7
@@ -173,7 +173,7 @@ def encode_ordinary(self: BPETokenizer, text: str) -> list[int]:
     "Ids of text, ignoring special tokens (they are never produced from text)."
     return [i for chunk in self.split.findall(text) for i in self._encode_chunk(chunk.encode("utf-8", "surrogatepass"))]
 
-
+# %% ../nbs/03_modeling.ipynb #5138a3dc
 @patch
 def encode_bytes(self: BPETokenizer, data: bytes) -> list[int]:
     "Ids of arbitrary bytes (invalid UTF-8 included)."
@@ -182,7 +182,7 @@ def encode_bytes(self: BPETokenizer, data: bytes) -> list[int]:
         i for chunk in self.split.findall(text) for i in self._encode_chunk(chunk.encode("utf-8", "surrogateescape"))
     ]
 
-
+# %% ../nbs/03_modeling.ipynb #2304c3c6
 @patch
 def decode_bytes(self: BPETokenizer, ids: Iterable[int]) -> bytes:
     "The bytes of ids; special tokens as their names."
@@ -251,7 +251,7 @@ def training_texts(corpus, megabytes: float) -> Iterator[str]:
             budget -= len(text.encode("utf-8", "surrogatepass"))
             yield text
 
-
+# %% ../nbs/03_modeling.ipynb #5c8abc40
 def train_tokenizer(
     corpus, vocab_size: int, megabytes: float, trainer: str = "ours", progress: bool = False
 ) -> BPETokenizer:
@@ -279,7 +279,7 @@ def to_tokenizers(tok: BPETokenizer):
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tok.special_tokens])
     return backend
 
-
+# %% ../nbs/03_modeling.ipynb #b851cc87
 def to_tiktoken(tok: BPETokenizer, name: str = "llmbook"):
     "A `tiktoken.Encoding` with the same ids."
     import tiktoken
@@ -356,7 +356,7 @@ def unigram_tokenizer(texts: Iterable[str], vocab_size: int):
     backend.train_from_iterator(texts, trainer)
     return backend
 
-
+# %% ../nbs/03_modeling.ipynb #c60e6fba
 def bytes_per_token(encode: callable, texts: Iterable[str]) -> float:
     "UTF-8 bytes divided by tokens over texts."
     n_bytes = n_tokens = 0
@@ -458,7 +458,7 @@ DOMAIN_CODES = {"code": 0, "prose": 1}
 def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
-
+# %% ../nbs/03_modeling.ipynb #7dcb18f1
 def write_tokens(corpus, tok: BPETokenizer, directory: Path, digest: str, threads: int = 2) -> dict:
     "tokens/: <split>.bin, <split>.docs.npy and meta.json, written atomically."
     encoding, dtype, bos = to_tiktoken(tok), token_dtype(tok.vocab_size), tok.special_tokens[ENDOFTEXT]
@@ -575,7 +575,7 @@ def _next_piece(self: PackedLoader) -> list[int]:
         if end > start:
             return [start, end]
 
-
+# %% ../nbs/03_modeling.ipynb #83150969
 @patch
 def _next_row(self: PackedLoader) -> np.ndarray:
     "One row: best-fit pieces from the buffer; when none fits, the shortest is cropped."
@@ -597,7 +597,7 @@ def _next_row(self: PackedLoader) -> np.ndarray:
     s["packed_tokens"] += self.row
     return np.concatenate(row)
 
-
+# %% ../nbs/03_modeling.ipynb #71481865
 @patch
 def next_batch(self: PackedLoader):
     "(inputs, targets) as int64 tensors of shape (batch_size, seq_len), this rank's rows."
@@ -653,7 +653,7 @@ class RMSNorm(nn.Module):
         dtype, x = x.dtype, x.float()
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
 
-
+# %% ../nbs/03_modeling.ipynb #74492833
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
     "cos and sin of each position's rotation angles (the two halves of a head share frequencies)."
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
@@ -766,7 +766,7 @@ class MixtureOfExperts(nn.Module):
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
         return self.experts(flat, chosen, weights).reshape(b, t, d)
 
-
+# %% ../nbs/03_modeling.ipynb #9ef47b97
 def load_balancing_loss(router_logits: Sequence[torch.Tensor], n_experts: int, k: int) -> torch.Tensor:
     "Switch Transformer's E · Σᵢ fᵢ·Pᵢ over all layers' tokens together (fᵢ sums to k, as transformers counts)."
     probs = torch.cat([F.softmax(logits.float(), dim=-1) for logits in router_logits])
@@ -842,7 +842,7 @@ def rope(self: Transformer, start: int, t: int, device):
     cos, sin = tables
     return cos[start : start + t], sin[start : start + t]
 
-
+# %% ../nbs/03_modeling.ipynb #eff25b36
 @patch
 def hidden_states(self: Transformer, idx, cache: KVCache | None = None):
     "The final (normalized) hidden states, (batch, t, n_embd): what the head reads — and a reward model's features."
@@ -855,7 +855,7 @@ def hidden_states(self: Transformer, idx, cache: KVCache | None = None):
         cache.length += idx.shape[1]
     return self.norm(x)
 
-
+# %% ../nbs/03_modeling.ipynb #92f3e26f
 @patch
 def forward(self: Transformer, idx, targets=None, cache: KVCache | None = None):
     "Logits; or, with targets, (None, loss) — the loss computed without materializing all logits at once."
@@ -1031,7 +1031,7 @@ def _muon(self: MuonAdamW, p, state, group):
     update = newton_schulz(p.grad.add(buf, alpha=group["momentum"]))
     p.add_(update, alpha=-group["lr"] * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
 
-
+# %% ../nbs/03_modeling.ipynb #3cd0aee3
 @patch
 def _adamw(self: MuonAdamW, p, state, group):
     "Adam with bias correction (decay is applied by `step`)."
@@ -1114,7 +1114,7 @@ def autocast(recipe: Recipe, device: str):
     "The precision policy: bf16 autocast when asked (GPUs), nothing otherwise."
     return torch.autocast(device, dtype=torch.bfloat16, enabled=recipe.precision == "bf16")
 
-
+# %% ../nbs/03_modeling.ipynb #eb0d2933
 def optimizer_update(
     model, optimizer, recipe: Recipe, step: int, total: int, lr_scale: float = 1.0, loss_finite: bool = True
 ) -> tuple[float, bool]:
@@ -1129,7 +1129,7 @@ def optimizer_update(
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, stepped
 
-
+# %% ../nbs/03_modeling.ipynb #8adcfcb6
 def train_step(
     model,
     optimizer,
@@ -1165,7 +1165,7 @@ def evaluate(model, loader: PackedLoader, batches: int, device: str = "cpu", rec
     model.train()
     return total / batches
 
-
+# %% ../nbs/03_modeling.ipynb #a99bfa23
 def train(
     config: ModelConfig,
     recipe: Recipe,
@@ -1200,12 +1200,7 @@ def pilot_grid(cfg) -> list[tuple[float, int]]:
     depths = [int(d) for d in str(cfg.scaling_depths).split(",")]
     return [(c, d) for c in budgets for d in depths]
 
-
-def candidate_depths(cfg) -> range:
-    "Depths the scaling law may choose: from the shallowest pilot's (no extrapolating below it) to twice the preset's."
-    return range(min(int(d) for d in str(cfg.scaling_depths).split(",")), 2 * cfg.depth + 1)
-
-
+# %% ../nbs/03_modeling.ipynb #03f28f12
 def run_pilots(
     cfg, tokens_dir: Path, vocab_size: int, epochs_by_domain: dict | None, recipe: Recipe = Recipe()
 ) -> list[dict]:
@@ -1274,7 +1269,7 @@ def fit_scaling_law(parameters, tokens, losses, delta: float = 1e-3, exponents=S
         objective=float(best.fun),
     )
 
-
+# %% ../nbs/03_modeling.ipynb #bdd68321
 def predicted_loss(fit: dict, parameters, tokens):
     "L(N, D) under a fitted law."
     return (
@@ -1306,7 +1301,12 @@ def isoflop_options(fit: dict, budget: float, vocab_size: int, seq_len: int, dep
         options.append(dict(depth=depth, parameters=n, tokens=int(d), tokens_per_parameter=d / n, loss=loss))
     return options
 
+# %% ../nbs/03_modeling.ipynb #90a5859d
+def candidate_depths(cfg) -> range:
+    "Depths the scaling law may choose: from the shallowest pilot's (no extrapolating below it) to twice the preset's."
+    return range(min(int(d) for d in str(cfg.scaling_depths).split(",")), 2 * cfg.depth + 1)
 
+# %% ../nbs/03_modeling.ipynb #7e438942
 def compute_optimal(fit: dict, budget: float, vocab_size: int, seq_len: int, depths: Iterable[int]) -> dict:
     "The depth (and tokens) that minimize the fitted loss at `budget` FLOPs, with its predicted loss."
     return min(isoflop_options(fit, budget, vocab_size, seq_len, depths), key=lambda o: o["loss"])
