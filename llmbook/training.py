@@ -141,16 +141,12 @@ def timed_run(
 ) -> dict:
     "Train a fresh model for `seconds`, its schedule driven by the clock; its loss curve and validation loss."
     torch.manual_seed(seed)
-    warm, loader = (
-        build().to(device),
-        PackedLoader(tokens_dir, "train", seq_len, batch_size, epochs_by_domain, seed=seed),
-    )
+    warm = build().to(device)
+    loader = PackedLoader(tokens_dir, "train", seq_len, batch_size, epochs_by_domain, seed=seed)
     train_step(warm, make_optimizer(warm, recipe), [loader.next_batch()], recipe, 0, 1, device)  # first-touch costs
     torch.manual_seed(seed)
-    model, loader = (
-        build().to(device),
-        PackedLoader(tokens_dir, "train", seq_len, batch_size, epochs_by_domain, seed=seed),
-    )
+    model = build().to(device)
+    loader = PackedLoader(tokens_dir, "train", seq_len, batch_size, epochs_by_domain, seed=seed)
     optimizer, curve, started = make_optimizer(model, recipe), [], time.perf_counter()
     while True:
         elapsed = time.perf_counter() - started
@@ -159,10 +155,8 @@ def timed_run(
         point = int(elapsed / seconds * SCHEDULE_POINTS)
         batch = [loader.next_batch()]
         curve.append(train_step(model, optimizer, batch, recipe, point, SCHEDULE_POINTS, device)["loss"])
-    val_loader = PackedLoader(tokens_dir, "val", seq_len, batch_size, seed=seed)
-    val_batches = [
-        evaluate(model, val_loader, 1, device, recipe) for _ in range(eval_batches)
-    ]  # the same for every run
+    val_loader = PackedLoader(tokens_dir, "val", seq_len, batch_size, seed=seed)  # the same batches for every run
+    val_batches = [evaluate(model, val_loader, 1, device, recipe) for _ in range(eval_batches)]
     val = float(np.mean(val_batches))
     return dict(
         steps=len(curve),
@@ -254,7 +248,8 @@ def load_model_state(model: nn.Module, state: dict):
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    "Whole model and optimizer state on the CPU, keyed by parameter name (under torchrun: call on every rank)."
+    "Whole model and optimizer state on the CPU, by parameter name (under torchrun every rank calls it)."
+    # alone on a CPU these are the live tensors, not copies: write them out before training on
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
