@@ -548,8 +548,23 @@ def rollback(self: Trainer, log=print):
 
 # %% ../nbs/04_training.ipynb #35c2b9cb
 @patch
-def _step_record(self: Trainer, out: dict, loss: float, seconds: float) -> dict:
-    "What one step logs: loss (mean over ranks), gradient norm, learning rate, tokens, speed and MFU."
+def train_one_step(self: Trainer, log=print) -> dict | None:
+    "One optimizer step; what it logs (loss as the mean over ranks, speed, MFU…), or None if it rolled back."
+    if self.inject_nan_at == self.step:
+        self.inject_nan_at = None
+        with torch.no_grad():
+            next(self.model.parameters()).fill_(float("nan"))
+    started = time.perf_counter()
+    batches = [self.loader.next_batch() for _ in range(self.recipe.accumulation)]
+    out = train_step(
+        self.model, self.optimizer, batches, self.recipe, self.step, self.total_steps, self.device, self.lr_scale
+    )
+    loss = mean_over_ranks(out["loss"], self.device)  # every rank takes the same decision
+    if self.monitor.check(self.step, loss, out["grad_norm"]) == "non-finite":
+        self.rollback(log)
+        return None
+    self.step += 1
+    seconds = time.perf_counter() - started
     mfu = self.flops_per_step / seconds / self.peak_flops if self.flops_per_step and self.peak_flops else None
     return dict(
         step=self.step,
@@ -561,7 +576,7 @@ def _step_record(self: Trainer, out: dict, loss: float, seconds: float) -> dict:
         mfu=mfu,
     )
 
-
+# %% ../nbs/04_training.ipynb #c010c315
 @patch
 def fit(self: Trainer, progress: bool = True, log=print, on_step: Callable | None = None) -> dict:
     "Train to `total_steps`, resuming if a checkpoint of this run exists; return a summary. Rank 0 logs."
@@ -575,28 +590,17 @@ def fit(self: Trainer, progress: bool = True, log=print, on_step: Callable | Non
         self.save()
     bar = tqdm(total=self.total_steps, initial=self.step, desc="pretraining", disable=not progress or self.rank > 0)
     while self.step < self.total_steps:
-        if self.inject_nan_at == self.step:
-            self.inject_nan_at = None
-            with torch.no_grad():
-                next(self.model.parameters()).fill_(float("nan"))
-        started = time.perf_counter()
-        batches = [self.loader.next_batch() for _ in range(self.recipe.accumulation)]
-        out = train_step(
-            self.model, self.optimizer, batches, self.recipe, self.step, self.total_steps, self.device, self.lr_scale
-        )
-        loss = mean_over_ranks(out["loss"], self.device)
-        if self.monitor.check(self.step, loss, out["grad_norm"]) == "non-finite":
-            self.rollback(log)
-            bar.n = self.step
+        record = self.train_one_step(log)
+        bar.update(self.step - bar.n)  # back, after a rollback
+        if record is None:
             continue
-        self.step += 1
-        record = self._step_record(out, loss, time.perf_counter() - started)
         if self.rank == 0:
             self._log(record)
             if on_step is not None:
                 on_step(record)
-        bar.update()
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", mfu=f"{record['mfu'] or 0:.0%}")
+        bar.set_postfix(
+            loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", mfu=f"{record['mfu'] or 0:.0%}"
+        )
         if self.step % self.checkpoint_every == 0 or self.step == self.total_steps:
             self.save()
     bar.close()
