@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['SCHEDULE_POINTS', 'ABLATION_TIME_TOLERANCE', 'PROGRESS_PREFIX', 'DOMAIN_NAMES', 'GPT2', 'gpt2_like',
            'val_tokens_per_byte', 'bits_per_byte', 'timed_run', 'equal_time_run', 'paired_gap', 'StabilityMonitor',
-           'flatten_optimizer_state', 'unflatten_optimizer_state', 'load_model_state', 'full_state', 'load_full_state',
-           'save_checkpoint', 'CorruptCheckpoint', 'verify_checkpoint', 'checkpoints', 'rank_and_world',
+           'flatten_optimizer_state', 'unflatten_optimizer_state', 'save_checkpoint', 'CorruptCheckpoint',
+           'verify_checkpoint', 'checkpoints', 'load_model_state', 'full_state', 'load_full_state', 'rank_and_world',
            'gather_objects', 'from_rank_zero', 'mean_over_ranks', 'barrier', 'parallelize', 'Trainer',
            'pretraining_spec', 'write_spec', 'pretrain', 'load_trained', 'torchrun_processes', 'pretraining_command',
            'start_pretraining', 'launch_pretraining', 'final_weights', 'largest_difference', 'kill_and_resume',
@@ -235,40 +235,6 @@ def unflatten_optimizer_state(tensors: dict, rest: dict) -> dict:
     groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in rest["param_groups"]]  # JSON: lists
     return dict(state=state, param_groups=groups)
 
-# %% ../nbs/04_training.ipynb #86616ae9
-def load_model_state(model: nn.Module, state: dict):
-    "Load a whole model state dict into `model` (alone, DDP or FSDP2); only a tied output head may be missing."
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    keys = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-    if set(keys.missing_keys) - {"lm_head.weight"} or keys.unexpected_keys:
-        raise ValueError(
-            f"weights do not fit the model: missing {keys.missing_keys}, unexpected {keys.unexpected_keys}"
-        )
-
-
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    "Whole model and optimizer state on the CPU, by parameter name (under torchrun every rank calls it)."
-    # alone on a CPU these are the live tensors, not copies: write them out before training on
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    # an optimizer that has not stepped has no state, and asking for it would take a zero step to create it
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer.state else {}
-    return model_state, optimizer_state
-
-
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict):
-    "Put what `full_state` returned back into a model and its optimizer, sharded as they are (every rank calls it)."
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    load_model_state(model, model_state)
-    if optimizer_state.get("state"):
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
-        for group in optimizer.param_groups:
-            group["betas"] = tuple(group["betas"])  # as a fresh optimizer has them (the state dict made them lists)
-
 # %% ../nbs/04_training.ipynb #c92efd31
 def save_checkpoint(directory: Path, step: int, model_state: dict, optimizer_state: dict, state: dict) -> Path:
     "checkpoints/step-NNNNNNNN/ with model, optimizer, state and a manifest of digests, written atomically."
@@ -308,6 +274,40 @@ def verify_checkpoint(path: Path) -> dict:
 def checkpoints(directory: Path) -> list[Path]:
     "Checkpoint directories, newest first."
     return sorted(Path(directory).glob("step-*"), reverse=True) if Path(directory).exists() else []
+
+# %% ../nbs/04_training.ipynb #86616ae9
+def load_model_state(model: nn.Module, state: dict):
+    "Load a whole model state dict into `model` (alone, DDP or FSDP2); only a tied output head may be missing."
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    keys = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    if set(keys.missing_keys) - {"lm_head.weight"} or keys.unexpected_keys:
+        raise ValueError(
+            f"weights do not fit the model: missing {keys.missing_keys}, unexpected {keys.unexpected_keys}"
+        )
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    "Whole model and optimizer state on the CPU, by parameter name (under torchrun every rank calls it)."
+    # alone on a CPU these are the live tensors, not copies: write them out before training on
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    # an optimizer that has not stepped has no state, and asking for it would take a zero step to create it
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer.state else {}
+    return model_state, optimizer_state
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict):
+    "Put what `full_state` returned back into a model and its optimizer, sharded as they are (every rank calls it)."
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    load_model_state(model, model_state)
+    if optimizer_state.get("state"):
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+        for group in optimizer.param_groups:
+            group["betas"] = tuple(group["betas"])  # as a fresh optimizer has them (the state dict made them lists)
 
 # %% ../nbs/04_training.ipynb #e4b4e32b
 def rank_and_world() -> tuple[int, int]:
