@@ -1011,7 +1011,12 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__init__(groups, defaults)
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):
+        "Update every parameter that has a gradient (`closure`: torch's optional loss re-evaluation)."
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             for p in (p for p in group["params"] if p.grad is not None):
                 state = self.state[p]
@@ -1021,6 +1026,7 @@ class MuonAdamW(torch.optim.Optimizer):
                     self._muon(p, state, group)
                 else:
                     self._adamw(p, state, group)
+        return loss
 
 # %% ../nbs/03_modeling.ipynb #e5d2a8a0
 @patch

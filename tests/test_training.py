@@ -1,5 +1,6 @@
-"""Chapter 4, training: exact resume after SIGKILL, corrupt-checkpoint fallback, NaN rollback, metrics on resume,
-and the evaluation harness on hand-checked examples."""
+"""Chapter 4, training: exact resume after SIGKILL (one process, and 2 processes under torchrun), 2 processes
+(DDP, FSDP2) training like one, corrupt-checkpoint fallback, NaN rollback, metrics on resume, equal-wall-clock
+runs, and the evaluation harness on hand-checked examples."""
 
 import json
 
@@ -46,10 +47,76 @@ def trainer(tok, directory, out, steps=12, **kw):
     )
 
 
+def tiny_spec(tok, directory, out, distributed="none", steps=12, batch_size=4, depth=2, **kw):
+    "A pretraining job at `tiny` sizes: depth 2, 64 tokens of context, 4 rows per global batch."
+    config = M.ModelConfig.from_depth(depth, tok.vocab_size, 64)
+    return T.pretraining_spec(
+        config, M.Recipe(), directory, out, steps, batch_size, checkpoint_every=4, tensorboard=False,
+        distributed=distributed, **kw,
+    )  # fmt: skip
+
+
 def test_exact_resume_after_sigkill(toy, tmp_path):
     tok, directory = toy
-    result = T.exact_resume_check(directory, tmp_path, tok.vocab_size, steps=30, kill_after_checkpoints=3, seq_len=32)
+    spec = tiny_spec(tok, directory, tmp_path, steps=30, batch_size=2, depth=1)
+    result = T.exact_resume_check(spec, tmp_path, kill_after_checkpoints=3)
     assert result["identical"], result
+
+
+@pytest.fixture(scope="module")
+def one_process(toy, tmp_path_factory):
+    "The final weights of the tiny job trained in this process."
+    tok, directory = toy
+    out = tmp_path_factory.mktemp("one-process")
+    spec = tiny_spec(tok, directory, out)
+    T.write_spec(spec)
+    summary = T.pretrain(spec, progress=False)
+    assert summary["world_size"] == 1 and summary["steps"] == 12
+    return T.final_weights(out)
+
+
+@pytest.fixture(scope="module")
+def two_processes(toy, tmp_path_factory):
+    "The tiny job under torchrun on 2 CPU processes (gloo), with DDP and with FSDP2: mode → (summary, directory)."
+    tok, directory = toy
+    runs = {}
+    for mode in ("ddp", "fsdp"):
+        out = tmp_path_factory.mktemp(mode)
+        runs[mode] = T.launch_pretraining(T.write_spec(tiny_spec(tok, directory, out, mode)), 2, progress=False), out
+    return runs
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_train_like_one(one_process, two_processes, mode):
+    "The same global batch of 4 rows (2 per rank): after 12 steps, the weights of one process within 1e-5."
+    summary, out = two_processes[mode]
+    assert (summary["world_size"], summary["distributed"], summary["steps"]) == (2, mode, 12)
+    gap = T.largest_difference(T.final_weights(out), one_process)
+    print(f"{mode}: largest weight difference from one process after 12 steps: {gap:.3g}")
+    assert gap < 1e-5, gap
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))  # rank 0 alone logs
+
+
+def test_distributed_resume_after_sigkill(toy, two_processes, tmp_path):
+    "The FSDP2 job killed with SIGKILL (its process group: torchrun and both ranks) and started again ends the same."
+    tok, directory = toy
+    spec = tiny_spec(tok, directory, tmp_path, "fsdp")
+    killed_after = T.kill_and_resume(spec, processes=2, kill_after_checkpoints=3)
+    difference = T.largest_difference(T.final_weights(tmp_path), T.final_weights(two_processes["fsdp"][1]))
+    print(f"killed after {killed_after}; largest difference from the uninterrupted job: {difference}")
+    assert killed_after < "step-00000012" and difference == 0
+    with pytest.raises(RuntimeError, match="written by 2 processes and this run has 1"):
+        T.pretrain(tiny_spec(tok, directory, tmp_path), progress=False)
+
+
+def test_batch_must_split_over_ranks(toy, tmp_path, monkeypatch):
+    tok, directory = toy
+    monkeypatch.setattr(T, "rank_and_world", lambda: (0, 2))  # as rank 0 of 2 sees it
+    with pytest.raises(ValueError, match="batch_size=3 rows do not split evenly over 2 processes"):
+        T.Trainer(
+            M.Transformer(M.ModelConfig.from_depth(1, tok.vocab_size, 32)), M.Recipe(), directory, tmp_path, 4, 3, 32
+        )
 
 
 def test_corrupt_checkpoint_falls_back(toy, tmp_path):
@@ -101,9 +168,14 @@ def test_optimizer_state_round_trip():
     opt = M.make_optimizer(model, M.Recipe())
     x = torch.randint(0, 100, (2, 16))
     M.train_step(model, opt, [(x, x)], M.Recipe(), 0, 5)
-    tensors, rest = T.optimizer_tensors(opt)
-    fresh = M.make_optimizer(model, M.Recipe())
-    T.restore_optimizer(fresh, tensors, json.loads(json.dumps(rest)))  # the JSON part goes through state.json
+    model_state, optimizer_state = T.full_state(model, opt)
+    tensors, rest = T.flatten_optimizer_state(optimizer_state)
+    assert "embed_tokens.weight.m" in tensors and "layers.0.mlp.down_proj.weight.momentum" in tensors
+    fresh_model = M.Transformer(M.ModelConfig.from_depth(1, 100, 16))
+    fresh = M.make_optimizer(fresh_model, M.Recipe())
+    state = T.unflatten_optimizer_state(tensors, json.loads(json.dumps(rest)))  # the JSON part goes through state.json
+    T.load_full_state(fresh_model, fresh, model_state, state)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh_model.parameters()))
     restored, original = fresh.state_dict(), opt.state_dict()
     assert restored["param_groups"] == original["param_groups"] and restored["state"].keys() == original["state"].keys()
     for i, entry in original["state"].items():
@@ -155,7 +227,7 @@ def test_harness_on_hand_checked_examples(toy):
     bos = tok.special_tokens[M.ENDOFTEXT]
     knows = [[bos] + tok.encode_ordinary(f"{e['name']}{e['signature']}\n{e['summary']}") for e in entries]
     result = T.multiple_choice(Oracle(tok.vocab_size, knows), tok, entries, n_choices=4)
-    assert result == dict(accuracy=1.0, items=4, chance=0.25)
+    assert result == dict(accuracy=1.0, correct=4, items=4, chance=0.25)
     assert T.multiple_choice(Oracle(tok.vocab_size, []), tok, entries, n_choices=4)["accuracy"] <= 1.0
     line = [bos] + tok.encode_ordinary("mod.add(a, b)\nnext")
     assert T.greedy_line(Oracle(tok.vocab_size, [line]), tok, "mod.add(") == "a, b)"
