@@ -2,9 +2,9 @@
 
 Same expressions (the held-out-style tool problems of Chapter 5: multi-digit arithmetic and small Python
 expressions), same limits. `evaluate_expression` walks the tree here; `sandbox_eval` sends each expression to the
-long-lived worker (a bare interpreter under RLIMIT_AS and RLIMIT_CPU) and reads its answer from a pipe. Prints
-calls per second of each and the cost of the round trip; also the time to start a worker (paid once, and again
-only after a worker is killed).
+long-lived worker (a bare interpreter under RLIMIT_AS and RLIMIT_CPU) and reads its answer from a pipe;
+`sandbox_eval_many` sends them all in one request. Prints calls per second of each and the cost of the round
+trip; also the time to start a worker (paid once, and again only after a worker is killed).
 
     .venv/bin/python bench/sandbox.py [--calls 5000] [--repeats 3]
 """
@@ -32,13 +32,23 @@ def calls_per_second(evaluate, expressions, repeats: int) -> float:
     return statistics.median(rates)
 
 
+def batched_calls_per_second(expressions, repeats: int) -> float:
+    "Median rate when every expression goes to the worker in one request (`sandbox_eval_many`)."
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        P.sandbox_eval_many(expressions)
+        rates.append(len(expressions) / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
 def worker_start_seconds(repeats: int) -> float:
     "Median time from starting a worker to its first answer."
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         worker = P.SandboxWorker()
-        worker.evaluate("1 + 1", P.SandboxLimits())
+        worker.evaluate_many(["1 + 1"], P.SandboxLimits())
         times.append(time.perf_counter() - started)
         worker.stop()
     return statistics.median(times)
@@ -54,6 +64,7 @@ def main():
     rows = {
         "in this process": calls_per_second(P.evaluate_expression, expressions, args.repeats),
         "worker process": calls_per_second(P.sandbox_eval, expressions, args.repeats),
+        "worker, 1 batch": batched_calls_per_second(expressions, args.repeats),
     }
     start = worker_start_seconds(args.repeats)
     ratio = rows["in this process"] / rows["worker process"]
@@ -73,6 +84,7 @@ def main():
                 calls=len(expressions),
                 in_process_calls_per_s=round(rows["in this process"]),
                 worker_calls_per_s=round(rows["worker process"]),
+                worker_batched_calls_per_s=round(rows["worker, 1 batch"]),
                 ratio_in_process_vs_worker=round(ratio, 2),
                 round_trip_us=round(round_trip_us, 1),
                 worker_start_ms=round(start * 1000, 1),

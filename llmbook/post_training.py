@@ -8,9 +8,9 @@ __all__ = ['REFUSAL', 'QUESTIONS', 'OUT_OF_SCOPE', 'OUT_OF_SCOPE_TOPICS', 'SANDB
            'PostTrainingRecipe', 'chat', 'trained_batch', 'chat_batch', 'sampled_batches', 'optimizer_step', 'optimize',
            'first_stop', 'complete', 'accuracy_by_kind', 'instruction_entries', 'instruction_tasks', 'is_eval_task',
            'evaluation_sample', 'sft', 'fine_tuned', 'trl_sft_trainer', 'sft_parity', 'answers', 'exact_match',
-           'paired_outcomes', 'right_answers', 'steps_per_second', 'sft_speed', 'preference_pairs', 'token_logps',
-           'sequence_logps', 'dpo_loss', 'pair_batches', 'preferred', 'preference_accuracy', 'dpo_parity', 'dpo',
-           'kl_divergence', 'sign_test_verdict', 'kind_changes', 'RewardModel', 'reward_inputs', 'pair_rewards',
+           'paired_outcomes', 'right_answers', 'sign_test_verdict', 'steps_per_second', 'sft_speed', 'preference_pairs',
+           'token_logps', 'sequence_logps', 'dpo_loss', 'pair_batches', 'preferred', 'preference_accuracy',
+           'dpo_parity', 'dpo', 'kl_divergence', 'kind_changes', 'RewardModel', 'reward_inputs', 'pair_rewards',
            'reward_classifier', 'reward_model_parity', 'train_reward_model', 'reward_wins', 'sample_group',
            'completion_reward', 'group_advantages', 'sequences_batch', 'grpo_loss', 'grpo_parity', 'trl_gradients',
            'relative_difference', 'grpo_comparison', 'grpo', 'sampled_rewards', 'SandboxLimits', 'SandboxError',
@@ -63,6 +63,7 @@ from llmbook.book import (
     torch_device,
 )
 from .data import HELDOUT_MODULES, expression_heldout, load_corpus, random_expression
+from .foundations import better_than
 from llmbook.modeling import (
     END_OF_TURN,
     ENDOFTEXT,
@@ -436,6 +437,15 @@ def right_answers(tasks: Sequence[dict], said: Sequence[str]) -> list[bool]:
     "Which answers are exactly the expected ones."
     return [s == t["answer"] for t, s in zip(tasks, said)]
 
+
+def sign_test_verdict(wins: int, losses: int) -> str:
+    "The sign test's reading of paired outcomes, in words."
+    if better_than(wins, losses):
+        return f"better beyond chance ({wins} wins, {losses} losses; sign test, p < 0.001)"
+    if better_than(losses, wins):
+        return f"worse beyond chance ({wins} wins, {losses} losses; sign test, p < 0.001)"
+    return f"within noise at this sample size ({wins} wins, {losses} losses; sign test at the 0.001 level)"
+
 # %% ../nbs/05_post_training.ipynb #5c477a8c
 def steps_per_second(train_one_step, steps: int) -> float:
     "Median rate of `train_one_step()` over `steps` calls (after one warm-up call)."
@@ -639,15 +649,6 @@ def kl_divergence(
     return total / max(1, count)
 
 # %% ../nbs/05_post_training.ipynb #234ea0e7
-def sign_test_verdict(wins: int, losses: int) -> str:
-    "The sign test's reading of paired outcomes, in words."
-    if better_than(wins, losses):
-        return f"better beyond chance ({wins} wins, {losses} losses; sign test, p < 0.001)"
-    if better_than(losses, wins):
-        return f"worse beyond chance ({wins} wins, {losses} losses; sign test, p < 0.001)"
-    return f"within noise ({wins} wins, {losses} losses; the sign test cannot tell them apart)"
-
-
 def kind_changes(before: dict, after: dict) -> str:
     "Exact match by kind of question, before → after."
     kinds = sorted(k for k in before if k not in ("all", "answers"))
@@ -1141,7 +1142,7 @@ def serve_sandbox(memory_mb: int):
     for line in sys.stdin:
         request = json.loads(line)
         limits = SandboxLimits(**request["limits"])
-        for expression in request["expressions"]:
+        for i, expression in enumerate(request["expressions"]):
             usage = resource.getrusage(resource.RUSAGE_SELF)
             cpu_limit = math.ceil(usage.ru_utime + usage.ru_stime + limits.max_seconds) + 1
             resource.setrlimit(resource.RLIMIT_CPU, (cpu_limit, resource.RLIM_INFINITY))  # SIGXCPU past it
@@ -1152,9 +1153,12 @@ def serve_sandbox(memory_mb: int):
                 reply = dict(error=str(e))
             except MemoryError:
                 reply = dict(error=f"more than {memory_mb} MB of memory", exit=True)
-            reply.update(seconds=time.perf_counter() - started, peak_mb=_peak_resident_mb())
+            reply["seconds"] = time.perf_counter() - started
+            last = reply.get("exit") or i == len(request["expressions"]) - 1
+            if last:
+                reply["peak_mb"] = _peak_resident_mb()
             sys.stdout.write(json.dumps(reply) + "\n")
-            sys.stdout.flush()
+            sys.stdout.flush()  # each reply leaves at once: a later expression may get the worker killed
             if reply.get("exit"):
                 return  # after a MemoryError the next call gets a fresh worker
 
@@ -1202,6 +1206,7 @@ class SandboxWorker:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C (or a kernel interrupt) meant for this process does not reach it
         )
 
     def alive(self) -> bool:
@@ -1250,7 +1255,7 @@ def evaluate_many(
             stopped = f"stopped after {limits.max_seconds} s: the worker was killed (a new one answers next)"
             return replies + [dict(error=stopped)] * (len(expressions) - len(replies))
         replies.append(json.loads(line))
-        self.peak_mb = max(self.peak_mb, replies[-1]["peak_mb"])
+        self.peak_mb = max(self.peak_mb, replies[-1].get("peak_mb", 0.0))
         if replies[-1].get("exit"):
             self.stop()
             return replies + [dict(error="the worker ran out of memory")] * (len(expressions) - len(replies))
