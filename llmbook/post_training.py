@@ -12,18 +12,18 @@ __all__ = ['REFUSAL', 'QUESTIONS', 'OUT_OF_SCOPE', 'OUT_OF_SCOPE_TOPICS', 'SANDB
            'token_logps', 'sequence_logps', 'dpo_loss', 'pair_batches', 'preferred', 'preference_accuracy',
            'dpo_parity', 'dpo', 'kl_divergence', 'kind_changes', 'RewardModel', 'reward_inputs', 'pair_rewards',
            'reward_classifier', 'reward_model_parity', 'train_reward_model', 'reward_wins', 'sample_group',
-           'completion_reward', 'group_advantages', 'sequences_batch', 'grpo_loss', 'grpo_parity', 'trl_gradients',
-           'relative_difference', 'grpo_comparison', 'grpo', 'sampled_rewards', 'SandboxLimits', 'SandboxError',
-           'evaluate_expression', 'serve_sandbox', 'sandbox_worker_source', 'SandboxWorker', 'sandbox_worker',
-           'sandbox_eval_many', 'sandbox_eval', 'extreme_expressions', 'sweep_sandbox', 'sandbox_escapes',
-           'reasoning_problem', 'reduce_once', 'reduction_steps', 'step_labels', 'label_steps', 'reasoning_problems',
-           'worked_solutions', 'newline_tokens', 'step_ends', 'final_answer', 'reasoning_prompt', 'sample_solutions',
-           'solution_steps', 'labelled_solutions', 'labelled_solution', 'step_batch', 'train_process_reward_model',
-           'step_probabilities', 'auc', 'process_reward_model', 'majority_vote', 'weighted_vote', 'step_search',
-           'calculator', 'call_tool', 'tool_problem', 'tool_problems', 'tool_trace', 'tool_conversations',
-           'run_with_tools', 'tool_accuracy', 'words', 'BM25', 'passage', 'bm25_parity', 'retrieval_corpus',
-           'retrieval_prompt', 'raft_conversations', 'cited', 'cites_right', 'save_reward_model', 'load_reward_model',
-           'save_second_half']
+           'completion_reward', 'group_advantages', 'sequences_batch', 'grpo_loss', 'trl_gradients',
+           'relative_difference', 'grpo_comparison', 'grpo_parity', 'grpo', 'sampled_rewards', 'SandboxLimits',
+           'SandboxError', 'evaluate_expression', 'serve_sandbox', 'sandbox_worker_source', 'SandboxWorker',
+           'sandbox_worker', 'sandbox_eval_many', 'sandbox_eval', 'extreme_expressions', 'sweep_sandbox',
+           'sandbox_escapes', 'reasoning_problem', 'reduce_once', 'reduction_steps', 'step_labels', 'label_steps',
+           'reasoning_problems', 'worked_solutions', 'newline_tokens', 'step_ends', 'final_answer', 'reasoning_prompt',
+           'sample_solutions', 'solution_steps', 'labelled_solutions', 'labelled_solution', 'step_batch',
+           'train_process_reward_model', 'step_probabilities', 'auc', 'process_reward_model', 'majority_vote',
+           'weighted_vote', 'step_search', 'calculator', 'call_tool', 'tool_problem', 'tool_problems', 'tool_trace',
+           'tool_conversations', 'run_with_tools', 'tool_accuracy', 'words', 'BM25', 'passage', 'bm25_parity',
+           'retrieval_corpus', 'retrieval_prompt', 'raft_conversations', 'cited', 'cites_right', 'save_reward_model',
+           'load_reward_model', 'save_second_half']
 
 # %% ../nbs/05_post_training.ipynb #a0912b7a
 import ast
@@ -825,52 +825,6 @@ def grpo_loss(model, reference, x: torch.Tensor, y: torch.Tensor, advantages: to
     per_token = -advantages[:, None] * torch.exp(logp - logp.detach()) + beta * kl
     return (per_token * mask).sum() / mask.sum(), ((kl * mask).sum() / mask.sum()).item()
 
-# %% ../nbs/05_post_training.ipynb #fb2ce609
-def grpo_parity(
-    policy: Transformer,
-    reference: Transformer,
-    tok: BPETokenizer,
-    tasks: list[dict],
-    completions: list[list[list[int]]],
-    scratch: Path,
-    beta: float = 0.1,
-) -> dict:
-    "Our GRPO loss and gradient against TRL's `GRPOTrainer` on the same sampled completions (one group per task)."
-    import datasets
-    from trl import GRPOConfig, GRPOTrainer
-
-    sampled, group = [c for g in completions for c in g], len(completions[0])
-    save_hf(reference.cpu(), tok, scratch / "reference")
-    args = GRPOConfig(
-        output_dir=str(scratch / "grpo"),
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        logging_strategy="no",
-        save_strategy="no",
-        disable_tqdm=True,
-        beta=beta,
-        num_generations=group,
-        per_device_train_batch_size=len(sampled),
-        max_completion_length=max(map(len, sampled)),
-        loss_type="dapo",
-    )
-    rows = [dict(prompt=[dict(role="user", content=t["question"])], answer=t["answer"]) for t in tasks]
-    trainer = GRPOTrainer(
-        model=str(scratch / "reference"),
-        reward_funcs=lambda completion_ids, answer, **_: [
-            completion_reward(tok, *ca) for ca in zip(completion_ids, answer)
-        ],
-        args=args,
-        processing_class=to_transformers(tok),
-        train_dataset=datasets.Dataset.from_list(rows),
-    )
-    trainer.model.load_state_dict(to_hf(copy.deepcopy(policy).cpu()).state_dict())
-    trainer._generate_single_turn = lambda *args, **kwargs: (sampled, None)  # our samples; the rest is TRL's
-    trainer.model.train()
-    batch = trainer._generate_and_score_completions([r for r in rows for _ in range(group)])
-    return grpo_comparison(trainer, batch, policy, reference, tok, tasks, completions, beta)
-
 # %% ../nbs/05_post_training.ipynb #4891fea9
 def trl_gradients(trainer, batch: dict, kl_correction: bool) -> tuple[float, dict]:
     "TRL's GRPO loss on `batch` and its gradient, by our parameter names."
@@ -916,6 +870,52 @@ def grpo_comparison(trainer, batch, policy, reference, tok, tasks, completions, 
             batch["prompt_ids"][i][real[i]].tolist() == prompts[i // group] for i in range(len(batch["prompt_ids"]))
         ),
     )
+
+# %% ../nbs/05_post_training.ipynb #fb2ce609
+def grpo_parity(
+    policy: Transformer,
+    reference: Transformer,
+    tok: BPETokenizer,
+    tasks: list[dict],
+    completions: list[list[list[int]]],
+    scratch: Path,
+    beta: float = 0.1,
+) -> dict:
+    "Our GRPO loss and gradient against TRL's `GRPOTrainer` on the same sampled completions (one group per task)."
+    import datasets
+    from trl import GRPOConfig, GRPOTrainer
+
+    sampled, group = [c for g in completions for c in g], len(completions[0])
+    save_hf(reference.cpu(), tok, scratch / "reference")
+    args = GRPOConfig(
+        output_dir=str(scratch / "grpo"),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        logging_strategy="no",
+        save_strategy="no",
+        disable_tqdm=True,
+        beta=beta,
+        num_generations=group,
+        per_device_train_batch_size=len(sampled),
+        max_completion_length=max(map(len, sampled)),
+        loss_type="dapo",
+    )
+    rows = [dict(prompt=[dict(role="user", content=t["question"])], answer=t["answer"]) for t in tasks]
+    trainer = GRPOTrainer(
+        model=str(scratch / "reference"),
+        reward_funcs=lambda completion_ids, answer, **_: [
+            completion_reward(tok, *ca) for ca in zip(completion_ids, answer)
+        ],
+        args=args,
+        processing_class=to_transformers(tok),
+        train_dataset=datasets.Dataset.from_list(rows),
+    )
+    trainer.model.load_state_dict(to_hf(copy.deepcopy(policy).cpu()).state_dict())
+    trainer._generate_single_turn = lambda *args, **kwargs: (sampled, None)  # our samples; the rest is TRL's
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([r for r in rows for _ in range(group)])
+    return grpo_comparison(trainer, batch, policy, reference, tok, tasks, completions, beta)
 
 # %% ../nbs/05_post_training.ipynb #d390649d
 def grpo(
