@@ -1,11 +1,14 @@
-"""Chapter 5, post-training. First half: instruction data and its splits, the SFT and DPO losses against TRL on the
-same batch, the DPO loss on a hand-checked example, the reward model, and GRPO's reward and update direction.
-Second half: the sandbox against hostile expressions, the tools, step-by-step reductions and their labels, the
-process reward model's reading positions, the tool-call loop, BM25 against bm25s, RAFT data and citations."""
+"""Chapter 5, post-training. First half: instruction data and its splits, the SFT, DPO, reward-model and GRPO losses
+against TRL on the same batch, the DPO loss on a hand-checked example, the reward model, and GRPO's reward, advantages
+and update direction. Second half: the sandbox against hostile expressions and against extreme arguments to every
+allowed operation (its worker process killed and replaced at its limits), the tools, step-by-step reductions and their
+labels, the process reward model's reading positions, the tool-call loop, BM25 against bm25s, RAFT data and
+citations."""
 
 import copy
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -103,6 +106,43 @@ def test_dpo_loss_equals_trl(tok, model, tmp_path):
     assert abs(result["our_loss"] - math.log(2)) > 1e-3
 
 
+def test_reward_model_loss_equals_trl(tok, model, tmp_path):
+    pairs = P.preference_pairs(P.instruction_tasks(ENTRIES[:4], n_expressions=4, seed=2), seed=0)[:6]
+    rm = P.RewardModel(copy.deepcopy(model))
+    torch.nn.init.normal_(rm.score.weight, std=0.5)
+    torch.nn.init.constant_(rm.score.bias, 0.3)  # cancels in the loss; transformers' head has no bias
+    result = P.reward_model_parity(rm, tok, pairs, tmp_path)
+    assert result["same_tokens"] and result["difference"] < 1e-5 and result["max_reward_difference"] < 1e-4, result
+    assert abs(result["our_loss"] - math.log(2)) > 1e-3
+
+
+def test_grpo_loss_and_gradient_equal_trl(tok, model, tmp_path):
+    end = tok.special_tokens[M.END_OF_TURN]
+    said = lambda text, stops=True: tok.encode_ordinary(text) + [end] * stops
+    tasks = [dict(question="Compute `1 + 1`.", answer="2"), dict(question="Compute `12 + 30`.", answer="42")]
+    tasks.append(dict(question="What is the value of `2`?", answer="2"))
+    groups = [
+        [said("2"), said("3"), said("2", stops=False), said("12")],
+        [said("42"), said("42"), said("41"), said("4")],
+        [said("1"), said("3"), said("4"), said("5")],  # all wrong: no advantage, but in TRL's batch
+    ]
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    result = P.grpo_parity(policy, model, tok, tasks, groups, tmp_path, beta=0.1)
+    assert result["same_tokens"] and result["difference"] < 1e-5 and result["gradient_difference"] < 1e-4, result
+    assert result["advantage_difference"] < 1e-3 and result["kl"] > 1e-6, result
+    assert result["kl_correction_gradient_change"] > 0  # TRL's default KL correction changes the gradient
+
+
+def test_group_advantages():
+    torch.testing.assert_close(
+        P.group_advantages(torch.tensor([1.0, 0.0])), torch.tensor([0.7071, -0.7071]), atol=1e-4, rtol=0
+    )
+    assert P.group_advantages(torch.ones(3)) is None
+
+
 def test_preference_pairs_are_plausibly_wrong():
     tasks = P.instruction_tasks(ENTRIES, n_expressions=50)
     for pair in P.preference_pairs(tasks):
@@ -179,6 +219,71 @@ def test_sandbox_evaluates_the_allowed_subset():
         P.sandbox_eval("10 ** 99 * 10 ** 99")
     with pytest.raises(P.SandboxError, match="an expression is text"):
         P.sandbox_eval(b"1 + 1")
+
+
+def test_sandbox_bounds_arguments_before_computing():
+    for expression, reason in [
+        ("round(1, -10 ** 8)", "round"),
+        ("'%0999999999d' % 0", "string formatting"),
+        ("((((0,) * 100,) * 100,) * 100,) * 100", "items"),
+        ("[[0] * 50] * 2", "items"),
+        ("(-8) ** 0.5", "complex"),
+    ]:
+        with pytest.raises(P.SandboxError, match=reason):
+            P.evaluate_expression(expression)
+    assert P.evaluate_expression("round(1234, -2), [[0] * 50]") == repr((1200, [[0] * 50]))
+
+
+def test_sandbox_extreme_arguments_are_answered_or_refused_quickly():
+    expressions = P.extreme_expressions()
+    assert len(expressions) > 5000 and "round(1, -10 ** 8)" in expressions
+    slow = []
+    for expression in expressions:
+        started = time.perf_counter()
+        try:
+            P.sandbox_eval(expression)
+        except P.SandboxError:
+            pass
+        if time.perf_counter() - started >= 1.0:
+            slow.append(expression)
+    worker = P.sandbox_worker()
+    assert not slow, slow
+    assert worker.alive() and worker.peak_mb < 256, worker.peak_mb
+    assert P.sandbox_eval("1 + 1") == "2"
+
+
+def test_sandbox_worker_is_killed_at_its_limits_and_replaced():
+    assert P.sandbox_eval("2 + 2") == "4"
+    for expression, limits, reason in [
+        ("round(1, -10 ** 8)", P.SandboxLimits(max_size=10**9), "stopped after"),  # bounds off: the deadline acts
+        ("'a' * 10 ** 9", P.SandboxLimits(max_size=10**10), "MB of memory"),  # bounds off: the memory limit acts
+    ]:
+        before = P.sandbox_worker().process.pid
+        started = time.perf_counter()
+        with pytest.raises(P.SandboxError, match=reason):
+            P.sandbox_eval(expression, limits)
+        assert time.perf_counter() - started < 1.0
+        assert P.sandbox_eval("3 + 3") == "6" and P.sandbox_worker().process.pid != before
+
+
+def test_sandbox_batch_keeps_each_deadline():
+    loose = P.SandboxLimits(max_size=10**9)  # bounds off: the second expression runs until the worker is killed
+    first, second, third = P.sandbox_eval_many(["1 + 1", "round(1, -10 ** 8)", "2 + 2"], loose)
+    assert first == "2" and isinstance(second, P.SandboxError) and isinstance(third, P.SandboxError)
+    assert P.sandbox_eval_many(["3 * 3", b"1", "__import__('os')"])[0] == "9"
+    assert [isinstance(r, P.SandboxError) for r in P.sandbox_eval_many(["3 * 3", b"1", "open('x')"])] == [
+        False,
+        True,
+        True,
+    ]
+    assert P.step_labels([("2 + 3 * 4", ["2 + 12", "15"]), ("5 - 1", ["4"])]) == [[True, False], [True]]
+
+
+def test_sandbox_worker_runs_without_site_packages():
+    source = P.sandbox_worker_source(256)
+    assert "import torch" not in source and source.rstrip().endswith("serve_sandbox(256)")
+    worker = P.sandbox_worker()
+    assert worker.process.args[1:3] == ["-I", "-S"]
 
 
 def test_tools_and_their_errors():
