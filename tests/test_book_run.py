@@ -147,6 +147,7 @@ def test_post_training_artifacts(tiny_run):
     assert table["SFT"]["exact_match"]["all"] > table["base"]["exact_match"]["all"]
     assert post["parity"]["sft"]["same_tokens"] and post["parity"]["sft"]["difference"] < 1e-5
     assert post["parity"]["dpo"]["difference"] < 1e-5
+    assert post["parity"]["reward_model"]["difference"] < 1e-5 and post["parity"]["grpo"]["difference"] < 1e-5
     for name in ("sft", "dpo", "rl", "tools"):
         assert type(AutoModelForCausalLM.from_pretrained(run_dir / "model" / name)).__name__ == "Qwen3ForCausalLM"
     # the second half
