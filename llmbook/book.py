@@ -661,10 +661,10 @@ def say(text: str):
 # %% ../nbs/00_book.ipynb #d79080ff
 def target_status(value, target, direction: str) -> str:
     "'met', 'not met', 'not measured yet' or 'no target' for a measured value against a target."
-    if target is None:
-        return "no target"
     if value is None:
         return "not measured yet"
+    if target is None:
+        return "no target"
     if direction == "at_least":
         ok = value >= target
     elif direction == "at_most":
@@ -697,18 +697,27 @@ def spec_metrics(run: Run) -> dict:
     return {m["name"]: m for m in load_json(path)["metrics"]} if path.exists() else {}
 
 
+def _value_with_unit(value, unit: str) -> str:
+    "A value as a sentence shows it: the unit only where it means something (not 'fraction', 'count', 'bool')."
+    if unit == "bool" and value in (0, 1):
+        return "yes" if value else "no"
+    return _fmt(value) + ("" if unit in ("fraction", "count", "bool", "AUC", "") else f" {unit}")
+
+
 def target_sentence(metric: dict, value, preset: str) -> str:
-    "One sentence: the measured value against the preset's target, met or not and by how much."
+    "One sentence: the measured value against the preset's target and what the target asks, met or not, by how much."
     target, direction = metric["targets"].get(preset), metric["direction"]
-    measured = f"`{metric['name']}` = {_fmt(value)} {metric['unit']}"
+    measured = f"`{metric['name']}` = {_value_with_unit(value, metric['unit'])}"
     if target is None:
-        return f"{measured} — no target at `{preset}`: the preset is too small to judge it ({metric['why']})."
+        return f"{measured} — no target at `{preset}`: too small a run to judge whether {metric['why']}."
     status = target_status(value, target, direction)
     margin = target_margin(value, target, direction)
-    by = f" by {_fmt(abs(margin))}" if margin is not None else ""
-    verdict = f"met{by}" if status == "met" else f"**{status}**{' — short' + by if by else ''}"
-    goal = f"{_SIGN.get(direction, '=')} {_fmt(target)}"
-    return f"{measured} — target at `{preset}` {goal}: {verdict} ({metric['why']})."
+    if status == "met":
+        verdict = "met" + (f", by {_fmt(margin)}" if margin else "")
+    else:
+        verdict = f"**{status}**" + (f", short by {_fmt(abs(margin))}" if margin is not None else "")
+    goal = f"{_SIGN.get(direction, '=')} {_value_with_unit(target, metric['unit'])}"
+    return f"{measured} — the target at `{preset}` is {goal} ({metric['why']}): {verdict}."
 
 # %% ../nbs/00_book.ipynb #92428ee2
 @patch
@@ -960,7 +969,7 @@ def _target_rows(run: Run, targets: list[dict], measured: dict) -> list[list]:
             [
                 t["name"],
                 t["chapter"],
-                f"{_SIGN.get(t['direction'], '=')} {_fmt(target)}",
+                "—" if target is None else f"{_SIGN.get(t['direction'], '=')} {_fmt(target)}",
                 _fmt(value),
                 target_status(value, target, t["direction"]),
                 "—" if margin is None else f"{margin:+.4g}",
@@ -997,6 +1006,17 @@ def targets_summary(run: Run, missed: list[list]) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/00_book.ipynb #105643d7
+def _targets_preamble(preset: str) -> str:
+    "What the targets table means at this preset."
+    if preset == "tiny":
+        return (
+            "At `tiny` every stage runs on a model of a few hundred thousand parameters trained for a minute or two: "
+            "its quality numbers are noise, and most have no target (—). The targets that remain are about the "
+            "machinery (parity, leaks, resume, the sandbox). Model quality is judged from `cpu` up."
+        )
+    return f"Each target is Chapter 1's goal for `{preset}`; the margin is how far the measurement is on its good side."
+
+
 def _report_blocks(run: Run) -> list[tuple]:
     "The report's content: ('h', level, text), ('p', text), ('table', header, rows) and ('img', path)."
     results = {c.number: load_json(p) for c in run.book if (p := run.results_dir / f"{c.notebook}.json").exists()}
@@ -1015,7 +1035,8 @@ def _report_blocks(run: Run) -> list[tuple]:
     ]
     if targets:
         header = ["metric", "chapter", "target", "measured", "status", "margin"]
-        blocks += [("h", 2, "Targets (Chapter 1)"), ("table", header, _target_rows(run, targets, measured))]
+        blocks += [("h", 2, "Targets (Chapter 1)"), ("p", _targets_preamble(run.cfg.name))]
+        blocks.append(("table", header, _target_rows(run, targets, measured)))
     for chapter in run.book:
         if chapter.number not in results:
             continue

@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['GPT4_SPLIT_PATTERN', 'SPECIAL_TOKENS', 'ENDOFTEXT', 'END_OF_TURN', 'CHAT_TEMPLATE', 'DOMAIN_CODES',
            'SCALING_EXPONENT_BOUNDS', 'pretokenize', 'count_chunks', 'train_bpe', 'BPETokenizer', 'bytes_to_unicode',
-           'hf_bpe_merges', 'training_texts', 'train_tokenizer', 'to_tokenizers', 'to_tiktoken', 'plain_text_backend',
-           'parity', 'encoding_speeds', 'unigram_tokenizer', 'bytes_per_token', 'render_chat', 'to_transformers',
-           'save_tokenizer', 'load_tokenizer', 'token_dtype', 'write_tokens', 'open_tokens', 'epoch_order',
-           'PackedLoader', 'packing_efficiency', 'ModelConfig', 'RMSNorm', 'rope_tables', 'apply_rope', 'KVCache',
-           'Attention', 'MLP', 'Experts', 'MixtureOfExperts', 'load_balancing_loss', 'Block', 'Transformer',
+           'hf_bpe_merges', 'spread_sample', 'training_texts', 'train_tokenizer', 'to_tokenizers', 'to_tiktoken',
+           'plain_text_backend', 'parity', 'encoding_speeds', 'unigram_tokenizer', 'bytes_per_token', 'render_chat',
+           'to_transformers', 'save_tokenizer', 'load_tokenizer', 'token_dtype', 'write_tokens', 'open_tokens',
+           'epoch_order', 'PackedLoader', 'packing_efficiency', 'ModelConfig', 'RMSNorm', 'rope_tables', 'apply_rope',
+           'KVCache', 'Attention', 'MLP', 'Experts', 'MixtureOfExperts', 'load_balancing_loss', 'Block', 'Transformer',
            'chunked_cross_entropy', 'generate', 'hf_config', 'to_hf', 'from_hf', 'save_hf', 'newton_schulz',
            'MuonAdamW', 'Recipe', 'make_optimizer', 'lr_multiplier', 'autocast', 'optimizer_update', 'train_step',
            'evaluate', 'train', 'pilot_grid', 'run_pilots', 'fit_scaling_law', 'predicted_loss', 'leave_one_out',
@@ -241,14 +241,28 @@ def hf_bpe_merges(texts: Iterable[str], n_merges: int) -> list[tuple[int, int]]:
     return merges
 
 # %% ../nbs/03_modeling.ipynb #5890e63a
+def spread_sample(sizes: Sequence[int], budget: float) -> list[int]:
+    "Indices of every k-th item, k spreading `budget` over all of `sizes`; stops at the item that spends it."
+    every = max(1, int(sum(sizes) // budget))
+    chosen, spent = [], 0
+    for index in range(0, len(sizes), every):
+        if spent >= budget:
+            break
+        chosen.append(index)
+        spent += sizes[index]
+    return chosen
+
+
 def training_texts(corpus, megabytes: float) -> Iterator[str]:
-    "Texts of the training split up to `megabytes` (UTF-8)."
-    budget = megabytes * 1e6
-    for batch in corpus["train"].iter(batch_size=256):
-        for text in batch["text"]:
-            if budget <= 0:
-                return
-            budget -= len(text.encode("utf-8", "surrogatepass"))
+    "About `megabytes` (UTF-8) of the training split's texts, spread over the whole split (streamed twice)."
+
+    def texts():
+        for batch in corpus["train"].iter(batch_size=256):
+            yield from batch["text"]
+
+    chosen = set(spread_sample([len(text.encode("utf-8", "surrogatepass")) for text in texts()], megabytes * 1e6))
+    for index, text in enumerate(texts()):
+        if index in chosen:
             yield text
 
 # %% ../nbs/03_modeling.ipynb #5c8abc40

@@ -364,6 +364,7 @@ def trl_sft_trainer(
     "TRL's `SFTTrainer` on the transformers copy of `model`, one batch per step, in fp32."
     # fp32 because TRL defaults to bf16, even on a CPU
     import datasets
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
@@ -378,13 +379,17 @@ def trl_sft_trainer(
         per_device_train_batch_size=len(conversations),
         **config,
     )
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=to_hf(model.cpu()).train(),
         args=args,
         processing_class=to_transformers(tok),
         callbacks=list(callbacks),
         train_dataset=datasets.Dataset.from_list([dict(messages=c) for c in conversations]),
     )
+    trainer.remove_callback(
+        PrinterCallback
+    )  # with tqdm off it prints the run's log dict: the chapter says what it needs
+    return trainer
 
 
 def sft_parity(model: Transformer, tok: BPETokenizer, conversations: list[list[dict]], scratch: Path) -> dict:

@@ -1014,6 +1014,8 @@ def induction(model, tok: BPETokenizer, length: int = 16, trials: int = 32, seed
     second = predicted[:, length + 1 :] == ids[:, length + 2 :]  # … and the same position of the second
     return dict(
         accuracy=second.float().mean().item(),
+        correct=int(second.sum()),
+        items=second.numel(),  # positions of the second copy
         first_copy=first.float().mean().item(),
         trials=trials,
         only_second=int((second & ~first).sum()),  # predicted only where it could copy
