@@ -63,7 +63,7 @@ from llmbook.book import (
     torch_device,
 )
 from .data import HELDOUT_MODULES, expression_heldout, load_corpus, random_expression
-from .foundations import better_than
+from .foundations import CHANCE_ALPHA, better_than, binomial_tail
 from llmbook.modeling import (
     END_OF_TURN,
     ENDOFTEXT,
@@ -444,12 +444,15 @@ def right_answers(tasks: Sequence[dict], said: Sequence[str]) -> list[bool]:
 
 
 def sign_test_verdict(wins: int, losses: int) -> str:
-    "The sign test's reading of paired outcomes, in words."
+    "The sign test's reading of paired outcomes, in words, with its one-sided p-value."
+    counts = f"{wins} wins, {losses} losses; sign test"
     if better_than(wins, losses):
-        return f"better beyond chance ({wins} wins, {losses} losses; sign test, p < 0.001)"
+        return f"better beyond chance ({counts}, p = {binomial_tail(wins, wins + losses, 0.5):.2g})"
     if better_than(losses, wins):
-        return f"worse beyond chance ({wins} wins, {losses} losses; sign test, p < 0.001)"
-    return f"within noise at this sample size ({wins} wins, {losses} losses; sign test at the 0.001 level)"
+        return f"worse beyond chance ({counts}, p = {binomial_tail(losses, wins + losses, 0.5):.2g})"
+    direction = "better" if wins >= losses else "worse"
+    p = binomial_tail(max(wins, losses), wins + losses, 0.5)
+    return f"not shown {direction} than chance at the {CHANCE_ALPHA:g} level ({counts}, p = {p:.2g})"
 
 # %% ../nbs/05_post_training.ipynb #5c477a8c
 def steps_per_second(train_one_step, steps: int) -> float:
