@@ -25,6 +25,7 @@ $(BIN)/.installed: settings.ini setup.py constraints.txt
 
 book: venv
 	$(BIN)/llmbook run --preset $(PRESET) --run-dir $(RUN_DIR)
+	$(BIN)/llmbook site --preset $(PRESET) --run-dir $(RUN_DIR)
 
 test: venv
 	$(BIN)/python -m pytest -q tests

@@ -12,7 +12,7 @@ __all__ = ['PRESETS', 'CHAPTERS', 'Preset', 'parse_overrides', 'make_preset', 't
            'chapter_status', 'start_chapter', 'manifest_digest', 'ensure_prerequisites', 'open_chapter', 'environment',
            'measured_metrics', 'missed_targets', 'targets_summary', 'write_report', 'kernel_for_this_python',
            'ChapterFailed', 'failing_line', 'execute_chapter', 'run_lock', 'run_book', 'chapter_notebook',
-           'render_readme', 'main']
+           'render_chapter_page', 'write_site', 'render_readme', 'recorded_preset', 'main']
 
 # %% ../nbs/00_book.ipynb #60802d6a
 import argparse
@@ -50,7 +50,7 @@ class Preset:
     name: str
     # where and how the arithmetic runs
     device: str = "cpu"  # "cpu" or "cuda"
-    precision: str = "fp32"  # "fp32", or "bf16" autocast
+    precision: str = "fp32"  # "fp32", "bf16" autocast, or "auto": bf16 where Chapter 1 measures it fast enough
     compile: bool = False  # torch.compile the model
     distributed: str = "none"  # "none", "ddp" or "fsdp" (launched with torchrun)
     gpus: int = 0  # GPUs the budget plans for
@@ -68,6 +68,7 @@ class Preset:
     scaling_budgets: str = "1e11,3e11"  # FLOPs of the scaling-law pilots (Chapter 3), comma-separated
     scaling_depths: str = "1,2,3"  # depths of the pilots
     pilot_batch_size: int = 4  # sequences per step in pilots: small, so short runs still take many steps
+    copy_ablation_flops: float = 2e11  # compute of each depth's run in Chapter 3's copying ablation
     # training (Chapter 4)
     batch_size: int = 8
     train_tokens: int = 300_000
@@ -75,6 +76,7 @@ class Preset:
     checkpoint_every: int = 50  # optimizer steps between checkpoints
     keep_checkpoints: int = 3
     eval_tokens: int = 50_000  # at most this many tokens per domain in each evaluation
+    mid_fraction: float = 0.2  # mid-training steps, as a fraction of pretraining's
     # post-training (Chapter 5)
     instruction_expressions: int = 2_000  # expression questions generated for the instruction data
     sft_steps: int = 300
@@ -93,7 +95,7 @@ class Preset:
     def __post_init__(self):
         choices = dict(
             device=("cpu", "cuda"),
-            precision=("fp32", "bf16"),
+            precision=("fp32", "bf16", "auto"),
             distributed=("none", "ddp", "fsdp"),
             tokenizer_trainer=("ours", "hf"),
         )
@@ -110,6 +112,7 @@ PRESETS = {
     "tiny": Preset("tiny"),
     "cpu": Preset(
         "cpu",
+        precision="auto",
         data_mb=64,
         vocab_size=8192,
         tokenizer_mb=16,
@@ -118,6 +121,7 @@ PRESETS = {
         batch_size=16,
         scaling_budgets="3e11,1e12,3e12",
         scaling_depths="1,2,3",
+        copy_ablation_flops=8e12,
         train_tokens=750_000,
         ablation_seconds=60,
         checkpoint_every=200,
@@ -146,6 +150,7 @@ PRESETS = {
         depth=12,
         scaling_budgets="3e17,1e18,3e18",
         scaling_depths="6,8,10,12,14",
+        copy_ablation_flops=1e15,
         pilot_batch_size=32,
         seq_len=1024,
         batch_size=64,
@@ -193,6 +198,7 @@ PRESETS = {
         rag_steps=2_000,
         scaling_budgets="1e18,3e18,1e19",
         scaling_depths="10,14,18,22",
+        copy_ablation_flops=1e16,
         pilot_batch_size=64,
         seq_len=2048,
         batch_size=256,
@@ -475,7 +481,13 @@ CHAPTERS = (
     Chapter(1, "foundations", "Foundations", "01_foundations", ("spec.json", "risks.json", "budget.json")),
     Chapter(2, "data", "Data", "02_data", ("data", "data_report.json")),
     Chapter(3, "modeling", "Modeling", "03_modeling", ("tokenizer", "tokens", "scaling", "recipe.json")),
-    Chapter(4, "training", "Training", "04_training", ("checkpoints", "model/base", "eval/base.json")),
+    Chapter(
+        4,
+        "training",
+        "Training",
+        "04_training",
+        ("checkpoints", "model/base", "midtraining", "model/mid", "eval/base.json"),
+    ),
     Chapter(
         5,
         "post_training",
@@ -556,6 +568,7 @@ class Run:
     plots_dir = property(lambda self: self.path / "plots")
     report_md = property(lambda self: self.path / "report.md")
     report_html = property(lambda self: self.path / "report.html")
+    site_dir = property(lambda self: self.path / "site")
 
     def artifact(self, name: str) -> Path:
         "Path of an artifact declared in the chapter table (or a path inside one)."
@@ -1288,6 +1301,94 @@ def chapter_notebook(chapter: Chapter, body: Sequence[str] = (), book: Sequence[
     kernelspec = dict(display_name="python3", language="python", name="python3")
     return v4.new_notebook(cells=cells, metadata=dict(kernelspec=kernelspec))
 
+# %% ../nbs/00_book.ipynb #227e55f5
+def _page_name(chapter: Chapter) -> str:
+    "The file of a chapter's page in the site."
+    return f"{chapter.notebook}.html"
+
+
+def _site_chapters(run: Run) -> list[tuple[Chapter, Path | None]]:
+    "The chapters written (in nbs/) or executed in `run`, each with its executed notebook, or None if not run."
+    try:
+        present = present_chapters(run.book)
+    except FileNotFoundError:  # outside a clone of the book: only the executed notebooks are known
+        present = []
+    listed = []
+    for chapter in run.book:
+        executed = run.notebooks_dir / f"{chapter.notebook}.ipynb"
+        if executed.exists():
+            listed.append((chapter, executed))
+        elif chapter in present:
+            listed.append((chapter, None))
+    return listed
+
+# %% ../nbs/00_book.ipynb #ad2077c2
+_SITE_STYLE = "body{font-family:sans-serif;max-width:50em;margin:2em auto;line-height:1.5}"
+_NAV_STYLE = "display:flex;justify-content:space-between;padding:.6em 1em;background:#f3f3f3;font-family:sans-serif"
+
+
+def _chapter_link(chapter: Chapter | None, text: str, css_class: str) -> str:
+    "A link to a chapter's page, or an empty placeholder where there is no such chapter."
+    if chapter is None:
+        return "<span></span>"
+    return f'<a class="{css_class}" href="{_page_name(chapter)}">{html.escape(text)}</a>'
+
+
+def _site_nav(previous: Chapter | None, following: Chapter | None) -> str:
+    "A chapter page's navigation bar: previous chapter, contents, next chapter."
+    before = _chapter_link(previous, f"← {previous}", "llmbook-previous")
+    after = _chapter_link(following, f"{following} →", "llmbook-next")
+    contents = '<a class="llmbook-contents" href="index.html">Contents</a>'
+    return f'<nav class="llmbook-nav" style="{_NAV_STYLE}">{before}{contents}{after}</nav>'
+
+# %% ../nbs/00_book.ipynb #094b9fc4
+def render_chapter_page(notebook: Path, chapter: Chapter, nav: str) -> str:
+    "An executed notebook as one HTML page (nbconvert's lab template, plots inline), `nav` at its top and bottom."
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    resources = dict(metadata=dict(name=f"Chapter {chapter.number} — {chapter.title}"))
+    page, _ = HTMLExporter(template_name="lab").from_notebook_node(nbformat.read(notebook, as_version=4), resources)
+    page = re.sub(r"<body[^>]*>", lambda body: body.group(0) + nav, page, count=1)
+    head, end_of_body, tail = page.rpartition("</body>")
+    return head + nav + end_of_body + tail
+
+
+def _site_index(run: Run, chapters: list[tuple[Chapter, Path | None]]) -> str:
+    "The site's front page: what the book is, the contents (chapters not run have no link), the report card."
+    items = []
+    for chapter, executed in chapters:
+        name = f"Chapter {chapter.number} — {chapter.title}"
+        if executed is None:
+            items.append(f"<li>{html.escape(name)} <em>(not run)</em></li>")
+        else:
+            items.append(f"<li>{_chapter_link(chapter, name, 'llmbook-chapter')}</li>")
+    title = f"llmbook — preset {html.escape(run.cfg.name)}"
+    head = [
+        f"<!doctype html><meta charset='utf-8'><title>{title}</title><style>{_SITE_STYLE}</style>",
+        f"<h1>{title}</h1>",
+        "<p>A book of Jupyter notebooks that builds a language model, one stage of its life per chapter. "
+        "These pages are the chapters as this run executed them, with what each cell printed and plotted.</p>",
+        "<h2>Contents</h2>",
+    ]
+    report = '<p><a href="report.html">The report card</a>: what each chapter measured, against its targets.</p>'
+    return "\n".join([*head, "<ul>", *items, "</ul>", report]) + "\n"
+
+# %% ../nbs/00_book.ipynb #ecf2ccbc
+def write_site(run: Run) -> Path:
+    "Render the run's executed notebooks and its report card into a static HTML book in `site/`; return index.html."
+    chapters = _site_chapters(run)
+    executed = [(chapter, notebook) for chapter, notebook in chapters if notebook is not None]
+    if not executed:
+        raise FileNotFoundError(f"no executed notebooks in {run.notebooks_dir}: run `llmbook run` first")
+    write_report(run)
+    neighbours = [None] + [chapter for chapter, _ in executed] + [None]
+    for i, (chapter, notebook) in enumerate(executed):
+        nav = _site_nav(neighbours[i], neighbours[i + 2])
+        atomic_write_text(run.site_dir / _page_name(chapter), render_chapter_page(notebook, chapter, nav))
+    atomic_write_text(run.site_dir / "report.html", run.report_html.read_text(encoding="utf-8"))
+    return atomic_write_text(run.site_dir / "index.html", _site_index(run, chapters))
+
 # %% ../nbs/00_book.ipynb #55de80f9
 def render_readme(index: Path | None = None) -> str:
     "README.md's text, from the front-page notebook."
@@ -1309,8 +1410,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmbook", description="Run the book that builds a language model.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_run_options(p):
-        p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="size of the run (default: tiny)")
+    def with_run_options(p, preset_default: str | None = "tiny"):
+        shown = preset_default or "the one the run directory was made with"
+        p.add_argument(
+            "--preset", default=preset_default, choices=list(PRESETS), help=f"size of the run (default: {shown})"
+        )
         p.add_argument("--run-dir", default=None, help="run directory (default: runs/<preset>)")
         p.add_argument(
             "--set",
@@ -1330,6 +1434,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--strict", action="store_true", help="exit with 3 when a target of Chapter 1 is not met")
     with_run_options(sub.add_parser("status", help="which chapters are finished and fresh"))
     with_run_options(sub.add_parser("report", help="write report.md and report.html"))
+    site_help = "render the executed notebooks and the report card into an HTML book (site/)"
+    with_run_options(sub.add_parser("site", help=site_help), preset_default=None)
     sub.add_parser("presets", help="print the presets")
     sub.add_parser("readme", help="render nbs/index.ipynb to README.md").add_argument(
         "--check", action="store_true", help="only check that README.md is up to date"
@@ -1349,6 +1455,12 @@ def _absolute_dataset_paths(override: str) -> str:
     return f"{key}={','.join(specs)}"
 
 # %% ../nbs/00_book.ipynb #11c2eb66
+def recorded_preset(run_dir: str | Path | None, default: str = "tiny") -> str:
+    "The preset a run directory was made with (its config.json), else `default`."
+    config = Path(run_dir) / "config.json" if run_dir else None
+    return load_json(config)["preset"] if config and config.exists() else default
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     "The `llmbook` command."
     args = _parser().parse_args(argv)
@@ -1368,13 +1480,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             atomic_write_text(readme, text)
             return 0
         overrides = [_absolute_dataset_paths(o) for o in args.overrides]
-        run = open_run(args.preset, args.run_dir, overrides, write=args.command == "run")
+        preset = args.preset or recorded_preset(args.run_dir)
+        run = open_run(preset, args.run_dir, overrides, write=args.command == "run")
         if args.command == "status":
             for chapter in present_chapters(run.book):
                 fresh, why = chapter_status(run, chapter)
                 print(f"{chapter}: {'fresh' if fresh else 'to run'} ({why})")
         elif args.command == "report":
             print("report:", *write_report(run))
+        elif args.command == "site":
+            print(write_site(run))
         else:
             started = time.time()
             run_book(run, only=args.only, start=args.start, progress=not args.no_progress)

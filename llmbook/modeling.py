@@ -4,17 +4,19 @@
 
 # %% auto #0
 __all__ = ['GPT4_SPLIT_PATTERN', 'SPECIAL_TOKENS', 'ENDOFTEXT', 'END_OF_TURN', 'CHAT_TEMPLATE', 'DOMAIN_CODES',
-           'SCALING_EXPONENT_BOUNDS', 'pretokenize', 'count_chunks', 'train_bpe', 'BPETokenizer', 'bytes_to_unicode',
-           'hf_bpe_merges', 'spread_sample', 'training_texts', 'train_tokenizer', 'to_tokenizers', 'to_tiktoken',
-           'plain_text_backend', 'parity', 'encoding_speeds', 'unigram_tokenizer', 'bytes_per_token', 'render_chat',
-           'to_transformers', 'save_tokenizer', 'load_tokenizer', 'token_dtype', 'write_tokens', 'open_tokens',
+           'BF16_LOSS_TOLERANCE', 'SCALING_EXPONENT_BOUNDS', 'COPY_ROW_TOKENS', 'COPYING_ACCURACY', 'pretokenize',
+           'count_chunks', 'train_bpe', 'BPETokenizer', 'bytes_to_unicode', 'hf_bpe_merges', 'spread_sample',
+           'training_texts', 'train_tokenizer', 'to_tokenizers', 'to_tiktoken', 'plain_text_backend', 'parity',
+           'encoding_speeds', 'unigram_tokenizer', 'bytes_per_token', 'render_chat', 'to_transformers',
+           'save_tokenizer', 'load_tokenizer', 'token_dtype', 'write_token_documents', 'write_tokens', 'open_tokens',
            'epoch_order', 'PackedLoader', 'packing_efficiency', 'ModelConfig', 'RMSNorm', 'rope_tables', 'apply_rope',
            'KVCache', 'Attention', 'MLP', 'Experts', 'MixtureOfExperts', 'load_balancing_loss', 'Block', 'Transformer',
            'chunked_cross_entropy', 'generate', 'hf_config', 'to_hf', 'from_hf', 'save_hf', 'newton_schulz',
            'MuonAdamW', 'Recipe', 'make_optimizer', 'lr_multiplier', 'autocast', 'optimizer_update', 'train_step',
-           'evaluate', 'train', 'pilot_grid', 'run_pilots', 'fit_scaling_law', 'predicted_loss', 'leave_one_out',
-           'isoflop_options', 'candidate_depths', 'compute_optimal', 'save_scaling', 'lr_sweep', 'write_recipe',
-           'load_recipe', 'distributed_check', 'single_process_reference', 'launch_distributed_check']
+           'evaluate', 'train', 'precision_check', 'pilot_grid', 'run_pilots', 'fit_scaling_law', 'predicted_loss',
+           'leave_one_out', 'isoflop_options', 'induction', 'val_tokens_per_byte', 'repeated_sequences', 'copying_run',
+           'depth_ablation', 'copying_depth', 'candidate_depths', 'compute_optimal', 'save_scaling', 'lr_sweep',
+           'write_recipe', 'load_recipe', 'distributed_check', 'single_process_reference', 'launch_distributed_check']
 
 # %% ../nbs/03_modeling.ipynb #587805c7
 import collections
@@ -38,7 +40,7 @@ from fastcore.basics import patch
 
 from .book import atomic_path, atomic_write_json, load_json, sha256_file
 from .data import DOMAIN_WEIGHTS, load_corpus
-from .foundations import ModelShape, flops_per_token, parameter_counts, preset_shape, training_flops
+from .foundations import ModelShape, better_than, flops_per_token, parameter_counts, preset_shape, training_flops
 
 # %% ../nbs/03_modeling.ipynb #575fa82b
 GPT4_SPLIT_PATTERN = (
@@ -473,29 +475,23 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 # %% ../nbs/03_modeling.ipynb #7dcb18f1
-def write_tokens(corpus, tok: BPETokenizer, directory: Path, digest: str, threads: int = 2) -> dict:
-    "tokens/: <split>.bin, <split>.docs.npy and meta.json, written atomically."
-    encoding, dtype, bos = to_tiktoken(tok), token_dtype(tok.vocab_size), tok.special_tokens[ENDOFTEXT]
-    meta = dict(dtype=np.dtype(dtype).name, vocab_size=tok.vocab_size, tokenizer_sha256=digest, splits={})
+def write_token_documents(directory: Path, splits: dict, vocab_size: int, digest: str) -> dict:
+    "tokens/-format files (<split>.bin, <split>.docs.npy, meta.json), written atomically, from (ids, domain, bytes)."
+    dtype = token_dtype(vocab_size)
+    meta = dict(dtype=np.dtype(dtype).name, vocab_size=vocab_size, tokenizer_sha256=digest, splits={})
     with atomic_path(directory) as tmp:
         tmp.mkdir(parents=True)
-        for split, ds in corpus.items():
+        for split, documents in splits.items():
             offsets, lengths, domains, n_bytes = [], [], [], collections.Counter()
             position = 0
             with open(tmp / f"{split}.bin", "wb") as out:
-                for batch in ds.iter(batch_size=512):
-                    for ids, text, domain in zip(
-                        encoding.encode_ordinary_batch(batch["text"], num_threads=threads),
-                        batch["text"],
-                        batch["domain"],
-                    ):
-                        row = np.array([bos] + ids, dtype=dtype)
-                        out.write(row.tobytes())
-                        offsets.append(position)
-                        lengths.append(len(row))
-                        domains.append(DOMAIN_CODES[domain])
-                        position += len(row)
-                        n_bytes[domain] += len(text.encode("utf-8", "surrogatepass"))
+                for ids, domain, size in documents:
+                    out.write(np.asarray(ids, dtype=dtype).tobytes())
+                    offsets.append(position)
+                    lengths.append(len(ids))
+                    domains.append(DOMAIN_CODES[domain])
+                    position += len(ids)
+                    n_bytes[domain] += size
             index = np.zeros(len(offsets), dtype=[("offset", np.int64), ("length", np.int32), ("domain", np.int8)])
             index["offset"], index["length"], index["domain"] = offsets, lengths, domains
             np.save(tmp / f"{split}.docs.npy", index, allow_pickle=False)
@@ -509,6 +505,21 @@ def write_tokens(corpus, tok: BPETokenizer, directory: Path, digest: str, thread
             )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def write_tokens(corpus, tok: BPETokenizer, directory: Path, digest: str, threads: int = 2) -> dict:
+    "tokens/: each split of the corpus encoded (documents start with ENDOFTEXT), in `write_token_documents`' format."
+    encoding, bos = to_tiktoken(tok), tok.special_tokens[ENDOFTEXT]
+
+    def encoded(ds):
+        for batch in ds.iter(batch_size=512):
+            encodings = encoding.encode_ordinary_batch(batch["text"], num_threads=threads)
+            for ids, text, domain in zip(encodings, batch["text"], batch["domain"]):
+                yield [bos] + ids, domain, len(text.encode("utf-8", "surrogatepass"))
+
+    return write_token_documents(
+        directory, {split: encoded(ds) for split, ds in corpus.items()}, tok.vocab_size, digest
+    )
 
 # %% ../nbs/03_modeling.ipynb #eb0d6fc3
 def open_tokens(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -1213,6 +1224,30 @@ def train(
     val = PackedLoader(tokens_dir, "val", config.seq_len, batch_size, seed=seed)
     return dict(model=model, losses=history, val_loss=evaluate(model, val, eval_batches, device, recipe), steps=steps)
 
+# %% ../nbs/03_modeling.ipynb #07527dfe
+BF16_LOSS_TOLERANCE = 0.01  # after 200 steps, bf16 autocast's validation loss within 1% of fp32's
+
+
+def precision_check(
+    config: ModelConfig,
+    tokens_dir: Path,
+    steps: int,
+    batch_size: int,
+    seed: int = 0,
+    epochs_by_domain: dict | None = None,
+    device: str = "cpu",
+) -> dict:
+    "The same model, initial weights and tokens, `steps` steps in fp32 and in bf16 autocast: their validation losses."
+    tokens = steps * batch_size * config.seq_len
+    out = {}
+    for precision in ("fp32", "bf16"):
+        started = time.perf_counter()
+        recipe = Recipe(precision=precision)
+        result = train(config, recipe, tokens_dir, tokens, batch_size, seed, epochs_by_domain, device=device)
+        out[precision] = dict(val_loss=result["val_loss"], seconds=time.perf_counter() - started)
+    out["relative_gap"] = abs(out["bf16"]["val_loss"] / out["fp32"]["val_loss"] - 1)
+    return out
+
 # %% ../nbs/03_modeling.ipynb #2c326075
 def pilot_grid(cfg) -> list[tuple[float, int]]:
     "(compute budget, depth) of every pilot run the preset asks for."
@@ -1222,7 +1257,12 @@ def pilot_grid(cfg) -> list[tuple[float, int]]:
 
 # %% ../nbs/03_modeling.ipynb #03f28f12
 def run_pilots(
-    cfg, tokens_dir: Path, vocab_size: int, epochs_by_domain: dict | None, recipe: Recipe = Recipe()
+    cfg,
+    tokens_dir: Path,
+    vocab_size: int,
+    epochs_by_domain: dict | None,
+    recipe: Recipe = Recipe(),
+    device: str = "cpu",
 ) -> list[dict]:
     "Train every pilot; return (budget, depth, N, D, validation loss) of each."
     from tqdm.auto import tqdm
@@ -1231,7 +1271,7 @@ def run_pilots(
     for budget, depth in tqdm(pilot_grid(cfg), desc="pilots"):
         config = ModelConfig.from_depth(depth, vocab_size, cfg.seq_len)
         tokens = int(budget / flops_per_token(config)["train"])
-        out = train(config, recipe, tokens_dir, tokens, cfg.pilot_batch_size, cfg.seed, epochs_by_domain)
+        out = train(config, recipe, tokens_dir, tokens, cfg.pilot_batch_size, cfg.seed, epochs_by_domain, device=device)
         results.append(
             dict(
                 budget=budget,
@@ -1321,10 +1361,93 @@ def isoflop_options(fit: dict, budget: float, vocab_size: int, seq_len: int, dep
         options.append(dict(depth=depth, parameters=n, tokens=int(d), tokens_per_parameter=d / n, loss=loss))
     return options
 
+# %% ../nbs/03_modeling.ipynb #9f61f869
+@torch.no_grad()
+def induction(model, tok: BPETokenizer, length: int = 16, trials: int = 32, seed: int = 0, device: str = "cpu") -> dict:
+    "Next-token accuracy on the second copy of a repeated random token sequence (and on the first, for contrast)."
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(256, len(tok.vocab), (trials, length), generator=g)
+    ids = torch.cat([torch.full((trials, 1), tok.special_tokens[ENDOFTEXT]), seq, seq], dim=1).to(device)
+    predicted = model(ids[:, :-1]).argmax(-1)
+    first = predicted[:, 1:length] == ids[:, 2 : length + 1]  # position i of the first copy …
+    second = predicted[:, length + 1 :] == ids[:, length + 2 :]  # … and the same position of the second
+    return dict(
+        accuracy=second.float().mean().item(),
+        correct=int(second.sum()),
+        items=second.numel(),  # positions of the second copy
+        first_copy=first.float().mean().item(),
+        trials=trials,
+        only_second=int((second & ~first).sum()),  # predicted only where it could copy
+        only_first=int((first & ~second).sum()),
+    )
+
+# %% ../nbs/03_modeling.ipynb #aed04b59
+def val_tokens_per_byte(tokens_dir: Path) -> float:
+    "Tokens per byte of the validation split (both domains), from the token files' metadata."
+    val = load_json(Path(tokens_dir) / "meta.json")["splits"]["val"]
+    return sum(val["tokens_by_domain"].values()) / max(1, sum(val["bytes_by_domain"].values()))
+
+
+COPY_ROW_TOKENS = 64  # rows of the copying ablation
+COPYING_ACCURACY = 0.5  # a depth copies when it predicts at least half of the second copy
+
+
+def repeated_sequences(rows: int, seq_len: int, vocab_size: int, generator: torch.Generator, low: int = 256):
+    "(inputs, targets): rows of random tokens ending with a random sequence written twice; only the copy is scored."
+    # the sequence's length (4 to seq_len / 2), and so where it starts, is drawn for each row
+    row = torch.randint(low, vocab_size, (rows, seq_len + 1), generator=generator)
+    targets = torch.full((rows, seq_len), -100)
+    for r in range(rows):
+        length = int(torch.randint(4, seq_len // 2 + 1, (1,), generator=generator))
+        start = seq_len + 1 - 2 * length
+        row[r, start + length :] = row[r, start : start + length]
+        targets[r, start + length :] = row[r, start + length + 1 :]  # the copy's first token cannot be predicted
+    return row[:, :-1], targets
+
+
+def copying_run(
+    depth: int, tok: BPETokenizer, recipe: Recipe, flops: float, batch_size: int, seed: int = 0, device: str = "cpu"
+) -> dict:
+    "A fresh model of `depth` trained for `flops` FLOPs on repeated random sequences only; its induction test."
+    config = ModelConfig.from_depth(depth, tok.vocab_size, COPY_ROW_TOKENS)
+    torch.manual_seed(seed)
+    model = Transformer(config).to(device)
+    optimizer, generator = make_optimizer(model, recipe), torch.Generator().manual_seed(seed)
+    steps = max(1, int(flops / flops_per_token(config)["train"] / (batch_size * COPY_ROW_TOKENS)))
+    for step in range(steps):
+        batch = repeated_sequences(batch_size, COPY_ROW_TOKENS, tok.vocab_size, generator)
+        loss = train_step(model, optimizer, [batch], recipe, step, steps, device)["loss"]
+    return dict(depth=depth, steps=steps, copy_loss=loss, **induction(model, tok, device=device))
+
+
+def depth_ablation(cfg, tok: BPETokenizer, recipe: Recipe, device: str = "cpu") -> list[dict]:
+    "Each pilot depth trained on repeated sequences at equal compute: steps, induction accuracy, whether it copies."
+    results = []
+    for depth in sorted({int(d) for d in str(cfg.scaling_depths).split(",")}):
+        run = copying_run(depth, tok, recipe, cfg.copy_ablation_flops, cfg.batch_size, cfg.seed, device)
+        copies = run["accuracy"] >= COPYING_ACCURACY and better_than(run["only_second"], run["only_first"])
+        results.append(
+            dict(
+                depth=depth,
+                steps=run["steps"],
+                copy_loss=run["copy_loss"],
+                induction=run["accuracy"],
+                first_copy=run["first_copy"],
+                copies=copies,
+            )
+        )
+    return results
+
+
+def copying_depth(ablation: list[dict]) -> int | None:
+    "The shallowest depth of the ablation that copies, or None."
+    return min((r["depth"] for r in ablation if r["copies"]), default=None)
+
 # %% ../nbs/03_modeling.ipynb #90a5859d
-def candidate_depths(cfg) -> range:
-    "Depths the scaling law may choose: from the shallowest pilot's (no extrapolating below it) to twice the preset's."
-    return range(min(int(d) for d in str(cfg.scaling_depths).split(",")), 2 * cfg.depth + 1)
+def candidate_depths(cfg, min_depth: int | None = None) -> range:
+    "Depths the law may choose: from the shallowest pilot's (or `min_depth`, if deeper) to twice the preset's."
+    shallowest = max(min(int(d) for d in str(cfg.scaling_depths).split(",")), min_depth or 0)
+    return range(shallowest, max(shallowest, 2 * cfg.depth) + 1)
 
 # %% ../nbs/03_modeling.ipynb #7e438942
 def compute_optimal(fit: dict, budget: float, vocab_size: int, seq_len: int, depths: Iterable[int]) -> dict:
@@ -1340,15 +1463,26 @@ def save_scaling(directory: Path, pilots: list[dict], fit: dict, choice: dict, b
         (tmp / "fit.json").write_text(json.dumps(dict(law=fit, budget_flops=budget, choice=choice), indent=2))
 
 # %% ../nbs/03_modeling.ipynb #b6bc116c
-def lr_sweep(cfg, tokens_dir: Path, vocab_size: int, epochs_by_domain: dict | None, rates: dict) -> list[dict]:
+def lr_sweep(
+    cfg,
+    tokens_dir: Path,
+    vocab_size: int,
+    epochs_by_domain: dict | None,
+    rates: dict,
+    precision: str = "fp32",
+    device: str = "cpu",
+) -> list[dict]:
     "Final validation loss of short runs at each (optimizer, learning rate)."
     config = ModelConfig.from_depth(int(str(cfg.scaling_depths).split(",")[0]), vocab_size, cfg.seq_len)
     tokens = int(float(str(cfg.scaling_budgets).split(",")[0]) / flops_per_token(config)["train"])
     results = []
     for optimizer, lrs in rates.items():
         for lr in lrs:
-            recipe = Recipe(optimizer=optimizer, **({"muon_lr": lr} if optimizer == "muon" else {"lr": lr}))
-            out = train(config, recipe, tokens_dir, tokens, cfg.pilot_batch_size, cfg.seed, epochs_by_domain)
+            rate = {"muon_lr": lr} if optimizer == "muon" else {"lr": lr}
+            recipe = Recipe(optimizer=optimizer, precision=precision, **rate)
+            out = train(
+                config, recipe, tokens_dir, tokens, cfg.pilot_batch_size, cfg.seed, epochs_by_domain, device=device
+            )
             results.append(
                 dict(optimizer=optimizer, lr=lr, val_loss=out["val_loss"], diverged=not math.isfinite(out["val_loss"]))
             )

@@ -20,10 +20,10 @@ __all__ = ['REFUSAL', 'QUESTIONS', 'OUT_OF_SCOPE', 'OUT_OF_SCOPE_TOPICS', 'TRL_I
            'reasoning_problems', 'worked_solutions', 'newline_tokens', 'step_ends', 'final_answer', 'reasoning_prompt',
            'sample_solutions', 'solution_steps', 'labelled_solutions', 'labelled_solution', 'step_batch',
            'train_process_reward_model', 'step_probabilities', 'auc', 'process_reward_model', 'majority_vote',
-           'weighted_vote', 'step_search', 'calculator', 'call_tool', 'tool_problem', 'tool_problems', 'tool_trace',
-           'tool_conversations', 'run_with_tools', 'tool_accuracy', 'words', 'BM25', 'passage', 'bm25_parity',
-           'retrieval_corpus', 'retrieval_prompt', 'raft_conversations', 'cited', 'cites_right', 'save_reward_model',
-           'load_reward_model', 'save_second_half']
+           'weighted_vote', 'step_search', 'calculator', 'call_tool', 'tool_problem', 'tool_problems',
+           'multiplication_problems', 'tool_trace', 'tool_conversations', 'run_with_tools', 'tool_accuracy', 'words',
+           'BM25', 'passage', 'bm25_parity', 'retrieval_corpus', 'retrieval_prompt', 'raft_conversations', 'cited',
+           'cites_right', 'save_reward_model', 'load_reward_model', 'save_second_half']
 
 # %% ../nbs/05_post_training.ipynb #a0912b7a
 import ast
@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +70,7 @@ from llmbook.modeling import (
     BPETokenizer,
     Recipe,
     Transformer,
+    autocast,
     from_hf,
     generate,
     load_tokenizer,
@@ -98,9 +99,10 @@ class PostTrainingRecipe:
     rl_group: int = 16  # samples per prompt
     rl_prompts: int = 16  # prompts per step
     max_len: int = 256  # tokens per conversation, at most
+    precision: str = "fp32"  # the training steps' precision: Chapter 1's choice for the run (bf16 = autocast)
 
     def adamw(self, lr: float) -> Recipe:
-        return Recipe(optimizer="adamw", lr=lr, weight_decay=0.0, final_lr_frac=0.1)
+        return Recipe(optimizer="adamw", lr=lr, weight_decay=0.0, final_lr_frac=0.1, precision=self.precision)
 
 # %% ../nbs/05_post_training.ipynb #9dc84301
 def chat(question: str, answer: str) -> list[dict]:
@@ -150,9 +152,11 @@ def optimize(model, items: list, steps: int, lr: float, post: PostTrainingRecipe
     # `batch_loss(batch)` gives the loss and what else to log
     recipe = post.adamw(lr)
     optimizer, log = make_optimizer(model, recipe), []
+    device = next(model.parameters()).device.type
     model.train()
     for step, batch in sampled_batches(items, post.batch_size, steps, seed):
-        loss, record = batch_loss(batch)
+        with autocast(recipe, device):
+            loss, record = batch_loss(batch)
         grad_norm = optimizer_step(model, optimizer, loss, recipe, step, steps)
         log.append(dict(step=step, loss=loss.item(), **record, grad_norm=grad_norm))
     model.eval()
@@ -474,7 +478,7 @@ def sft_speed(
     steps: int = 5,
 ) -> dict:
     "Optimizer steps per second: our loop against TRL's `SFTTrainer`, on the same batch of conversations."
-    ours, recipe = copy.deepcopy(model).cpu().train(), post.adamw(post.sft_lr)
+    ours, recipe = copy.deepcopy(model).cpu().train(), replace(post.adamw(post.sft_lr), precision="fp32")  # as TRL
     optimizer, batch = make_optimizer(ours, recipe), chat_batch(tok, conversations, post.max_len)
     ours_rate = steps_per_second(lambda: train_step(ours, optimizer, [batch], recipe, 10, 100), steps)
     from transformers import TrainerCallback
@@ -945,13 +949,14 @@ def grpo(
         record = dict(step=step, reward=float(np.mean(rewards)), groups_used=len(prompts) // post.rl_group)
         if prompts:
             model.train()
-            loss, kl = grpo_loss(
-                model,
-                reference,
-                *sequences_batch(tok, prompts, completions, device),
-                torch.tensor(advantages, device=device),
-                post.rl_beta,
-            )
+            with autocast(recipe, device):
+                loss, kl = grpo_loss(
+                    model,
+                    reference,
+                    *sequences_batch(tok, prompts, completions, device),
+                    torch.tensor(advantages, device=device),
+                    post.rl_beta,
+                )
             record.update(
                 loss=loss.item(), kl=kl, grad_norm=optimizer_step(model, optimizer, loss, recipe, step, steps)
             )
@@ -1770,6 +1775,18 @@ def tool_problems(n: int, seed: int = 0) -> list[dict]:
     while len(problems) < n:
         p = tool_problem(rng)
         problems.setdefault(p["expression"], p)
+    return list(problems.values())
+
+
+def multiplication_problems(n: int, seed: int = 0) -> list[dict]:
+    "`n` distinct 3-digit × 3-digit products that Chapter 2's rule holds out, as calculator problems."
+    rng, problems = random.Random(seed), {}
+    while len(problems) < n:
+        expression = f"{rng.randint(100, 999)} * {rng.randint(100, 999)}"
+        if expression_heldout(expression):
+            question = QUESTIONS["expression"][0].format(expression=expression)
+            answer = evaluate_expression(expression)
+            problems[expression] = dict(kind="calculator", expression=expression, question=question, answer=answer)
     return list(problems.values())
 
 

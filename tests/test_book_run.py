@@ -118,6 +118,7 @@ def test_scaling_and_recipe_artifacts(tiny_run):
     pilots = json.loads((run_dir / "scaling" / "pilots.json").read_text())
     assert fit["choice"] == choice and recipe.optimizer in ("adamw", "muon") and choice["loss"] > 0
     assert len(pilots) == 6 and all(p["val_loss"] > 0 for p in pilots)
+    assert json.loads((run_dir / "budget.json").read_text())["precision"]["chosen"] == recipe.precision == "fp32"
 
 
 def test_training_artifacts(tiny_run):
@@ -135,6 +136,10 @@ def test_training_artifacts(tiny_run):
     assert verify_checkpoint(newest)["step"] == evaluation["pretraining"]["steps"]
     assert len(checkpoints(run_dir / "checkpoints")) <= 3
     assert type(AutoModelForCausalLM.from_pretrained(run_dir / "model" / "base")).__name__ == "Qwen3ForCausalLM"
+    mid = evaluation["midtraining"]
+    assert set(mid["reading"]) == {"base (pretrained)", "+ pretraining text only", "+ mid-training mixture"}
+    assert mid["seconds"].keys() == {"mid-training mixture", "pretraining text only"} and mid["steps"] >= 1
+    assert type(AutoModelForCausalLM.from_pretrained(run_dir / "model" / "mid")).__name__ == "Qwen3ForCausalLM"
 
 
 def test_post_training_artifacts(tiny_run):

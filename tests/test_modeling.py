@@ -178,7 +178,7 @@ def test_scaling_fit_stays_bounded_on_few_noisy_pilots():
     assert max(abs(r["error"]) for r in left_out) < 0.2
 
 
-def test_distributed_equals_one_process(tmp_path):
+def _toy_tokens(tmp_path):
     import datasets
 
     tok = M.BPETokenizer(M.train_bpe(M.count_chunks(["alpha beta gamma delta " * 40]), 30))
@@ -189,8 +189,30 @@ def test_distributed_equals_one_process(tmp_path):
     ]
     corpus = datasets.DatasetDict(train=datasets.Dataset.from_list(docs), val=datasets.Dataset.from_list(docs[:5]))
     M.write_tokens(corpus, tok, tmp_path / "tokens", "digest")
+    return tok, tmp_path / "tokens"
+
+
+def test_distributed_equals_one_process(tmp_path):
+    tok, tokens = _toy_tokens(tmp_path)
     sizes = dict(depth=1, vocab_size=tok.vocab_size, seq_len=32, batch_size=2, steps=3)
-    losses = M.launch_distributed_check(tmp_path / "tokens", tmp_path / "out", **sizes)
-    reference, _ = M.single_process_reference(tmp_path / "tokens", **sizes)
+    losses = M.launch_distributed_check(tokens, tmp_path / "out", **sizes)
+    reference, _ = M.single_process_reference(tokens, **sizes)
     for mode in ("ddp", "fsdp"):
         assert np.allclose(losses[mode], reference, rtol=1e-4), (mode, losses[mode], reference)
+
+
+def test_bf16_training_reaches_fp32_loss(tmp_path):
+    tok, tokens = _toy_tokens(tmp_path)
+    config = M.ModelConfig.from_depth(1, tok.vocab_size, 32)
+    check = M.precision_check(config, tokens, steps=200, batch_size=4)
+    assert check["relative_gap"] <= M.BF16_LOSS_TOLERANCE, check
+
+
+def test_repeated_sequences_score_only_the_second_copy():
+    x, y = M.repeated_sequences(64, 32, 100, torch.Generator().manual_seed(0), low=0)
+    lengths = set()
+    for row in range(64):
+        scored = (y[row] != -100).nonzero().flatten()
+        lengths.add(len(scored) + 1)
+        assert scored[-1] == 31 and (y[row, scored] == x[row, scored + 1 - (len(scored) + 1)]).all()
+    assert len(lengths) > 5 and min(lengths) >= 4 and max(lengths) <= 16  # lengths, and so offsets, vary

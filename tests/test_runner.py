@@ -124,3 +124,40 @@ def test_strict_exits_nonzero_on_a_missed_target_and_plain_run_does_not(tmp_path
     assert "targets at tiny: 0 met, 1 not met" in plain.stdout and "not met: gain (Chapter 1)" in plain.stdout
     strict = subprocess.run(command + ["--strict"], env=env, capture_output=True, text=True)
     assert strict.returncode == 3, strict.stdout + strict.stderr
+
+
+def test_site_renders_executed_chapters_with_navigation(tmp_path, toy_nbs, monkeypatch):
+    """Stand-ins for Chapters 1 and 2 run at `cpu`, Chapter 3 is written but not run: `llmbook site` makes the book."""
+    from llmbook.book import CHAPTERS, chapter_notebook, main
+
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel shows figures inline, as under `make book`
+    first = [
+        "atomic_write_json(run.artifact('spec.json'), dict(metrics=[]))\n"
+        "for name in ('risks.json', 'budget.json'):\n"
+        "    atomic_write_json(run.artifact(name), {})",
+        "import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.plot([1, 2], [3, 4]);",
+    ]
+    second = ["run.artifact('data').mkdir()\natomic_write_json(run.artifact('data_report.json'), {})"]
+    toy_nbs.mkdir()
+    for chapter, body in zip(CHAPTERS, (first, second, [])):
+        nbformat.write(chapter_notebook(chapter, body), toy_nbs / f"{chapter.notebook}.ipynb")
+    run = open_run("cpu", tmp_path / "run")
+    run_book(run, only=2, progress=False)  # Chapter 1 first, then 2; Chapter 3 is not run
+    assert main(["site", "--run-dir", str(run.path)]) == 0  # the preset is the run directory's
+    site = run.path / "site"
+    assert sorted(p.name for p in site.iterdir()) == [
+        "01_foundations.html",
+        "02_data.html",
+        "index.html",
+        "report.html",
+    ]
+    contents = (site / "index.html").read_text()
+    assert 'href="01_foundations.html"' in contents and 'href="02_data.html"' in contents
+    assert "Chapter 3 — Modeling <em>(not run)</em>" in contents and 'href="03_modeling.html"' not in contents
+    assert 'href="report.html"' in contents and "preset cpu" in contents
+    foundations, data = (site / "01_foundations.html").read_text(), (site / "02_data.html").read_text()
+    assert foundations.count('href="02_data.html"') == 2 and foundations.count('href="index.html"') == 2
+    assert data.count('href="01_foundations.html"') == 2 and "llmbook-next" not in data
+    assert "data:image/png;base64," in foundations  # the plot, embedded
+    assert (site / "report.html").read_text() == run.report_html.read_text()
+    assert main(["site", "--run-dir", str(tmp_path / "empty")]) == 2  # nothing executed: an error, no site
