@@ -13,8 +13,8 @@ __all__ = ['SCHEDULE_POINTS', 'ABLATION_TIME_TOLERANCE', 'PROGRESS_PREFIX', 'DOM
            'exact_resume_check', 'document_scores', 'bits_per_byte_by_domain', 'ngram_baselines', 'api_entries',
            'continuation_logprob', 'multiple_choice', 'greedy_line', 'signature_completion', 'heldout_expressions',
            'expression_values', 'passkey_document', 'copy_document', 'lookup_passages', 'lookup_question',
-           'midtraining_document', 'midtraining_mixture', 'passkey_accuracy', 'lookup_accuracy', 'reading_scores',
-           'write_eval']
+           'lookup_prompt', 'midtraining_document', 'midtraining_mixture', 'passkey_accuracy', 'lookup_accuracy',
+           'reading_scores', 'write_eval']
 
 # %% ../nbs/04_training.ipynb #c6a2d81c
 import json
@@ -1038,7 +1038,12 @@ def lookup_passages(entries: Sequence[dict]) -> str:
 
 def lookup_question(entry: dict) -> tuple[str, str]:
     "A question about a function's signature, and its answer."
-    return f"Q: What is the signature of {entry['name']}?\nA:", f" {entry['name']}{entry['signature']}"
+    return f"What is the signature of {entry['name']}?", f"{entry['name']}{entry['signature']}"
+
+
+def lookup_prompt(entries: Sequence[dict], question: str) -> str:
+    "The passages, then the question, ending where the answer goes."
+    return lookup_passages(entries) + f"\n\nQ: {question}\nA:"
 
 # %% ../nbs/04_training.ipynb #9419d992
 MIDTRAINING_KINDS = ("repeat", "copy", "lookup", "passkey", "chat")
@@ -1059,10 +1064,10 @@ def midtraining_document(kind: str, tok: BPETokenizer, entries: list[dict], seq_
         shown = rng.sample(entries, rng.randint(2, max(2, seq_len // 48)))
         question, answer = lookup_question(rng.choice(shown))
         if kind == "chat":
-            messages = [dict(role="user", content=lookup_passages(shown) + "\n\n" + question[3:-3])]
-            ids = render_chat(tok, messages + [dict(role="assistant", content=answer.strip())])[0]
-            return [bos] + ids, sum(len(m["content"].encode()) for m in messages) + len(answer.encode())
-        text = lookup_passages(shown) + "\n\n" + question + answer
+            user = lookup_passages(shown) + "\n\n" + question
+            ids = render_chat(tok, [dict(role="user", content=user), dict(role="assistant", content=answer)])[0]
+            return [bos] + ids, len(user.encode()) + len(answer.encode())
+        text = lookup_prompt(shown, question) + " " + answer
     return [bos] + tok.encode_ordinary(text), len(text.encode())
 
 
@@ -1130,11 +1135,9 @@ def lookup_accuracy(
         shown = rng.sample([e for e in entries if e["name"] != asked["name"]], max(1, seq_len // 64))
         shown.insert(rng.randrange(len(shown) + 1), asked)
         question, answer = lookup_question(asked)
-        prompt = lookup_passages(shown) + "\n\n" + question
-        while len(tok.encode_ordinary(prompt)) > seq_len - 42 and len(shown) > 1:  # room for a 40-token answer
-            shown.remove(next(e for e in shown if e is not asked))
-            prompt = lookup_passages(shown) + "\n\n" + question
-        right.append(greedy_line(model, tok, prompt, 40, device) == answer)
+        while len(tok.encode_ordinary(lookup_prompt(shown, question))) > seq_len - 42 and len(shown) > 1:
+            shown.remove(next(e for e in shown if e is not asked))  # room for a 40-token answer
+        right.append(greedy_line(model, tok, lookup_prompt(shown, question), 40, device).strip() == answer)
     return dict(accuracy=float(np.mean(right)), correct=int(sum(right)), items=trials, right=right)
 
 # %% ../nbs/04_training.ipynb #96262016
