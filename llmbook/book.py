@@ -122,6 +122,7 @@ PRESETS = {
         scaling_budgets="3e11,1e12,3e12",
         scaling_depths="1,2,3",
         copy_ablation_flops=8e12,
+        mid_fraction=0.5,
         train_tokens=750_000,
         ablation_seconds=60,
         checkpoint_every=200,
@@ -480,7 +481,7 @@ class Chapter:
 CHAPTERS = (
     Chapter(1, "foundations", "Foundations", "01_foundations", ("spec.json", "risks.json", "budget.json")),
     Chapter(2, "data", "Data", "02_data", ("data", "data_report.json")),
-    Chapter(3, "modeling", "Modeling", "03_modeling", ("tokenizer", "tokens", "scaling", "recipe.json")),
+    Chapter(3, "modeling", "Modeling", "03_modeling", ("tokenizer", "tokens", "scaling", "copying", "recipe.json")),
     Chapter(
         4,
         "training",
@@ -678,6 +679,8 @@ def target_status(value, target, direction: str) -> str:
         return "not measured yet"
     if target is None:
         return "no target"
+    if isinstance(value, float):
+        value = round(value, 9)  # 0.19 - 0.21 is -0.020000000000000018: a rounding error, not a miss of -0.02
     if direction == "at_least":
         ok = value >= target
     elif direction == "at_most":

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from fastcore.basics import patch
 
-from .book import atomic_path, atomic_write_json, load_json, sha256_file
+from .book import atomic_path, atomic_write_json, load_json, save_safetensors, sha256_file
 from .data import DOMAIN_WEIGHTS, load_corpus
 from .foundations import ModelShape, better_than, flops_per_token, parameter_counts, preset_shape, training_flops
 
@@ -1406,9 +1406,17 @@ def repeated_sequences(rows: int, seq_len: int, vocab_size: int, generator: torc
 
 
 def copying_run(
-    depth: int, tok: BPETokenizer, recipe: Recipe, flops: float, batch_size: int, seed: int = 0, device: str = "cpu"
+    depth: int,
+    tok: BPETokenizer,
+    recipe: Recipe,
+    flops: float,
+    batch_size: int,
+    seed: int = 0,
+    device: str = "cpu",
+    weights: Path | None = None,
 ) -> dict:
     "A fresh model of `depth` trained for `flops` FLOPs on repeated random sequences only; its induction test."
+    # weights: a .safetensors file to keep the trained model in
     config = ModelConfig.from_depth(depth, tok.vocab_size, COPY_ROW_TOKENS)
     torch.manual_seed(seed)
     model = Transformer(config).to(device)
@@ -1417,14 +1425,22 @@ def copying_run(
     for step in range(steps):
         batch = repeated_sequences(batch_size, COPY_ROW_TOKENS, tok.vocab_size, generator)
         loss = train_step(model, optimizer, [batch], recipe, step, steps, device)["loss"]
+    if weights is not None:  # the tied output head is the embedding: saved once
+        state = model.state_dict()
+        kept = {k: v for k, v in state.items() if k != "lm_head.weight" or not config.tied_embeddings}
+        save_safetensors(kept, weights)
     return dict(depth=depth, steps=steps, copy_loss=loss, **induction(model, tok, device=device))
 
 
-def depth_ablation(cfg, tok: BPETokenizer, recipe: Recipe, device: str = "cpu") -> list[dict]:
+def depth_ablation(
+    cfg, tok: BPETokenizer, recipe: Recipe, device: str = "cpu", weights_dir: Path | None = None
+) -> list[dict]:
     "Each pilot depth trained on repeated sequences at equal compute: steps, induction accuracy, whether it copies."
+    # weights_dir: where each depth's trained weights go (depth-N.safetensors), for Chapter 4 to start from
     results = []
     for depth in sorted({int(d) for d in str(cfg.scaling_depths).split(",")}):
-        run = copying_run(depth, tok, recipe, cfg.copy_ablation_flops, cfg.batch_size, cfg.seed, device)
+        weights = Path(weights_dir) / f"depth-{depth}.safetensors" if weights_dir is not None else None
+        run = copying_run(depth, tok, recipe, cfg.copy_ablation_flops, cfg.batch_size, cfg.seed, device, weights)
         copies = run["accuracy"] >= COPYING_ACCURACY and better_than(run["only_second"], run["only_first"])
         results.append(
             dict(

@@ -91,10 +91,10 @@ class PostTrainingRecipe:
 
     batch_size: int = 32  # conversations (SFT) or pairs (DPO, reward model) per step
     sft_lr: float = 3e-3
-    dpo_lr: float = 1e-3
+    dpo_lr: float = 1e-4  # at 1e-3 and 3e-4 DPO cost a depth-2 model 9 and 7 points of exact match
     dpo_beta: float = 0.1  # DPO's KL strength (TRL's default)
     reward_lr: float = 1e-3
-    rl_lr: float = 1e-3
+    rl_lr: float = 3e-4
     rl_beta: float = 0.1  # GRPO's KL penalty toward the reference
     rl_group: int = 16  # samples per prompt
     rl_prompts: int = 16  # prompts per step

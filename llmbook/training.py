@@ -629,7 +629,7 @@ def pretraining_spec(
     init: str = "",
 ) -> dict:
     "Everything a pretraining job needs, as JSON: what `pretrain` reads, in this process or in each of torchrun's."
-    # init: a model.safetensors to continue from (mid-training), "" for fresh weights
+    # init: a model.safetensors to start from (Chapter 3's copying model, or the base model in mid-training)
     return dict(
         config=asdict(config),
         recipe=asdict(recipe),

@@ -216,3 +216,16 @@ def test_repeated_sequences_score_only_the_second_copy():
         lengths.add(len(scored) + 1)
         assert scored[-1] == 31 and (y[row, scored] == x[row, scored + 1 - (len(scored) + 1)]).all()
     assert len(lengths) > 5 and min(lengths) >= 4 and max(lengths) <= 16  # lengths, and so offsets, vary
+
+
+def test_copying_model_is_a_starting_point_for_pretraining(tmp_path):
+    from llmbook.book import load_safetensors
+    from llmbook.training import load_model_state
+
+    tok, _ = _toy_tokens(tmp_path)
+    weights = tmp_path / "depth-2.safetensors"
+    run = M.copying_run(2, tok, M.Recipe(lr=0.02), 2e8, 4, weights=weights)
+    assert 0 <= run["accuracy"] <= 1 and weights.exists()
+    model = M.Transformer(M.ModelConfig.from_depth(2, tok.vocab_size, 128))  # the pretraining context, not the rows'
+    load_model_state(model, load_safetensors(weights))
+    assert model.lm_head.weight is model.embed_tokens.weight  # the tied head was saved once and is still tied
