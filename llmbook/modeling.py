@@ -13,10 +13,11 @@ __all__ = ['GPT4_SPLIT_PATTERN', 'SPECIAL_TOKENS', 'ENDOFTEXT', 'END_OF_TURN', '
            'KVCache', 'Attention', 'MLP', 'Experts', 'MixtureOfExperts', 'load_balancing_loss', 'Block', 'Transformer',
            'chunked_cross_entropy', 'generate', 'hf_config', 'to_hf', 'from_hf', 'save_hf', 'newton_schulz',
            'MuonAdamW', 'Recipe', 'make_optimizer', 'lr_multiplier', 'autocast', 'optimizer_update', 'train_step',
-           'evaluate', 'train', 'precision_check', 'pilot_grid', 'run_pilots', 'fit_scaling_law', 'predicted_loss',
-           'leave_one_out', 'isoflop_options', 'induction', 'val_tokens_per_byte', 'repeated_sequences', 'copying_run',
-           'depth_ablation', 'copying_depth', 'candidate_depths', 'compute_optimal', 'save_scaling', 'lr_sweep',
-           'write_recipe', 'load_recipe', 'distributed_check', 'single_process_reference', 'launch_distributed_check']
+           'evaluate', 'train', 'precision_check', 'pilot_budgets', 'pilot_depths', 'pilot_grid', 'run_pilots',
+           'fit_scaling_law', 'predicted_loss', 'leave_one_out', 'isoflop_options', 'induction', 'val_tokens_per_byte',
+           'repeated_sequences', 'copying_run', 'depth_ablation', 'copying_depth', 'candidate_depths',
+           'compute_optimal', 'save_scaling', 'lr_sweep', 'write_recipe', 'load_recipe', 'distributed_check',
+           'single_process_reference', 'launch_distributed_check']
 
 # %% ../nbs/03_modeling.ipynb #587805c7
 import collections
@@ -1249,11 +1250,19 @@ def precision_check(
     return out
 
 # %% ../nbs/03_modeling.ipynb #2c326075
+def pilot_budgets(cfg) -> list[float]:
+    "The pilots' compute budgets (FLOPs), in the preset's order."
+    return [float(b) for b in str(cfg.scaling_budgets).split(",")]
+
+
+def pilot_depths(cfg) -> list[int]:
+    "The pilots' depths, in the preset's order."
+    return [int(d) for d in str(cfg.scaling_depths).split(",")]
+
+
 def pilot_grid(cfg) -> list[tuple[float, int]]:
     "(compute budget, depth) of every pilot run the preset asks for."
-    budgets = [float(b) for b in str(cfg.scaling_budgets).split(",")]
-    depths = [int(d) for d in str(cfg.scaling_depths).split(",")]
-    return [(c, d) for c in budgets for d in depths]
+    return [(c, d) for c in pilot_budgets(cfg) for d in pilot_depths(cfg)]
 
 # %% ../nbs/03_modeling.ipynb #03f28f12
 def run_pilots(
@@ -1438,7 +1447,7 @@ def depth_ablation(
     "Each pilot depth trained on repeated sequences at equal compute: steps, induction accuracy, whether it copies."
     # weights_dir: where each depth's trained weights go (depth-N.safetensors), for Chapter 4 to start from
     results = []
-    for depth in sorted({int(d) for d in str(cfg.scaling_depths).split(",")}):
+    for depth in sorted(set(pilot_depths(cfg))):
         weights = Path(weights_dir) / f"depth-{depth}.safetensors" if weights_dir is not None else None
         run = copying_run(depth, tok, recipe, cfg.copy_ablation_flops, cfg.batch_size, cfg.seed, device, weights)
         copies = run["accuracy"] >= COPYING_ACCURACY and better_than(run["only_second"], run["only_first"])
@@ -1462,7 +1471,7 @@ def copying_depth(ablation: list[dict]) -> int | None:
 # %% ../nbs/03_modeling.ipynb #90a5859d
 def candidate_depths(cfg, min_depth: int | None = None) -> range:
     "Depths the law may choose: from the shallowest pilot's (or `min_depth`, if deeper) to twice the preset's."
-    shallowest = max(min(int(d) for d in str(cfg.scaling_depths).split(",")), min_depth or 0)
+    shallowest = max(min(pilot_depths(cfg)), min_depth or 0)
     return range(shallowest, max(shallowest, 2 * cfg.depth) + 1)
 
 # %% ../nbs/03_modeling.ipynb #7e438942
@@ -1489,8 +1498,8 @@ def lr_sweep(
     device: str = "cpu",
 ) -> list[dict]:
     "Final validation loss of short runs at each (optimizer, learning rate)."
-    config = ModelConfig.from_depth(int(str(cfg.scaling_depths).split(",")[0]), vocab_size, cfg.seq_len)
-    tokens = int(float(str(cfg.scaling_budgets).split(",")[0]) / flops_per_token(config)["train"])
+    config = ModelConfig.from_depth(pilot_depths(cfg)[0], vocab_size, cfg.seq_len)
+    tokens = int(pilot_budgets(cfg)[0] / flops_per_token(config)["train"])
     results = []
     for optimizer, lrs in rates.items():
         for lr in lrs:
