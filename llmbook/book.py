@@ -135,7 +135,7 @@ PRESETS = {
         prm_problems=2_000,
         prm_steps=1_000,
         tool_steps=1_000,
-        rag_steps=300,
+        rag_steps=1_000,
     ),
     "gpu": Preset(
         "gpu",

@@ -9,10 +9,10 @@ __all__ = ['REFUSAL', 'QUESTIONS', 'OUT_OF_SCOPE', 'OUT_OF_SCOPE_TOPICS', 'TRL_I
            'first_stop', 'complete', 'accuracy_by_kind', 'instruction_entries', 'instruction_tasks', 'is_eval_task',
            'evaluation_sample', 'sft', 'fine_tuned', 'trl_sft_trainer', 'sft_parity', 'answers', 'exact_match',
            'paired_outcomes', 'right_answers', 'sign_test_verdict', 'steps_per_second', 'sft_speed', 'preference_pairs',
-           'token_logps', 'sequence_logps', 'dpo_loss', 'pair_batches', 'preferred', 'preference_accuracy',
-           'dpo_parity', 'dpo', 'kl_divergence', 'kind_changes', 'RewardModel', 'reward_inputs', 'pair_rewards',
-           'reward_classifier', 'reward_model_parity', 'train_reward_model', 'reward_wins', 'sample_group',
-           'completion_reward', 'group_advantages', 'sequences_batch', 'grpo_loss', 'trl_gradients',
+           'token_logps', 'sequence_logps', 'dpo_loss', 'completion_nll', 'pair_batches', 'preferred',
+           'preference_accuracy', 'dpo_parity', 'dpo', 'kl_divergence', 'kind_changes', 'RewardModel', 'reward_inputs',
+           'pair_rewards', 'reward_classifier', 'reward_model_parity', 'train_reward_model', 'reward_wins',
+           'sample_group', 'completion_reward', 'group_advantages', 'sequences_batch', 'grpo_loss', 'trl_gradients',
            'relative_difference', 'grpo_comparison', 'grpo_parity', 'grpo', 'sampled_rewards', 'SandboxLimits',
            'SandboxError', 'evaluate_expression', 'serve_sandbox', 'sandbox_worker_source', 'SandboxWorker',
            'sandbox_worker', 'sandbox_eval_many', 'sandbox_eval', 'extreme_expressions', 'sweep_sandbox',
@@ -91,11 +91,13 @@ class PostTrainingRecipe:
 
     batch_size: int = 32  # conversations (SFT) or pairs (DPO, reward model) per step
     sft_lr: float = 3e-3
-    dpo_lr: float = 1e-4  # at 1e-3 and 3e-4 DPO cost a depth-2 model 9 and 7 points of exact match
+    dpo_lr: float = 3e-4
     dpo_beta: float = 0.1  # DPO's KL strength (TRL's default)
+    dpo_sft_weight: float = 1.0  # the SFT loss on the chosen answer, added to DPO's (RPO; TRL's loss type "sft")
     reward_lr: float = 1e-3
     rl_lr: float = 3e-4
     rl_beta: float = 0.1  # GRPO's KL penalty toward the reference
+    rl_sft_weight: float = 1.0  # the SFT loss on a batch of instruction conversations, added at each GRPO step
     rl_group: int = 16  # samples per prompt
     rl_prompts: int = 16  # prompts per step
     max_len: int = 256  # tokens per conversation, at most
@@ -549,6 +551,11 @@ def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float = 0.1) -> t
     margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
     return -F.logsigmoid(margin).mean(), margin.detach()
 
+
+def completion_nll(logps: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    "The SFT loss of completions from their `sequence_logps`: negative log-likelihood per target token."
+    return -logps.sum() / (y != -100).sum()
+
 # %% ../nbs/05_post_training.ipynb #9edbb683
 def pair_batches(tok: BPETokenizer, pairs: list[dict], max_len: int = 256):
     "(chosen inputs, chosen targets, rejected inputs, rejected targets): targets only on the completions."
@@ -574,9 +581,15 @@ def preference_accuracy(model, tok: BPETokenizer, pairs: list[dict], device: str
 
 # %% ../nbs/05_post_training.ipynb #9bea724b
 def dpo_parity(
-    policy: Transformer, reference: Transformer, tok: BPETokenizer, pairs: list[dict], scratch: Path, beta: float = 0.1
+    policy: Transformer,
+    reference: Transformer,
+    tok: BPETokenizer,
+    pairs: list[dict],
+    scratch: Path,
+    beta: float = 0.1,
+    sft_weight: float = 0.0,
 ) -> dict:
-    "Our DPO loss and TRL's `DPOTrainer` loss on TRL's batch of `pairs`."
+    "Our DPO loss (plus `sft_weight` × the chosen answers' SFT loss) and TRL's `DPOTrainer` loss on TRL's batch."
     import datasets
     from trl import DPOConfig, DPOTrainer
 
@@ -585,6 +598,8 @@ def dpo_parity(
         output_dir=str(scratch / "dpo"),
         **TRL_IN_FP32_ON_CPU,
         beta=beta,
+        loss_type=["sigmoid", "sft"],
+        loss_weights=[1.0, sft_weight],
         per_device_train_batch_size=len(pairs),
     )
     trainer = DPOTrainer(
@@ -607,7 +622,8 @@ def dpo_parity(
             sequence_logps(reference, ids[:, :-1], targets),
         )
     n = len(pairs)
-    our_loss = dpo_loss(ours_policy[:n], ours_policy[n:], ours_reference[:n], ours_reference[n:], beta)[0].item()
+    our_loss = dpo_loss(ours_policy[:n], ours_policy[n:], ours_reference[:n], ours_reference[n:], beta)[0]
+    our_loss = (our_loss + sft_weight * completion_nll(ours_policy[:n], targets[:n])).item()
     return dict(
         trl_loss=trl_loss,
         our_loss=our_loss,
@@ -632,10 +648,11 @@ def dpo(
         xc, yc, xr, yr = (t.to(device) for t in pair_batches(tok, batch, post.max_len))
         with torch.no_grad():
             ref_c, ref_r = sequence_logps(reference, xc, yc), sequence_logps(reference, xr, yr)
-        loss, margin = dpo_loss(
-            sequence_logps(model, xc, yc), sequence_logps(model, xr, yr), ref_c, ref_r, post.dpo_beta
-        )
-        return loss, dict(margin=margin.mean().item(), accuracy=(margin > 0).float().mean().item())
+        chosen = sequence_logps(model, xc, yc)
+        loss, margin = dpo_loss(chosen, sequence_logps(model, xr, yr), ref_c, ref_r, post.dpo_beta)
+        nll = completion_nll(chosen, yc)
+        record = dict(margin=margin.mean().item(), accuracy=(margin > 0).float().mean().item(), nll=nll.item())
+        return loss + post.dpo_sft_weight * nll, record
 
     reference.eval()
     return optimize(model, pairs, steps, post.dpo_lr, post, seed, batch_loss)
@@ -926,8 +943,10 @@ def grpo(
     post: PostTrainingRecipe,
     seed: int = 0,
     device: str = "cpu",
+    conversations: Sequence = (),
 ) -> list[dict]:
     "GRPO with the exact-value reward; returns the log of each step (mean reward of the sampled answers, KL)."
+    # each step adds `post.rl_sft_weight` × the SFT loss on a batch of `conversations` (none: GRPO alone)
     recipe = post.adamw(post.rl_lr)
     optimizer, rng, generator, log = (
         make_optimizer(model, recipe),
@@ -957,6 +976,10 @@ def grpo(
                     torch.tensor(advantages, device=device),
                     post.rl_beta,
                 )
+                if conversations:
+                    batch = [conversations[j] for j in rng.choice(len(conversations), post.batch_size, replace=False)]
+                    x, y = (t.to(device) for t in chat_batch(tok, batch, post.max_len))
+                    loss = loss + post.rl_sft_weight * model(x, y)[1]
             record.update(
                 loss=loss.item(), kl=kl, grad_norm=optimizer_step(model, optimizer, loss, recipe, step, steps)
             )
@@ -1802,10 +1825,8 @@ def tool_trace(problem: dict) -> list[dict]:
 
 # %% ../nbs/05_post_training.ipynb #45d457ef
 def tool_conversations(problems: list[dict], seed: int = 0) -> list:
-    "Each problem twice: as a tool trace with the tools listed, and answered directly without them."
-    conversations = [dict(messages=tool_trace(p), tools=TOOLS) for p in problems] + [
-        chat(p["question"], p["answer"]) for p in problems
-    ]
+    "Each problem as a tool trace, with the tools listed, in random order."
+    conversations = [dict(messages=tool_trace(p), tools=TOOLS) for p in problems]
     random.Random(seed).shuffle(conversations)
     return conversations
 
@@ -1946,7 +1967,7 @@ def retrieval_prompt(question: str, passages: Sequence[str]) -> str:
 
 
 def raft_conversations(
-    tasks: list[dict], documents: Sequence[str], document_of: dict, index: BM25, golden: float = 0.8, seed: int = 0
+    tasks: list[dict], documents: Sequence[str], document_of: dict, index: BM25, golden: float = 1.0, seed: int = 0
 ) -> list[list[dict]]:
     "Questions with retrieved passages: the right one (cited) with probability `golden`."
     # otherwise distractors only (no citation)

@@ -95,13 +95,14 @@ def test_dpo_loss_on_a_hand_checked_example():
     assert abs(loss.item() - (math.log1p(math.exp(-1.0)) + math.log(2)) / 2) < 1e-6
 
 
-def test_dpo_loss_equals_trl(tok, model, tmp_path):
+@pytest.mark.parametrize("sft_weight", [0.0, 1.0])  # DPO alone, and RPO (TRL's loss types "sigmoid" + "sft")
+def test_dpo_loss_equals_trl(tok, model, tmp_path, sft_weight):
     pairs = P.preference_pairs(P.instruction_tasks(ENTRIES[:4], n_expressions=4, seed=2), seed=0)[:6]
     policy = copy.deepcopy(model)
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    result = P.dpo_parity(policy, model, tok, pairs, tmp_path)
+    result = P.dpo_parity(policy, model, tok, pairs, tmp_path, sft_weight=sft_weight)
     assert result["max_logits_difference"] < 1e-4 and result["difference"] < 1e-5, result
     assert abs(result["our_loss"] - math.log(2)) > 1e-3
 
