@@ -89,6 +89,10 @@ class Preset:
     tool_problems: int = 4_000  # distinct tool problems (a tenth held out)
     tool_steps: int = 200  # SFT steps on tool traces
     rag_steps: int = 100  # SFT steps with retrieved passages (RAFT)
+    # specialization (Chapter 6)
+    long_factor: int = 4  # long-context fine-tuning at this many times the trained context
+    long_steps: int = 10  # its optimizer steps, each of a pretraining step's tokens
+    passkey_trials: int = 4  # pass keys per model and prompt length in the long-context table
     # money (Chapter 1's budget)
     usd_per_hour: float = 0.10  # price of the machine this preset targets
 
@@ -136,6 +140,8 @@ PRESETS = {
         prm_steps=1_000,
         tool_steps=1_000,
         rag_steps=1_000,
+        long_steps=40,
+        passkey_trials=20,
     ),
     "gpu": Preset(
         "gpu",
@@ -170,6 +176,8 @@ PRESETS = {
         tool_problems=20_000,
         tool_steps=2_000,
         rag_steps=2_000,
+        long_steps=500,
+        passkey_trials=50,
     ),
     "multi-gpu": Preset(
         "multi-gpu",
@@ -197,6 +205,8 @@ PRESETS = {
         tool_problems=20_000,
         tool_steps=2_000,
         rag_steps=2_000,
+        long_steps=500,
+        passkey_trials=50,
         scaling_budgets="1e18,3e18,1e19",
         scaling_depths="10,14,18,22",
         copy_ablation_flops=1e16,
@@ -496,7 +506,7 @@ CHAPTERS = (
         "05_post_training",
         ("model/sft", "model/dpo", "model/rl", "model/tools", "prm", "rag", "eval/post.json"),
     ),
-    Chapter(6, "specialization", "Specialization", "06_specialization", ("model/long", "adapters", "model/compressed")),
+    Chapter(6, "specialization", "Specialization", "06_specialization", ("model/long",)),
     Chapter(7, "deployment", "Deployment", "07_deployment", ("release", "serve")),
     Chapter(8, "governance", "Governance", "08_governance", ("governance", "registry")),
     Chapter(9, "improvement", "Continuous improvement", "09_continuous_improvement", ("improve",)),

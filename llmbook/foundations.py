@@ -343,6 +343,22 @@ def success_metrics() -> list[SuccessMetric]:
             "hostile expressions never escape the evaluator",
         ),
         M(
+            "passkey_yarn_at_factor",
+            6,
+            "fraction",
+            "at_least",
+            per_preset(None, 0.9, 0.9, 0.9),
+            "fine-tuned with YaRN at `long_factor` × its context, the model finds pass keys there",
+        ),
+        M(
+            "passkey_yarn_8x_gain",
+            6,
+            "fraction",
+            "at_least",
+            per_preset(None, 0.05, 0.05, 0.05),
+            "at 8× the context YaRN finds more pass keys than unscaled RoPE",
+        ),
+        M(
             "quantized_bpb_increase",
             6,
             "bits/byte",

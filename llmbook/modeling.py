@@ -9,12 +9,13 @@ __all__ = ['GPT4_SPLIT_PATTERN', 'SPECIAL_TOKENS', 'ENDOFTEXT', 'END_OF_TURN', '
            'training_texts', 'train_tokenizer', 'to_tokenizers', 'to_tiktoken', 'plain_text_backend', 'parity',
            'encoding_speeds', 'unigram_tokenizer', 'bytes_per_token', 'render_chat', 'to_transformers',
            'save_tokenizer', 'load_tokenizer', 'token_dtype', 'write_token_documents', 'write_tokens', 'open_tokens',
-           'epoch_order', 'PackedLoader', 'packing_efficiency', 'ModelConfig', 'RMSNorm', 'rope_tables', 'apply_rope',
-           'KVCache', 'Attention', 'MLP', 'Experts', 'MixtureOfExperts', 'load_balancing_loss', 'Block', 'Transformer',
-           'chunked_cross_entropy', 'generate', 'hf_config', 'to_hf', 'from_hf', 'save_hf', 'newton_schulz',
-           'MuonAdamW', 'Recipe', 'make_optimizer', 'lr_multiplier', 'autocast', 'optimizer_update', 'train_step',
-           'evaluate', 'train', 'precision_check', 'pilot_budgets', 'pilot_depths', 'pilot_grid', 'run_pilots',
-           'fit_scaling_law', 'predicted_loss', 'leave_one_out', 'isoflop_options', 'induction', 'val_tokens_per_byte',
+           'epoch_order', 'PackedLoader', 'packing_efficiency', 'ModelConfig', 'RMSNorm', 'rope_frequencies',
+           'rope_tables', 'apply_rope', 'KVCache', 'Attention', 'MLP', 'Experts', 'MixtureOfExperts',
+           'load_balancing_loss', 'Block', 'Transformer', 'chunked_cross_entropy', 'generate', 'hf_config', 'to_hf',
+           'hf_model_config', 'load_hf_weights', 'from_hf', 'save_hf', 'newton_schulz', 'MuonAdamW', 'Recipe',
+           'make_optimizer', 'lr_multiplier', 'autocast', 'optimizer_update', 'train_step', 'evaluate', 'train',
+           'precision_check', 'pilot_budgets', 'pilot_depths', 'pilot_grid', 'run_pilots', 'fit_scaling_law',
+           'predicted_loss', 'leave_one_out', 'isoflop_options', 'induction', 'val_tokens_per_byte',
            'repeated_sequences', 'copying_run', 'depth_ablation', 'copying_depth', 'candidate_depths',
            'compute_optimal', 'save_scaling', 'lr_sweep', 'write_recipe', 'load_recipe', 'distributed_check',
            'single_process_reference', 'launch_distributed_check']
@@ -680,10 +681,14 @@ class RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
 
 # %% ../nbs/03_modeling.ipynb #74492833
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
+def rope_frequencies(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    "The rate of each (i, i + d/2) pair of a head's dimensions: θ^(−2i/d) radians per position."
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor):
     "cos and sin of each position's rotation angles (the two halves of a head share frequencies)."
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
-    angles = positions[:, None].float() * inv_freq[None, :]
+    angles = positions[:, None].float() * inv_freq[None, :].to(positions.device)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
 
@@ -864,7 +869,8 @@ def rope(self: Transformer, start: int, t: int, device):
     tables = self._rope_cache.get(str(device))
     if tables is None or tables[0].shape[0] < start + t:  # decoding one token at a time reuses the tables
         positions = torch.arange(max(start + t, self.config.seq_len), device=device)
-        tables = self._rope_cache[str(device)] = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+        inv_freq = rope_frequencies(self.config.head_dim, self.config.rope_theta, device)
+        tables = self._rope_cache[str(device)] = rope_tables(positions, inv_freq)
     cos, sin = tables
     return cos[start : start + t], sin[start : start + t]
 
@@ -964,11 +970,17 @@ def hf_config(c: ModelConfig, **extra):
     return Qwen3Config(**common, intermediate_size=c.ffn_hidden)
 
 # %% ../nbs/03_modeling.ipynb #491ea81d
+@patch
+def rope_parameters(self: Transformer) -> dict:
+    "transformers' `rope_parameters` of this model: plain RoPE (Chapter 6 scales it)."
+    return dict(rope_type="default", rope_theta=self.config.rope_theta)
+
+
 def to_hf(model: Transformer):
     "A transformers Qwen3 (or Qwen3-MoE) model with the same weights."
     from transformers import AutoModelForCausalLM
 
-    config = hf_config(model.config)
+    config = hf_config(model.config, rope_parameters=model.rope_parameters())
     config._attn_implementation = "sdpa"
     hf = AutoModelForCausalLM.from_config(config, dtype=model.lm_head.weight.dtype)
     state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in model.state_dict().items()}
@@ -978,11 +990,10 @@ def to_hf(model: Transformer):
     return hf.eval()
 
 
-def from_hf(hf) -> Transformer:
-    "Our model from a transformers Qwen3 or Qwen3-MoE model."
-    c = hf.config
+def hf_model_config(c) -> ModelConfig:
+    "Our config from a transformers Qwen3 or Qwen3-MoE config."
     experts = getattr(c, "num_experts", 0) or 0
-    config = ModelConfig(
+    return ModelConfig(
         vocab_size=c.vocab_size,
         n_layer=c.num_hidden_layers,
         n_embd=c.hidden_size,
@@ -998,12 +1009,23 @@ def from_hf(hf) -> Transformer:
         experts_per_token=getattr(c, "num_experts_per_tok", 2),
         expert_hidden=getattr(c, "moe_intermediate_size", 0) if experts else 0,
     )
-    model = Transformer(config)
+
+
+def load_hf_weights(model: Transformer, hf) -> Transformer:
+    "Our `model` with the weights of the transformers model `hf` (the same names, without `model.`)."
     state = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
-    if config.tied_embeddings:
+    if model.config.tied_embeddings:
         state.pop("lm_head.weight", None)
-    model.load_state_dict(state, strict=not config.tied_embeddings)
+    model.load_state_dict(state, strict=not model.config.tied_embeddings)
     return model.to(hf.dtype).eval()
+
+
+def from_hf(hf) -> Transformer:
+    "Our model from a transformers Qwen3 or Qwen3-MoE model with plain RoPE."
+    rope_type = hf.config.rope_parameters.get("rope_type", "default")
+    if rope_type != "default":
+        raise ValueError(f"RoPE scaled by {rope_type!r}: load the model with llmbook.specialization.from_hf_long")
+    return load_hf_weights(Transformer(hf_model_config(hf.config)), hf)
 
 # %% ../nbs/03_modeling.ipynb #c3fd4f1a
 def save_hf(model: Transformer, tok: BPETokenizer, directory: Path):

@@ -178,6 +178,23 @@ def test_post_training_artifacts(tiny_run):
     assert type(AutoModelForCausalLM.from_pretrained(run_dir / "rag" / "reader")).__name__ == "Qwen3ForCausalLM"
 
 
+def test_specialization_artifacts(tiny_run):
+    run_dir, *_ = tiny_run
+    from transformers import AutoModelForCausalLM
+
+    from llmbook.specialization import LongContextTransformer, from_hf_long
+
+    long = AutoModelForCausalLM.from_pretrained(run_dir / "model" / "long")
+    assert long.config.rope_parameters["rope_type"] == "yarn"
+    assert long.config.max_position_embeddings == 4 * long.config.rope_parameters["original_max_position_embeddings"]
+    assert isinstance(from_hf_long(long), LongContextTransformer)
+    results = json.loads((run_dir / "model" / "long" / "long_context.json").read_text())
+    assert max(r["max_logit_difference"] for r in results["rope_parity"].values()) < 1e-5
+    assert {"none, zero-shot", "yarn, fine-tuned"} <= set(results["passkey"])
+    assert len(next(iter(results["passkey"].values()))) == 5  # 1×, 2×, 4×, 8× and 16× the trained context
+    assert 0 < results["memory"]["chunked_peak_bytes"] < results["memory"]["one_pass_peak_bytes"]
+
+
 def test_report_card(tiny_run):
     run_dir, *_ = tiny_run
     report = (run_dir / "report.md").read_text()
