@@ -91,7 +91,7 @@ def scaled_frequencies(s: RopeScaling, head_dim: int, theta: float, length: int)
         return yarn_frequencies(s, head_dim, theta), 0.1 * math.log(s.factor) + 1.0
     return rope_frequencies(head_dim, theta), 1.0
 
-# %% ../nbs/06_specialization.ipynb #835d7bb9
+# %% ../nbs/06_specialization.ipynb #cce5cc69
 class LongContextTransformer(Transformer):
     "Chapter 3's transformer whose RoPE is scaled by `scaling`."
 
