@@ -129,7 +129,7 @@ def from_hf_long(hf) -> LongContextTransformer:
     return load_hf_weights(LongContextTransformer(hf_model_config(hf.config), scaling), hf)
 
 # %% ../nbs/06_specialization.ipynb #c89ddcd6
-LONG_CONTEXT_LR = 1e-3  # AdamW's rate for the long-context fine-tuning (a tenth of the mid-training's Muon rate)
+LONG_CONTEXT_LR = 3e-3  # AdamW's rate for the long-context fine-tuning (at cpu, ahead of 1e-3 and 3e-4)
 
 
 def continue_training(model, loader: PackedLoader, steps: int, recipe: Recipe, device: str = "cpu") -> list[float]:
