@@ -356,7 +356,7 @@ def success_metrics() -> list[SuccessMetric]:
             "fraction",
             "at_least",
             per_preset(None, 0.05, 0.05, 0.05),
-            "at 8× the context YaRN finds more pass keys than unscaled RoPE",
+            "at 8× the context YaRN finds more pass keys than unscaled RoPE fine-tuned the same way",
         ),
         M(
             "quantized_bpb_increase",

@@ -129,7 +129,7 @@ def from_hf_long(hf) -> LongContextTransformer:
     return load_hf_weights(LongContextTransformer(hf_model_config(hf.config), scaling), hf)
 
 # %% ../nbs/06_specialization.ipynb #c89ddcd6
-LONG_CONTEXT_LR = 3e-3  # AdamW's rate for the long-context fine-tuning (at cpu, ahead of 1e-3 and 3e-4)
+LONG_CONTEXT_LR = 3e-3  # AdamW's rate for the long-context fine-tuning (chosen at cpu from 3e-4, 1e-3, 3e-3)
 
 
 def continue_training(model, loader: PackedLoader, steps: int, recipe: Recipe, device: str = "cpu") -> list[float]:
@@ -155,7 +155,7 @@ def loss_by_position(model, tokens_dir: Path, length: int, documents: int, devic
     "Mean next-token loss (nats) at each of the first `length` positions of the longest validation documents."
     ids, index, _ = open_tokens(tokens_dir, "val")
     longest = np.argsort(-index["length"].astype(np.int64))[:documents]
-    if index["length"][longest[-1]] <= length:
+    if documents < 1 or index["length"][longest[-1]] <= length:
         raise ValueError(f"{tokens_dir}: fewer than {documents} validation documents longer than {length} tokens")
     total = np.zeros(length)
     for doc in longest:
