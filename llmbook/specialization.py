@@ -125,7 +125,8 @@ def from_hf_long(hf) -> LongContextTransformer:
     method = {"default": "none"}.get(p.get("rope_type", "default"), p.get("rope_type"))
     factor = p.get("factor") or 1.0
     original = p.get("original_max_position_embeddings") or (served if method == "dynamic" else round(served / factor))
-    scaling = RopeScaling(method, factor, original, p.get("beta_fast") or 32.0, p.get("beta_slow") or 1.0)
+    betas = (p.get("beta_fast") or RopeScaling.beta_fast, p.get("beta_slow") or RopeScaling.beta_slow)
+    scaling = RopeScaling(method, factor, original, *betas)
     return load_hf_weights(LongContextTransformer(hf_model_config(hf.config), scaling), hf)
 
 # %% ../nbs/06_specialization.ipynb #c89ddcd6
