@@ -855,10 +855,12 @@ def chunked_cross_entropy(
     head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = 16 << 20
 ) -> torch.Tensor:
     "Mean cross-entropy of head(hidden) against targets (−100 ignored); on CPU only rows with a target, in chunks."
-    if not hidden.is_cuda:
+    if hidden.is_cuda:
+        rows = hidden.shape[0]
+    else:
         trained = targets != -100
         hidden, targets = hidden[trained], targets[trained]
-    rows = hidden.shape[0] if hidden.is_cuda else max(1, chunk_bytes // (4 * head.weight.shape[0]))
+        rows = max(1, chunk_bytes // (4 * head.weight.shape[0]))
     total = 0.0 * hidden.float().sum()  # zero, and part of the graph even when no row has a target
     for start in range(0, hidden.shape[0], rows):
         logits = head(hidden[start : start + rows]).float()
