@@ -1502,10 +1502,16 @@ def copying_depth(ablation: list[dict]) -> int | None:
     return min((r["depth"] for r in ablation if r["copies"]), default=None)
 
 # %% ../nbs/03_modeling.ipynb #90a5859d
-def candidate_depths(cfg, min_depth: int | None = None) -> range:
-    "Depths the law may choose: from the shallowest pilot's (or `min_depth`, if deeper) to twice the preset's."
-    shallowest = max(min(pilot_depths(cfg)), min_depth or 0)
-    return range(shallowest, max(shallowest, 2 * cfg.depth) + 1)
+def candidate_depths(cfg, ablation: Sequence[dict] = ()) -> list[int]:
+    "Depths the law may choose: the shallowest pilot's to twice the preset's, kept to what the copying ablation allows."
+    shallowest = min(pilot_depths(cfg))
+    depths = range(shallowest, max(shallowest, 2 * cfg.depth) + 1)
+    low = copying_depth(ablation)
+    if low is None:
+        return list(depths)  # no depth copied: nothing to keep to
+    # a deeper depth that did not copy at equal compute bounds the choice: deeper ones take fewer steps still
+    high = min((r["depth"] for r in ablation if r["depth"] > low and not r["copies"]), default=math.inf)
+    return [d for d in depths if low <= d < high] or [low]
 
 # %% ../nbs/03_modeling.ipynb #7e438942
 def compute_optimal(fit: dict, budget: float, vocab_size: int, seq_len: int, depths: Iterable[int]) -> dict:
