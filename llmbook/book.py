@@ -59,6 +59,8 @@ class Preset:
     # data (Chapter 2)
     data_mb: float = 4.0  # raw text gathered from the local Python installation, in MB
     hf_datasets: str = ""  # extra Hugging Face datasets: comma-separated `name[:config]` or local paths
+    domain: str = "sympy"  # installed distributions kept out of pretraining: Chapter 6's new domain ("" for none)
+    domain_mb: float = 0.5  # raw text of the new domain, in MB (a budget of its own)
     # tokenizer and model (Chapter 3); `depth` is the one knob the model's size follows
     vocab_size: int = 2048
     tokenizer_mb: float = 4.0  # training text for the tokenizer, in MB
@@ -93,6 +95,7 @@ class Preset:
     long_factor: int = 4  # long-context fine-tuning at this many times the trained context
     long_steps: int = 10  # its optimizer steps, each of a pretraining step's tokens
     passkey_trials: int = 4  # pass keys per model and prompt length in the long-context table
+    adapt_steps: int = 20  # optimizer steps of each domain-adaptation run (Chapter 6)
     # money (Chapter 1's budget)
     usd_per_hour: float = 0.10  # price of the machine this preset targets
 
@@ -142,6 +145,8 @@ PRESETS = {
         rag_steps=1_000,
         long_steps=40,
         passkey_trials=20,
+        domain_mb=4,
+        adapt_steps=150,
     ),
     "gpu": Preset(
         "gpu",
@@ -178,6 +183,8 @@ PRESETS = {
         rag_steps=2_000,
         long_steps=500,
         passkey_trials=50,
+        domain_mb=20,
+        adapt_steps=1_000,
     ),
     "multi-gpu": Preset(
         "multi-gpu",
@@ -207,6 +214,8 @@ PRESETS = {
         rag_steps=2_000,
         long_steps=500,
         passkey_trials=50,
+        domain_mb=20,
+        adapt_steps=1_000,
         scaling_budgets="1e18,3e18,1e19",
         scaling_depths="10,14,18,22",
         copy_ablation_flops=1e16,
@@ -506,7 +515,7 @@ CHAPTERS = (
         "05_post_training",
         ("model/sft", "model/dpo", "model/rl", "model/tools", "prm", "rag", "eval/post.json"),
     ),
-    Chapter(6, "specialization", "Specialization", "06_specialization", ("model/long",)),
+    Chapter(6, "specialization", "Specialization", "06_specialization", ("model/long", "adapters/domain-lora")),
     Chapter(7, "deployment", "Deployment", "07_deployment", ("release", "serve")),
     Chapter(8, "governance", "Governance", "08_governance", ("governance", "registry")),
     Chapter(9, "improvement", "Continuous improvement", "09_continuous_improvement", ("improve",)),

@@ -7,23 +7,23 @@ __all__ = ['MAX_METADATA_BYTES', 'MAX_SPDX_CHARS', 'MAX_LICENSE_TEXT_CHARS', 'LI
            'CLASSIFIER_LICENSES', 'SUFFIX_KINDS', 'HELDOUT_MODULES', 'MAX_FILE_BYTES', 'HF_BUILDERS', 'PROSE_KINDS',
            'CODE_KINDS', 'FEATURE_TYPES', 'U64', 'NUM_PERM', 'BANDS', 'ROWS', 'SHINGLE_WORDS', 'PERM_A', 'PERM_B',
            'PLANTED_SIMILARITIES', 'THRESHOLD', 'MARGIN', 'SECRET_FORMATS', 'PII_PATTERNS', 'PII_CHECKS',
-           'VAL_PERMILLE', 'DOMAIN_WEIGHTS', 'Ledger', 'metadata_directory', 'metadata_file_bytes', 'problem',
-           'read_metadata', 'spdx_expression', 'normalize_license', 'distribution_license', 'Item', 'Source',
-           'Unreadable', 'unreadable_item', 'printable_path', 'read_regular_file', 'walk_files', 'relative_path',
-           'tree_items', 'stdlib_items', 'distribution_files', 'one_distribution_items', 'distribution_items',
-           'installation_source', 'directory_source', 'hf_loads', 'hf_items', 'hf_source', 'random_expression',
-           'expression_heldout', 'expression_source', 'catalog', 'document_id', 'module_name', 'is_heldout',
-           'reading_order', 'read_item', 'decode', 'normalize_text', 'api_documentation', 'comments',
-           'python_documents', 'domain_of', 'documents_of', 'features', 'ShardWriter', 'acquire', 'ingest_text',
-           'ingest', 'excerpt', 'filter_step', 'license_step', 'exact_key', 'exact_dedup_step', 'quality_signals',
-           'quality_reason', 'quality_step', 'word_bytes', 'word_hashes', 'shingle_hashes', 'minhash_signatures',
-           'shingle_set', 'jaccard', 'replace_words', 'dissimilar_bases', 'lsh_buckets', 'near_duplicate_clusters',
-           'candidate_probability', 'variant_at', 'planted_near_duplicates', 'true_duplicate_pairs', 'candidate_pairs',
-           'pair_quality', 'corpus_signatures', 'near_dedup_step', 'shannon_entropy', 'luhn_valid', 'PiiMatch',
-           'find_pii', 'scrub', 'pii_scores', 'shipped_jsonl', 'load_blocklist', 'unsafe_reason', 'privacy_step',
-           'split_of', 'unigram_model', 'mixture', 'curriculum_order', 'split_parts', 'document_table',
-           'scored_and_ordered', 'write_corpus', 'load_corpus', 'heldout_leaks', 'check_chain', 'write_heldout',
-           'write_data_report']
+           'VAL_PERMILLE', 'DOMAIN_VAL_PERMILLE', 'SPLITS', 'DOMAIN_WEIGHTS', 'Ledger', 'metadata_directory',
+           'metadata_file_bytes', 'problem', 'read_metadata', 'spdx_expression', 'normalize_license',
+           'distribution_license', 'Item', 'Source', 'Unreadable', 'unreadable_item', 'printable_path',
+           'read_regular_file', 'walk_files', 'relative_path', 'tree_items', 'stdlib_items', 'distribution_files',
+           'one_distribution_items', 'distribution_items', 'installation_source', 'directory_source', 'hf_loads',
+           'hf_items', 'hf_source', 'random_expression', 'expression_heldout', 'expression_source', 'domain_names',
+           'domain_source', 'catalog', 'document_id', 'module_name', 'is_heldout', 'reading_order', 'read_item',
+           'decode', 'normalize_text', 'api_documentation', 'comments', 'python_documents', 'domain_of', 'documents_of',
+           'features', 'ShardWriter', 'acquire', 'ingest_text', 'ingest', 'excerpt', 'filter_step', 'license_step',
+           'exact_key', 'exact_dedup_step', 'quality_signals', 'quality_reason', 'quality_step', 'word_bytes',
+           'word_hashes', 'shingle_hashes', 'minhash_signatures', 'shingle_set', 'jaccard', 'replace_words',
+           'dissimilar_bases', 'lsh_buckets', 'near_duplicate_clusters', 'candidate_probability', 'variant_at',
+           'planted_near_duplicates', 'true_duplicate_pairs', 'candidate_pairs', 'pair_quality', 'corpus_signatures',
+           'near_dedup_step', 'shannon_entropy', 'luhn_valid', 'PiiMatch', 'find_pii', 'scrub', 'pii_scores',
+           'shipped_jsonl', 'load_blocklist', 'unsafe_reason', 'privacy_step', 'split_of', 'unigram_model', 'mixture',
+           'curriculum_order', 'split_parts', 'document_table', 'scored_and_ordered', 'write_corpus', 'load_corpus',
+           'heldout_leaks', 'check_chain', 'write_heldout', 'write_data_report']
 
 # %% ../nbs/02_data.ipynb #bb2d92b2
 import ast
@@ -45,7 +45,7 @@ import stat
 import sysconfig
 import tokenize
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -258,6 +258,8 @@ class Source:
     license: str
     description: str
     items: Callable[[], Iterator[Item]]
+    budget_bytes: float | None = None  # raw text kept from this source alone; None: the catalog's shared budget
+    shuffled: bool = False  # read in `reading_order` (held-out modules first, then by provenance)
 
 # %% ../nbs/02_data.ipynb #f4895b7f
 SUFFIX_KINDS = {".py": "py", ".pyi": "pyi", ".rst": "rst", ".md": "md", ".txt": "txt"}
@@ -356,14 +358,14 @@ def stdlib_items(root: str | Path | None = None) -> Iterator[Item]:
     yield from tree_items("python", "python-stdlib", platform.python_version(), root, "PSF-2.0", skip)
 
 # %% ../nbs/02_data.ipynb #91dbdae2
-def _metadata_item(metadata, name: str, version: str, license: str) -> Item | None:
+def _metadata_item(metadata, name: str, version: str, license: str, source: str = "python") -> Item | None:
     "A distribution's README: the body of its METADATA (or its Description field)."
     body = metadata.get_payload() or metadata.get("Description") or ""
     if not body.strip():
         return None
     data = body.encode("utf-8", "surrogatepass")
     return Item(
-        "python", name, version, f"{name}.dist-info/METADATA#description", license, "readme", len(data), lambda: data
+        source, name, version, f"{name}.dist-info/METADATA#description", license, "readme", len(data), lambda: data
     )
 
 
@@ -380,20 +382,20 @@ def distribution_files(dist) -> list:
     return sorted((f for f in inside if not any(p.endswith((".dist-info", ".egg-info")) for p in parts(f))), key=str)
 
 # %% ../nbs/02_data.ipynb #6f69e0c7
-def one_distribution_items(name: str, dist) -> Iterator[Item]:
+def one_distribution_items(name: str, dist, source: str = "python") -> Iterator[Item]:
     "A distribution's README and text files, each with the license its metadata declares."
     metadata = dist.metadata  # parsed again, not kept from the listing: one description in memory at a time
     license, version = distribution_license(metadata), metadata["Version"]
-    if item := _metadata_item(metadata, name, version, license):
+    if item := _metadata_item(metadata, name, version, license, source):
         yield item
     try:
         files = distribution_files(dist)
     except Unreadable as error:
-        yield unreadable_item("python", name, version, f"{name}.dist-info/RECORD", license, str(error))
+        yield unreadable_item(source, name, version, f"{name}.dist-info/RECORD", license, str(error))
         return
     root = Path(dist.locate_file(""))
     for file in files:
-        if item := _file_item("python", name, version, root, Path(dist.locate_file(file)), license):
+        if item := _file_item(source, name, version, root, Path(dist.locate_file(file)), license):
             yield item
 
 # %% ../nbs/02_data.ipynb #3fd220e8
@@ -416,13 +418,17 @@ def distribution_items(
             yield from one_distribution_items(name, by_name[name])
 
 # %% ../nbs/02_data.ipynb #3eb59205
-def installation_source(stdlib_root: str | Path | None = None, distribution_paths: list | None = None) -> Source:
+def installation_source(
+    stdlib_root: str | Path | None = None, distribution_paths: list | None = None, exclude: Sequence[str] = ()
+) -> Source:
     "The default corpus: this Python installation — or another one's standard library and site-packages."
+    skipped = ("llmbook", *(name.lower() for name in exclude))
     return Source(
         "python",
         "per distribution (SPDX from its metadata)",
         "standard library and installed distributions: source, docs, READMEs",
-        lambda: itertools.chain(stdlib_items(stdlib_root), distribution_items(distribution_paths)),
+        lambda: itertools.chain(stdlib_items(stdlib_root), distribution_items(distribution_paths, skipped)),
+        shuffled=True,
     )
 
 # %% ../nbs/02_data.ipynb #93a163fa
@@ -532,11 +538,39 @@ def expression_source(n_docs: int, seed: int = 0, per_doc: int = 16) -> Source:
     return Source("synthetic:expressions", "CC0-1.0", "Python sessions evaluating arithmetic expressions", items)
 
 # %% ../nbs/02_data.ipynb #b8f20f9c
+def domain_names(cfg) -> tuple[str, ...]:
+    "The distributions a preset keeps out of pretraining as Chapter 6's new domain (`domain`, comma-separated)."
+    return tuple(name.strip() for name in cfg.domain.split(",") if name.strip())
+
+
+def domain_source(names: Sequence[str], budget_bytes: float) -> Source:
+    "Installed distributions read as a domain of their own, with their own budget (Chapter 6 adapts to it)."
+    installed = {}
+    for name in names:
+        try:
+            installed[name] = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            raise ValueError(f"preset field domain: distribution {name!r} is not installed") from None
+    label = "+".join(names)
+    return Source(
+        f"domain:{label}",
+        "per distribution (SPDX from its metadata)",
+        f"the new domain of Chapter 6, kept out of pretraining: {label}",
+        lambda: itertools.chain.from_iterable(
+            one_distribution_items(n, d, f"domain:{label}") for n, d in installed.items()
+        ),
+        budget_bytes=budget_bytes,
+        shuffled=True,
+    )
+
+
 def catalog(cfg) -> list[Source]:
     "The sources a preset reads."
     n_sessions = max(8, int(cfg.data_mb * 1e6 * 0.01 / 500))
-    sources = [expression_source(n_sessions, seed=cfg.seed), installation_source()]
-    return sources + [hf_source(spec.strip()) for spec in cfg.hf_datasets.split(",") if spec.strip()]
+    domain = domain_names(cfg)
+    sources = [expression_source(n_sessions, seed=cfg.seed), installation_source(exclude=domain)]
+    sources += [hf_source(spec.strip()) for spec in cfg.hf_datasets.split(",") if spec.strip()]
+    return sources + ([domain_source(domain, cfg.domain_mb * 1e6)] if domain else [])
 
 # %% ../nbs/02_data.ipynb #ec2f3a3e
 def document_id(*parts: str) -> str:
@@ -803,15 +837,20 @@ def ingest_text(item: Item, data: bytes, entry: dict, ingestion: Ledger, writer:
 
 # %% ../nbs/02_data.ipynb #0399c294
 def ingest(sources: Iterable[Source], budget_bytes: float, work: Path, manifest_path: Path) -> tuple:
-    "Read sources into Arrow shards until `budget_bytes` of raw text are kept; return (dataset, ledgers)."
+    "Read sources into Arrow shards until `budget_bytes` of raw text are kept (a source's own budget, if it has one)."
     acquisition, ingestion = Ledger("acquisition"), Ledger("ingestion")
     writer = ShardWriter(work / "ingested")
+    kept = collections.Counter()  # raw bytes kept against each budget: "" the shared one, else a source's own
     with atomic_path(manifest_path) as tmp, open(tmp, "w", encoding="utf-8") as manifest:
         for source in sources:
-            for item in reading_order(source.items()) if source.name == "python" else source.items():
-                if acquisition.kept_bytes >= budget_bytes and not is_heldout(item):
+            budget = "" if source.budget_bytes is None else source.name
+            limit = budget_bytes if source.budget_bytes is None else source.budget_bytes
+            for item in reading_order(source.items()) if source.shuffled else source.items():
+                if kept[budget] >= limit and not is_heldout(item):
                     break
+                before = acquisition.kept_bytes
                 data, entry = acquire(item, acquisition)
+                kept[budget] += acquisition.kept_bytes - before
                 if data is not None:
                     ingest_text(item, data, entry, ingestion, writer)
                 manifest.write(json.dumps(entry) + "\n")
@@ -1475,14 +1514,18 @@ def privacy_step(ds, work: Path, blocklist: dict):
 
 # %% ../nbs/02_data.ipynb #f13899fb
 VAL_PERMILLE = 50
+DOMAIN_VAL_PERMILLE = 200  # the new domain's share held out to measure adaptation
+SPLITS = ("train", "val", "heldout", "domain_train", "domain_val")
 
 
 def split_of(row: dict) -> str:
-    "heldout, val or train — from the file a document came from, so a file's code and its docstrings never split."
+    "One of SPLITS — from the file a document came from, so a file's code and its docstrings never split."
     if row["heldout"]:
         return "heldout"
-    file_id = document_id(row["source"], row["distribution"], row["path"])
-    return "val" if int(file_id[:8], 16) % 1000 < VAL_PERMILLE else "train"
+    draw = int(document_id(row["source"], row["distribution"], row["path"])[:8], 16) % 1000
+    if row["source"].startswith("domain:"):
+        return "domain_val" if draw < DOMAIN_VAL_PERMILLE else "domain_train"
+    return "val" if draw < VAL_PERMILLE else "train"
 
 # %% ../nbs/02_data.ipynb #b2498bc2
 _WORDS = re.compile(r"\w+")
@@ -1525,10 +1568,10 @@ def curriculum_order(ids: list[str], difficulty: np.ndarray, buckets: int = 4) -
 
 # %% ../nbs/02_data.ipynb #7150acc1
 def split_parts(ds) -> dict:
-    "The train, val and heldout subsets of a dataset, by `split_of`."
+    "The subsets of a dataset by `split_of` (every one of SPLITS, empty or not)."
     columns = zip(ds["heldout"], ds["source"], ds["distribution"], ds["path"])
     splits = np.array([split_of(dict(heldout=h, source=s, distribution=d, path=p)) for h, s, d, p in columns])
-    return {name: ds.select(np.flatnonzero(splits == name)) for name in ("train", "val", "heldout")}
+    return {name: ds.select(np.flatnonzero(splits == name)) for name in SPLITS}
 
 # %% ../nbs/02_data.ipynb #f7d7c44b
 def document_table(corpus):
@@ -1598,13 +1641,19 @@ def load_corpus(run: Run):
     return datasets.load_from_disk(str(path))
 
 # %% ../nbs/02_data.ipynb #4830e5b0
-def heldout_leaks(corpus) -> int:
-    "Training documents that are, or nearly duplicate, a held-out document."
-    direct = sum(bool(h) for h in corpus["train"]["heldout"])
-    train, heldout = corpus_signatures(corpus["train"]), corpus_signatures(corpus["heldout"])
-    both = np.r_[heldout, train]
-    near = {int(j) for group in lsh_buckets(both) if (group < len(heldout)).any() for j in group if j >= len(heldout)}
-    return direct + len(near)
+def heldout_leaks(corpus) -> dict:
+    "Training documents that are, or nearly duplicate, a document kept out of training: held-out module, new domain."
+    train = corpus_signatures(corpus["train"])
+
+    def near(kept_out: np.ndarray) -> int:
+        both, n = np.r_[kept_out, train], len(kept_out)
+        return len({int(j) for group in lsh_buckets(both) if (group < n).any() for j in group if j >= n})
+
+    domain = np.r_[corpus_signatures(corpus["domain_train"]), corpus_signatures(corpus["domain_val"])]
+    return dict(
+        heldout=sum(bool(h) for h in corpus["train"]["heldout"]) + near(corpus_signatures(corpus["heldout"])),
+        domain=sum(s.startswith("domain:") for s in corpus["train"]["source"]) + near(domain),
+    )
 
 # %% ../nbs/02_data.ipynb #f0570dc9
 def check_chain(ledgers: list[Ledger]):
@@ -1625,6 +1674,11 @@ def write_heldout(run: Run, corpus) -> dict:
         documents=len(corpus["heldout"]),
         ids=sorted(corpus["heldout"]["id"]),
         expressions=dict(rule="int(sha256(expression)[:8], 16) % 10 == 0", function="llmbook.data.expression_heldout"),
+        domain=dict(
+            distributions=list(domain_names(run.cfg)),
+            documents=len(corpus["domain_train"]) + len(corpus["domain_val"]),
+            splits=["domain_train", "domain_val"],
+        ),
     )
     atomic_write_json(run.artifact("data/heldout.json"), heldout)
     return heldout

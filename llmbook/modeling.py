@@ -68,9 +68,11 @@ def count_chunks(texts: Iterable[str]) -> collections.Counter:
     return counts
 
 # %% ../nbs/03_modeling.ipynb #c931eea3
-def train_bpe(chunk_counts: dict, n_merges: int, progress: bool = False) -> list[tuple[int, int]]:
-    "Merges (pairs of token ids, in rank order) learned from pre-token counts, with incremental pair counts."
-    words = [list(chunk.encode("utf-8", "surrogatepass")) for chunk in chunk_counts]
+def train_bpe(chunk_counts: dict, n_merges: int, progress: bool = False, start=None) -> list[tuple[int, int]]:
+    "Merges (pairs of token ids, in rank order) learned from pre-token counts; `start`: new merges after its own."
+    as_bytes = lambda chunk: chunk.encode("utf-8", "surrogatepass")
+    words = [list(start._encode_chunk(as_bytes(c)) if start else as_bytes(c)) for c in chunk_counts]
+    first_id = len(start.vocab) if start else 256  # the id of the first new merge
     freq = list(chunk_counts.values())
     pair_count, where = collections.Counter(), collections.defaultdict(set)
     for i, (word, f) in enumerate(zip(words, freq)):
@@ -87,7 +89,7 @@ def train_bpe(chunk_counts: dict, n_merges: int, progress: bool = False) -> list
         negative, pair = heapq.heappop(heap)
         if -negative != pair_count.get(pair, 0) or negative == 0:
             continue  # stale entry
-        new_id = 256 + len(merges)
+        new_id = first_id + len(merges)
         merges.append(pair)
         bar.update()
         for i in where.pop(pair):

@@ -83,8 +83,13 @@ def test_data_artifacts(tiny_run):
     from llmbook.data import load_corpus
 
     corpus = load_corpus(open_run("tiny", run_dir))
-    assert set(corpus) == {"train", "val", "heldout"} and len(corpus["train"]) > 100
+    assert set(corpus) == {"train", "val", "heldout", "domain_train", "domain_val"} and len(corpus["train"]) > 100
     assert set(corpus["train"]["domain"]) == {"code", "prose"} and not any(corpus["train"]["heldout"])
+    # the new domain (sympy at tiny) is read, and none of it reaches training
+    assert len(corpus["domain_train"]) > 10 and len(corpus["domain_val"]) > 0
+    assert set(corpus["domain_train"]["distribution"]) == {"sympy"} and "sympy" not in set(
+        corpus["train"]["distribution"]
+    )
     report = json.loads((run_dir / "data_report.json").read_text())
     steps = report["steps"]
     for previous, step in zip(steps, steps[1:]):
@@ -93,6 +98,8 @@ def test_data_artifacts(tiny_run):
     assert report["raw_text_mb"] >= 3 and report["heldout_leaked_documents"] == 0
     heldout = json.loads((run_dir / "data" / "heldout.json").read_text())
     assert sorted(heldout["ids"]) == sorted(corpus["heldout"]["id"])
+    assert heldout["domain"]["distributions"] == ["sympy"]
+    assert heldout["domain"]["documents"] == len(corpus["domain_train"]) + len(corpus["domain_val"])
 
 
 def test_tokenizer_artifacts(tiny_run):
@@ -193,6 +200,27 @@ def test_specialization_artifacts(tiny_run):
     assert {"none, zero-shot", "yarn, fine-tuned"} <= set(results["passkey"])
     assert len(next(iter(results["passkey"].values()))) == 5  # 1×, 2×, 4×, 8× and 16× the trained context
     assert 0 < results["memory"]["chunked_peak_bytes"] < results["memory"]["one_pass_peak_bytes"]
+
+
+def test_domain_adapter_is_a_peft_adapter(tiny_run):
+    run_dir, *_ = tiny_run
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llmbook.modeling import from_hf
+    from llmbook.specialization import load_adapter
+
+    config = json.loads((run_dir / "adapters" / "domain-lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "model/mid"
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "model" / "mid")
+    ours = load_adapter(from_hf(base), run_dir / "adapters" / "domain-lora")
+    theirs = PeftModel.from_pretrained(base, run_dir / "adapters" / "domain-lora")
+    x = torch.randint(0, base.config.vocab_size, (1, 32))
+    with torch.no_grad():
+        assert (theirs(input_ids=x).logits - ours(x)).abs().max() < 1e-5
+    recorded = json.loads((run_dir / "results" / "06_specialization.json").read_text())
+    assert 0 < recorded["metrics"]["lora_trainable_fraction"] < 0.25
 
 
 def test_report_card(tiny_run):

@@ -233,9 +233,30 @@ def test_surrogate_escape_in_a_docstring(tmp_path):
 
 def test_catalog_of_presets():
     tiny = D.catalog(make_preset("tiny"))
-    assert [s.name for s in tiny] == ["synthetic:expressions", "python"]
+    assert [s.name for s in tiny] == ["synthetic:expressions", "python", "domain:sympy"]
+    assert tiny[-1].budget_bytes == make_preset("tiny").domain_mb * 1e6 and tiny[1].budget_bytes is None
     gpu = D.catalog(make_preset("gpu"))
-    assert gpu[-1].name == "hf:HuggingFaceFW/fineweb-edu"
+    assert gpu[-2].name == "hf:HuggingFaceFW/fineweb-edu"
+    assert [s.name for s in D.catalog(make_preset("tiny", "domain="))] == ["synthetic:expressions", "python"]
+    with pytest.raises(ValueError, match="no-such-distribution"):
+        D.catalog(make_preset("tiny", "domain=no-such-distribution"))
+
+
+def test_a_source_with_its_own_budget(tmp_path):
+    "The shared budget counts only sources without one; a source's own budget stops that source alone."
+    for name in ("general", "domain"):
+        for i in range(40):
+            (tmp_path / name / f"doc{i}.md").parent.mkdir(exist_ok=True)
+            (tmp_path / name / f"doc{i}.md").write_text(f"Document {i} of the {name} source, in plain words. " * 20)
+    general, domain = D.directory_source(tmp_path / "general", "MIT"), D.directory_source(tmp_path / "domain", "MIT")
+    domain.budget_bytes = 5_000
+    raw, acquisition, _ = D.ingest([general, domain], 20_000, tmp_path / "work", tmp_path / "m.jsonl")
+    by_source = {
+        s: sum(len(t.encode()) for t, r in zip(raw["text"], raw["source"]) if r == s) for s in set(raw["source"])
+    }
+    assert 20_000 <= by_source["dir:general"] < 22_000 and 5_000 <= by_source["dir:domain"] < 7_000, by_source
+    splits = {D.split_of(dict(heldout=False, source="domain:x", distribution="x", path=f"m{i}.py")) for i in range(200)}
+    assert splits == {"domain_train", "domain_val"}
 
 
 # A hostile installation: what a hostile review tried against acquisition. The pipeline runs on it in a child
