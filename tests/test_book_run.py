@@ -95,7 +95,7 @@ def test_data_artifacts(tiny_run):
     for previous, step in zip(steps, steps[1:]):
         assert (step["in_docs"], step["in_bytes"]) == (previous["out_docs"], previous["out_bytes"])
         assert step["in_bytes"] == step["kept_bytes"] + sum(b for _, b in step["dropped"].values())
-    assert report["raw_text_mb"] >= 3 and report["heldout_leaked_documents"] == 0
+    assert report["raw_text_mb"] >= 3 and report["heldout_leaked_documents"] == report["domain_leaked_documents"] == 0
     heldout = json.loads((run_dir / "data" / "heldout.json").read_text())
     assert sorted(heldout["ids"]) == sorted(corpus["heldout"]["id"])
     assert heldout["domain"]["distributions"] == ["sympy"]

@@ -338,7 +338,7 @@ def _build_hostile_site_packages(site, outside) -> int:
 
 
 HOSTILE_PIPELINE = """
-import json, resource, sys, time
+import json, re, resource, sys, time
 from pathlib import Path
 import datasets, pyarrow  # imported before the baseline: their size is not the pipeline's
 from llmbook import data as D
@@ -358,7 +358,8 @@ ledgers = D.check_chain([acquisition, ingestion, l1, l2, l3, l4, l5])
 out.write_text(json.dumps(dict(
     seconds=time.perf_counter() - started,
     rss_before_mb=rss_now_mb,
-    rss_peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    # VmHWM, this process's own peak: ru_maxrss also keeps the parent's peak from before exec (Linux's exec_mmap)
+    rss_peak_mb=int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read())[1]) / 1024,
     ledgers=[vars(l) for l in ledgers],
     paths=list(raw["path"]),
     heldout=list(raw["heldout"]),
