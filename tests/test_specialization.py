@@ -1,6 +1,8 @@
 """Chapter 6, long context: RoPE scaling (linear, dynamic NTK, YaRN) against transformers, reloading a scaled model,
 chunked prefill against one pass, and the KV cache against Chapter 1's calculator."""
 
+import copy
+
 import pytest
 import torch
 
@@ -64,8 +66,6 @@ def test_chunked_prefill_equals_one_pass_and_the_cache_is_the_calculators():
 
 def with_random_lora(model, settings=S.LoraSettings(rank=4, alpha=8.0)):
     "A LoRA copy of `model` whose B is not zero (a fresh adapter changes nothing)."
-    import copy
-
     adapted = S.add_lora(copy.deepcopy(model), settings)
     torch.manual_seed(1)
     for layer in S.lora_layers(adapted).values():
@@ -75,7 +75,7 @@ def with_random_lora(model, settings=S.LoraSettings(rank=4, alpha=8.0)):
 
 def test_lora_starts_as_the_model_and_trains_only_its_updates():
     model = trained()
-    adapted = S.add_lora(__import__("copy").deepcopy(model), S.LoraSettings(rank=4))
+    adapted = S.add_lora(copy.deepcopy(model), S.LoraSettings(rank=4))
     x = torch.randint(0, 300, (2, 24))
     with torch.no_grad():
         assert torch.equal(adapted(x), model(x))
@@ -110,7 +110,7 @@ def test_lora_merge_unmerge_and_peft_parity(tmp_path):
     with torch.no_grad():
         assert (peft_model(input_ids=x).logits - ours).abs().max() <= 1e-5
         assert (loaded(input_ids=x).logits - ours).abs().max() <= 1e-5
-        assert torch.equal(S.load_adapter(__import__("copy").deepcopy(model), tmp_path / "adapter")(x), ours)
+        assert torch.equal(S.load_adapter(copy.deepcopy(model), tmp_path / "adapter")(x), ours)
     merged = S.merge_lora(adapted).state_dict()
     theirs = peft_model.merge_and_unload().state_dict()
     assert set(merged) == set(model.state_dict())
