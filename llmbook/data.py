@@ -13,17 +13,18 @@ __all__ = ['MAX_METADATA_BYTES', 'MAX_SPDX_CHARS', 'MAX_LICENSE_TEXT_CHARS', 'LI
            'read_regular_file', 'walk_files', 'relative_path', 'tree_items', 'stdlib_items', 'distribution_files',
            'one_distribution_items', 'distribution_items', 'installation_source', 'directory_source', 'hf_loads',
            'hf_items', 'hf_source', 'random_expression', 'expression_heldout', 'expression_source', 'domain_names',
-           'domain_source', 'catalog', 'document_id', 'module_name', 'is_heldout', 'reading_order', 'read_item',
-           'decode', 'normalize_text', 'api_documentation', 'comments', 'python_documents', 'domain_of', 'documents_of',
-           'features', 'ShardWriter', 'acquire', 'ingest_text', 'ingest', 'excerpt', 'filter_step', 'license_step',
-           'exact_key', 'exact_dedup_step', 'quality_signals', 'quality_reason', 'quality_step', 'word_bytes',
-           'word_hashes', 'shingle_hashes', 'minhash_signatures', 'shingle_set', 'jaccard', 'replace_words',
-           'dissimilar_bases', 'lsh_buckets', 'near_duplicate_clusters', 'candidate_probability', 'variant_at',
-           'planted_near_duplicates', 'true_duplicate_pairs', 'candidate_pairs', 'pair_quality', 'corpus_signatures',
-           'near_dedup_step', 'shannon_entropy', 'luhn_valid', 'PiiMatch', 'find_pii', 'scrub', 'pii_scores',
-           'shipped_jsonl', 'load_blocklist', 'unsafe_reason', 'privacy_step', 'split_of', 'unigram_model', 'mixture',
-           'curriculum_order', 'split_parts', 'document_table', 'scored_and_ordered', 'write_corpus', 'load_corpus',
-           'heldout_leaks', 'check_chain', 'write_heldout', 'write_data_report']
+           'domain_label', 'domain_entry', 'domain_source', 'catalog', 'document_id', 'module_name', 'is_heldout',
+           'reading_order', 'read_item', 'decode', 'normalize_text', 'api_documentation', 'comments',
+           'python_documents', 'domain_of', 'documents_of', 'features', 'ShardWriter', 'acquire', 'ingest_text',
+           'ingest', 'excerpt', 'filter_step', 'license_step', 'exact_key', 'exact_dedup_step', 'quality_signals',
+           'quality_reason', 'quality_step', 'word_bytes', 'word_hashes', 'shingle_hashes', 'minhash_signatures',
+           'shingle_set', 'jaccard', 'replace_words', 'dissimilar_bases', 'lsh_buckets', 'near_duplicate_clusters',
+           'candidate_probability', 'variant_at', 'planted_near_duplicates', 'true_duplicate_pairs', 'candidate_pairs',
+           'pair_quality', 'corpus_signatures', 'near_dedup_step', 'shannon_entropy', 'luhn_valid', 'PiiMatch',
+           'find_pii', 'scrub', 'pii_scores', 'shipped_jsonl', 'load_blocklist', 'unsafe_reason', 'privacy_step',
+           'split_of', 'unigram_model', 'mixture', 'curriculum_order', 'split_parts', 'document_table',
+           'scored_and_ordered', 'write_corpus', 'load_corpus', 'heldout_leaks', 'check_chain', 'write_heldout',
+           'write_data_report']
 
 # %% ../nbs/02_data.ipynb #bb2d92b2
 import ast
@@ -463,9 +464,10 @@ def hf_loads(spec: str) -> tuple[str, str, list]:
     return name, version, [(None, name, version or None, None)]
 
 # %% ../nbs/02_data.ipynb #bd4cdb52
-def hf_items(spec: str, stated: str) -> Iterator[Item]:
-    "A dataset's rows as items; a local file that fails to load becomes one unreadable item, a hub dataset an error."
+def hf_items(spec: str, stated: str, source: str | None = None) -> Iterator[Item]:
+    "A dataset's rows as items of `source` (`hf:name`); a bad local file is one unreadable item, a hub one an error."
     name, version, loads = hf_loads(spec)
+    source = source or f"hf:{name}"
     license = normalize_license(stated) if stated else "NOASSERTION"
     for data_file, builder, config, data_files in loads:
         inside = data_file and Path(spec).is_dir()
@@ -477,14 +479,14 @@ def hf_items(spec: str, stated: str) -> Iterator[Item]:
             for row in _hf_rows(builder, config, data_files):
                 data = str(row.get("text") or row.get("content") or "").encode("utf-8", "surrogatepass")
                 read = lambda data=data: data
-                yield Item(f"hf:{name}", name, version, f"{label}#{rows_read}", license, "text", len(data), read)
+                yield Item(source, name, version, f"{label}#{rows_read}", license, "text", len(data), read)
                 rows_read += 1
         except Exception as e:
             if data_file is None:  # a hub dataset that cannot be loaded is a configuration error, not bad data
                 raise RuntimeError(f"cannot load Hugging Face dataset {spec!r}: {e} (offline? use local files)") from e
             size = data_file.stat().st_size if rows_read == 0 else 0  # a truncated or malformed file: counted
             reason = f"malformed dataset file after {rows_read} rows: {type(e).__name__}"
-            yield unreadable_item(f"hf:{name}", name, version, f"{label}#error", stated or "NOASSERTION", reason, size)
+            yield unreadable_item(source, name, version, f"{label}#error", stated or "NOASSERTION", reason, size)
 
 # %% ../nbs/02_data.ipynb #6b9331c8
 def hf_source(spec: str) -> Source:
@@ -539,28 +541,38 @@ def expression_source(n_docs: int, seed: int = 0, per_doc: int = 16) -> Source:
 
 # %% ../nbs/02_data.ipynb #b8f20f9c
 def domain_names(cfg) -> tuple[str, ...]:
-    "The distributions a preset keeps out of pretraining as Chapter 6's new domain (`domain`, comma-separated)."
+    "What a preset keeps out of pretraining as Chapter 6's new domain (`domain`, comma-separated entries)."
     return tuple(name.strip() for name in cfg.domain.split(",") if name.strip())
 
 
+def domain_label(name: str) -> str:
+    "An entry of `domain` as the corpus names it: the distribution, or the dataset (`hf:` and license dropped)."
+    return hf_loads(name.removeprefix("hf:").partition("|")[0])[0] if name.startswith("hf:") else name
+
+
+def domain_entry(name: str, source: str) -> tuple[str, Callable[[], Iterator[Item]]]:
+    "(license, items) of an entry of `domain`: an installed distribution, or `hf:name[:config]|SPDX` (hub or files)."
+    if name.startswith("hf:"):
+        spec, _, stated = name.removeprefix("hf:").partition("|")
+        return stated or "from the dataset card", lambda: hf_items(spec, stated, source)
+    try:
+        dist = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError(f"preset field domain: distribution {name!r} is not installed") from None
+    return "per distribution (SPDX from its metadata)", lambda: one_distribution_items(name, dist, source)
+
+
 def domain_source(names: Sequence[str], budget_bytes: float) -> Source:
-    "Installed distributions read as a domain of their own, with their own budget (Chapter 6 adapts to it)."
-    installed = {}
-    for name in names:
-        try:
-            installed[name] = importlib.metadata.distribution(name)
-        except importlib.metadata.PackageNotFoundError:
-            raise ValueError(f"preset field domain: distribution {name!r} is not installed") from None
-    label = "+".join(names)
+    "The new domain read as a source of its own, with its own budget (Chapter 6 adapts to it)."
+    source = "domain:" + "+".join(domain_label(n) for n in names)
+    entries = [domain_entry(n, source) for n in names]
     return Source(
-        f"domain:{label}",
-        "per distribution (SPDX from its metadata)",
-        f"the new domain of Chapter 6, kept out of pretraining: {label}",
-        lambda: itertools.chain.from_iterable(
-            one_distribution_items(n, d, f"domain:{label}") for n, d in installed.items()
-        ),
+        source,
+        ", ".join(dict.fromkeys(license for license, _ in entries)),
+        f"the new domain of Chapter 6, kept out of pretraining: {source.removeprefix('domain:')}",
+        lambda: itertools.chain.from_iterable(items() for _, items in entries),
         budget_bytes=budget_bytes,
-        shuffled=True,
+        shuffled=not any(n.startswith("hf:") for n in names),  # a dataset is a stream, read in its own order
     )
 
 
@@ -1675,7 +1687,7 @@ def write_heldout(run: Run, corpus) -> dict:
         ids=sorted(corpus["heldout"]["id"]),
         expressions=dict(rule="int(sha256(expression)[:8], 16) % 10 == 0", function="llmbook.data.expression_heldout"),
         domain=dict(
-            distributions=list(domain_names(run.cfg)),
+            entries=list(domain_names(run.cfg)),
             documents=len(corpus["domain_train"]) + len(corpus["domain_val"]),
             splits=["domain_train", "domain_val"],
         ),

@@ -222,3 +222,15 @@ def test_gpu_preset_without_gpu_says_so():
         pytest.skip("this machine has a GPU")
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         book.torch_device(PRESETS["gpu"])
+
+
+def test_dataset_paths_become_absolute(tmp_path, monkeypatch):
+    "Local datasets named on the command line still resolve in nbs/, where the notebooks run; names stay names."
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "de.jsonl").write_text('{"text": "Satz"}\n')
+    (tmp_path / "sympy").mkdir()  # a directory named like a distribution: a domain entry without hf: stays a name
+    absolute = book._absolute_dataset_paths
+    assert absolute("hf_datasets=de.jsonl|MIT") == f"hf_datasets={tmp_path / 'de.jsonl'}|MIT"
+    assert absolute("domain=sympy,hf:de.jsonl|CC0-1.0") == f"domain=sympy,hf:{tmp_path / 'de.jsonl'}|CC0-1.0"
+    assert absolute("domain=hf:org/name:config|MIT") == "domain=hf:org/name:config|MIT"
+    assert absolute("depth=2") == "depth=2"

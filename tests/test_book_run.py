@@ -98,7 +98,7 @@ def test_data_artifacts(tiny_run):
     assert report["raw_text_mb"] >= 3 and report["heldout_leaked_documents"] == report["domain_leaked_documents"] == 0
     heldout = json.loads((run_dir / "data" / "heldout.json").read_text())
     assert sorted(heldout["ids"]) == sorted(corpus["heldout"]["id"])
-    assert heldout["domain"]["distributions"] == ["sympy"]
+    assert heldout["domain"]["entries"] == ["sympy"]
     assert heldout["domain"]["documents"] == len(corpus["domain_train"]) + len(corpus["domain_val"])
 
 

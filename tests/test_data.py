@@ -237,6 +237,7 @@ def test_catalog_of_presets():
     assert tiny[-1].budget_bytes == make_preset("tiny").domain_mb * 1e6 and tiny[1].budget_bytes is None
     gpu = D.catalog(make_preset("gpu"))
     assert gpu[-2].name == "hf:HuggingFaceFW/fineweb-edu"
+    assert (gpu[-1].name, gpu[-1].license, gpu[-1].shuffled) == ("domain:wikimedia/wikipedia", "CC-BY-SA-4.0", False)
     assert [s.name for s in D.catalog(make_preset("tiny", "domain="))] == ["synthetic:expressions", "python"]
     with pytest.raises(ValueError, match="no-such-distribution"):
         D.catalog(make_preset("tiny", "domain=no-such-distribution"))
@@ -257,6 +258,23 @@ def test_a_source_with_its_own_budget(tmp_path):
     assert 20_000 <= by_source["dir:general"] < 22_000 and 5_000 <= by_source["dir:domain"] < 7_000, by_source
     splits = {D.split_of(dict(heldout=False, source="domain:x", distribution="x", path=f"m{i}.py")) for i in range(200)}
     assert splits == {"domain_train", "domain_val"}
+
+
+def test_a_dataset_as_the_domain(tmp_path):
+    "A Hugging Face dataset (local files in its format) as Chapter 6's domain: its own budget, its own splits."
+    sentence = "Der Hund läuft über die Straße, und die Katze schläft im Garten. "
+    (tmp_path / "de.jsonl").write_text(
+        "".join(json.dumps(dict(text=f"{i}: " + sentence * 5)) + "\n" for i in range(300))
+    )
+    cfg = make_preset("tiny", f"domain=hf:{tmp_path / 'de.jsonl'}|CC-BY-SA-4.0 domain_mb=0.02")
+    domain = D.catalog(cfg)[-1]
+    assert (domain.name, domain.license, domain.budget_bytes) == ("domain:de.jsonl", "CC-BY-SA-4.0", 20_000)
+    raw, _, _ = D.ingest([domain], 1e12, tmp_path / "work", tmp_path / "m.jsonl")
+    assert set(raw["source"]) == {"domain:de.jsonl"} and set(raw["license"]) == {"CC-BY-SA-4.0"}
+    assert 20_000 <= sum(len(t.encode()) for t in raw["text"]) < 21_000
+    assert {D.split_of(row) for row in raw} == {"domain_train", "domain_val"}
+    with pytest.raises(RuntimeError, match="no/such-dataset"):
+        next(D.catalog(make_preset("tiny", "domain=hf:no/such-dataset|MIT"))[-1].items())
 
 
 # A hostile installation: what a hostile review tried against acquisition. The pipeline runs on it in a child
