@@ -8,9 +8,12 @@ __all__ = ['ROPE_METHODS', 'LONG_CONTEXT_LR', 'LORA_TARGETS', 'PEFT_PREFIX', 'RE
            'from_hf_long', 'continue_training', 'passkey_table', 'loss_by_position', 'prefill', 'peak_bytes',
            'save_long_context', 'LoraSettings', 'LoraLinear', 'add_lora', 'lora_layers', 'merge_lora',
            'trainable_parameters', 'adapter_state', 'save_adapter', 'load_adapter', 'ReplayLoader',
-           'extended_tokenizer', 'extended_model']
+           'extended_tokenizer', 'extended_model', 'Quantized', 'group_scales', 'quantize_rtn', 'gptq',
+           'weight_matrices', 'input_hessians', 'quantize_model', 'DynamicInt8Linear', 'dynamic_int8',
+           'dynamic_int8_bytes']
 
 # %% ../nbs/06_specialization.ipynb #4005eb78
+import copy
 import json
 import math
 import time
@@ -399,3 +402,147 @@ def extended_model(model: Transformer, old: BPETokenizer, new: BPETokenizer) -> 
         state["lm_head.weight"] = state["embed_tokens.weight"]
     grown.load_state_dict(state)
     return grown.to(model.lm_head.weight.device, model.lm_head.weight.dtype)
+
+# %% ../nbs/06_specialization.ipynb #0a47a43e
+@dataclass(frozen=True)
+class Quantized:
+    "A weight matrix as small integers, one float16 scale per group of consecutive input columns."
+
+    q: torch.Tensor  # (out, in) int8; at 4 bits the values lie in [-8, 7]
+    scale: torch.Tensor  # (out, in // group), float16 values held in float32
+    bits: int
+
+    @property
+    def group(self) -> int:
+        return self.q.shape[1] // self.scale.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        out, inp = self.q.shape
+        return (self.q.float().view(out, -1, self.group) * self.scale[..., None]).view(out, inp)
+
+    def nbytes(self) -> int:
+        "Bytes stored: `bits` per weight, packed, and two per scale."
+        return self.q.numel() * self.bits // 8 + self.scale.numel() * 2
+
+
+def group_scales(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    "Symmetric scales: a group's largest |w| maps to the largest integer; rounded to float16, as stored."
+    out, inp = weight.shape
+    if inp % group:
+        raise ValueError(f"group size {group} does not divide the {inp} input columns")
+    largest = weight.float().view(out, inp // group, group).abs().amax(-1)
+    return (largest / (2 ** (bits - 1) - 1)).clamp(min=2**-14).half().float()
+
+
+def quantize_rtn(weight: torch.Tensor, bits: int = 8, group: int | None = None) -> Quantized:
+    "Round to nearest: one scale per output channel (`group=None`), or per `group` input columns."
+    out, inp = weight.shape
+    scale = group_scales(weight, bits, group or inp)
+    levels = weight.float().view(out, scale.shape[1], -1) / scale[..., None]
+    q = levels.round().clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return Quantized(q.view(out, inp).to(torch.int8), scale, bits)
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group: int = 64, damp: float = 0.01) -> Quantized:
+    "GPTQ: quantize one input column at a time, moving its rounding error onto the columns still to come."
+    w = weight.float().clone()
+    out, inp = w.shape
+    h = hessian.double().clone()
+    dead = h.diagonal() == 0  # inputs never active in calibration: their weights do not matter there
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * h.diagonal().mean() * torch.eye(inp, dtype=h.dtype, device=h.device)
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    q = torch.zeros(out, inp, dtype=torch.int8, device=w.device)
+    scale = torch.zeros(out, inp // group, device=w.device)
+    for i in range(inp):
+        if i % group == 0:  # a group's scale comes from its weights as they stand when it is reached
+            scale[:, i // group] = group_scales(w[:, i : i + group], bits, group)[:, 0]
+        step = scale[:, i // group]
+        column = (w[:, i] / step).round().clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        q[:, i] = column.to(torch.int8)
+        error = (w[:, i] - column * step) / inverse[i, i]
+        w[:, i + 1 :] -= error[:, None] * inverse[i, i + 1 :][None, :]
+    return Quantized(q, scale, bits)
+
+# %% ../nbs/06_specialization.ipynb #13b45347
+def weight_matrices(model: nn.Module) -> dict:
+    "Each distinct matrix by name (a tied head is its embedding), with the linear layer that reads it, if any."
+    readers = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {n: (p, readers.get(id(p))) for n, p in model.named_parameters() if p.dim() == 2}
+
+
+def input_hessians(model: nn.Module, batches: Iterable[torch.Tensor], names: Iterable[str]) -> dict:
+    "H = 2XᵀX/n of the inputs X each named linear layer sees while the model reads `batches`."
+    modules, sums, counts = dict(model.named_modules()), {}, {}
+
+    def record(name):
+        def hook(module, args):
+            x = args[0].detach().float().flatten(0, -2)
+            sums[name] = sums.get(name, 0) + 2 * x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return hook
+
+    hooks = [modules[n].register_forward_pre_hook(record(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: sums[n] / counts[n] for n in sums}
+
+
+def quantize_model(model: nn.Module, bits: int, group: int | None = None, hessians: dict | None = None):
+    "A copy whose matrices hold their quantized values (GPTQ where `hessians` has the reader), and its stored bytes."
+    quantized = copy.deepcopy(model)
+    stored = 0
+    for weight, reader in weight_matrices(quantized).values():
+        if hessians and reader in hessians:
+            q = gptq(weight.data, hessians[reader], bits, group or weight.shape[1])
+        else:
+            q = quantize_rtn(weight.data, bits, group)
+        weight.data.copy_(q.dequantize())
+        stored += q.nbytes()
+    return quantized, stored + sum(4 * p.numel() for p in quantized.parameters() if p.dim() < 2)
+
+
+class DynamicInt8Linear(nn.Module):
+    "A linear layer in int8: weights per output channel once; each input quantized to unsigned ints as it arrives."
+
+    def __init__(self, linear: nn.Linear, activation_levels: int = 127):
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.register_buffer("weight_scale", (w.abs().amax(1) / 127.5).clamp(min=torch.finfo(torch.float32).eps))
+        self.register_buffer("weight_q", (w * (1 / self.weight_scale[:, None])).round().clamp(-128, 127).to(torch.int8))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.levels = activation_levels  # x86's int8 kernels keep activations to 7 bits (torch's reduce_range)
+
+    def nbytes(self) -> int:
+        return self.weight_q.numel() + 4 * self.weight_scale.numel()
+
+    def forward(self, x):
+        low, high = x.min().clamp(max=0), x.max().clamp(min=0)  # the range always holds zero exactly
+        scale = ((high - low) / self.levels).clamp(min=torch.finfo(torch.float32).eps)
+        zero = (-low / scale).round().clamp(0, self.levels)
+        xq = (x / scale + zero).round().clamp(0, self.levels)  # as torch: the zero point added before rounding
+        y = ((xq - zero).double() @ self.weight_q.double().T) * (scale * self.weight_scale).double()
+        return (y.float() if self.bias is None else y.float() + self.bias).to(x.dtype)
+
+
+def dynamic_int8(model: nn.Module) -> nn.Module:
+    "A copy with every linear layer replaced by `DynamicInt8Linear`."
+    quantized = copy.deepcopy(model)
+    for name, module in list(quantized.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, DynamicInt8Linear(child))
+    return quantized
+
+
+def dynamic_int8_bytes(model: nn.Module) -> int:
+    "Bytes of a `dynamic_int8` model: int8 matrices with a float32 scale per row; everything else float32."
+    layers = [m for m in model.modules() if isinstance(m, DynamicInt8Linear)]
+    return sum(m.nbytes() for m in layers) + 4 * sum(p.numel() for p in model.parameters())

@@ -161,3 +161,43 @@ def test_an_extended_tokenizer_keeps_every_old_id_and_starts_new_tokens_from_the
     assert torch.equal(e_new[new.special_tokens["<|end|>"]], e_old[old.special_tokens["<|end|>"]])
     first = len(old.vocab)
     assert torch.allclose(e_new[first], e_old[old._encode_chunk(new.vocab[first])].mean(0))
+
+
+def test_int8_layers_equal_torchs_dynamic_quantization():
+    "Our int8 linear layer gives torch's `quantize_dynamic` (per-channel int8) output exactly, inputs of any scale."
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    torch.manual_seed(0)
+    for scale in (0.1, 1.0, 30.0):
+        layer = torch.nn.Linear(384, 96, bias=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = quantize_dynamic(
+                torch.nn.Sequential(copy.deepcopy(layer)), {torch.nn.Linear: per_channel_dynamic_qconfig}
+            )
+        x = torch.randn(4, 64, 384) * scale
+        with torch.no_grad():
+            assert (S.DynamicInt8Linear(layer)(x) - theirs(x)).abs().max() <= 1e-6 * scale
+
+
+def test_quantization_bytes_and_error_bounds():
+    "RTN stays within half a step of each weight; GPTQ lowers a layer's output error on correlated inputs; bytes count."
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256) * 0.02
+    inputs = torch.randn(2048, 16) @ torch.randn(16, 256) + 0.1 * torch.randn(2048, 256)
+    for bits, group in ((8, None), (4, 32), (4, 128)):
+        q = S.quantize_rtn(weight, bits, group)
+        step = q.scale.repeat_interleave(q.group, 1)
+        assert ((q.dequantize() - weight).abs() <= step / 2 * (1 + 1e-6)).all()
+        assert q.nbytes() == 64 * 256 * bits // 8 + q.scale.numel() * 2
+    hessian = 2 * inputs.T @ inputs / len(inputs)
+    error = lambda q: ((inputs @ (q.dequantize() - weight).T) ** 2).mean()
+    assert error(S.gptq(weight, hessian, 4, 32)) < 0.5 * error(S.quantize_rtn(weight, 4, 32))
+    with pytest.raises(ValueError, match="does not divide"):
+        S.quantize_rtn(weight, 4, 96)
+    model = trained()
+    quantized, stored = S.quantize_model(model, 8)
+    assert quantized.lm_head.weight is quantized.embed_tokens.weight  # a tied head stays tied, quantized once
+    assert 3.8 < 4 * sum(p.numel() for p in model.parameters()) / stored < 4
