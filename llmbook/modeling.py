@@ -921,7 +921,7 @@ def generate(
 ):
     "Continue `idx` (batch, t) by up to `max_new_tokens` tokens; stops once every row has emitted a `stop` token."
     model.eval()
-    dtype = model.embed_tokens.weight.dtype  # the head may be a quantized layer (Chapter 6); the embedding is not
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # a quantized head has no weight
     cache = KVCache(model.config, idx.shape[0], idx.shape[1] + max_new_tokens, idx.device, dtype)
     logits, out = model(idx, cache=cache)[:, -1], idx
     stop, finished = (

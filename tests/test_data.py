@@ -237,7 +237,7 @@ def test_catalog_of_presets():
     assert tiny[-1].budget_bytes == make_preset("tiny").domain_mb * 1e6 and tiny[1].budget_bytes is None
     gpu = D.catalog(make_preset("gpu"))
     assert gpu[-2].name == "hf:HuggingFaceFW/fineweb-edu"
-    assert (gpu[-1].name, gpu[-1].license, gpu[-1].shuffled) == ("domain:wikimedia/wikipedia", "CC-BY-SA-4.0", False)
+    assert (gpu[-1].name, gpu[-1].license, gpu[-1].shuffled) == ("domain:HuggingFaceFW/fineweb-2", "ODC-By-1.0", False)
     assert [s.name for s in D.catalog(make_preset("tiny", "domain="))] == ["synthetic:expressions", "python"]
     with pytest.raises(ValueError, match="no-such-distribution"):
         D.catalog(make_preset("tiny", "domain=no-such-distribution"))
