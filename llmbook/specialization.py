@@ -431,7 +431,8 @@ def group_scales(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     if inp % group:
         raise ValueError(f"group size {group} does not divide the {inp} input columns")
     largest = weight.float().view(out, inp // group, group).abs().amax(-1)
-    return (largest / (2 ** (bits - 1) - 1)).clamp(min=2**-14)  # float16's smallest normal number.half().float()
+    scale = (largest / (2 ** (bits - 1) - 1)).clamp(min=2**-14)  # 2⁻¹⁴: float16's smallest normal number
+    return scale.half().float()
 
 
 def quantize_rtn(weight: torch.Tensor, bits: int = 8, group: int | None = None) -> Quantized:
@@ -515,9 +516,8 @@ class DynamicInt8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, activation_levels: int = 127):
         super().__init__()
         w = linear.weight.detach().float()
-        scale = (w.abs().amax(1) / 127.5).clamp(
-            min=torch.finfo(torch.float32).eps
-        )  # torch's symmetric: (max − min)/255
+        # torch's symmetric scale: (max − min)/255 with min = −max
+        scale = (w.abs().amax(1) / 127.5).clamp(min=torch.finfo(torch.float32).eps)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_q", (w * (1 / self.weight_scale[:, None])).round().clamp(-128, 127).to(torch.int8))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())

@@ -192,6 +192,7 @@ def test_quantization_bytes_and_error_bounds():
         step = q.scale.repeat_interleave(q.group, 1)
         assert ((q.dequantize() - weight).abs() <= step / 2 * (1 + 1e-6)).all()
         assert q.nbytes() == 64 * 256 * bits // 8 + q.scale.numel() * 2
+        assert torch.equal(q.scale, q.scale.half().float())  # the scales are stored in float16
     hessian = 2 * inputs.T @ inputs / len(inputs)
     error = lambda q: ((inputs @ (q.dequantize() - weight).T) ** 2).mean()
     assert error(S.gptq(weight, hessian, 4, 32)) < 0.5 * error(S.quantize_rtn(weight, 4, 32))
