@@ -98,6 +98,7 @@ class Preset:
     adapt_steps: int = 20  # optimizer steps of each domain-adaptation run (Chapter 6)
     compression_questions: int = 20  # held-out questions each compressed model answers (Chapter 6)
     calibration_batches: int = 4  # batches of the training split GPTQ's Hessians are measured on
+    compression_steps: int = 20  # steps of each pruning recovery and distillation run (Chapter 6)
     # money (Chapter 1's budget)
     usd_per_hour: float = 0.10  # price of the machine this preset targets
 
@@ -153,6 +154,7 @@ PRESETS = {
         adapt_steps=150,
         compression_questions=100,
         calibration_batches=16,
+        compression_steps=150,
     ),
     "gpu": Preset(
         "gpu",
@@ -194,6 +196,7 @@ PRESETS = {
         adapt_steps=1_000,
         compression_questions=430,
         calibration_batches=64,
+        compression_steps=1_000,
     ),
     "multi-gpu": Preset(
         "multi-gpu",
@@ -228,6 +231,7 @@ PRESETS = {
         adapt_steps=1_000,
         compression_questions=430,
         calibration_batches=64,
+        compression_steps=1_000,
         scaling_budgets="1e18,3e18,1e19",
         scaling_depths="10,14,18,22",
         copy_ablation_flops=1e16,
@@ -527,7 +531,13 @@ CHAPTERS = (
         "05_post_training",
         ("model/sft", "model/dpo", "model/rl", "model/tools", "prm", "rag", "eval/post.json"),
     ),
-    Chapter(6, "specialization", "Specialization", "06_specialization", ("model/long", "adapters/domain-lora")),
+    Chapter(
+        6,
+        "specialization",
+        "Specialization",
+        "06_specialization",
+        ("model/long", "adapters/domain-lora", "model/compressed"),
+    ),
     Chapter(7, "deployment", "Deployment", "07_deployment", ("release", "serve")),
     Chapter(8, "governance", "Governance", "08_governance", ("governance", "registry")),
     Chapter(9, "improvement", "Continuous improvement", "09_continuous_improvement", ("improve",)),

@@ -415,6 +415,22 @@ def success_metrics() -> list[SuccessMetric]:
             "GPTQ beats round-to-nearest at 4 bits (bits-per-byte increase saved, best group size)",
         ),
         M(
+            "distillation_bpb_gain",
+            6,
+            "bits/byte",
+            "at_least",
+            per_preset(None, 0.0, 0.0, 0.0),
+            "a student distilled from the SFT model reads text better than the same student trained on tokens alone",
+        ),
+        M(
+            "distillation_exact_match_gain",
+            6,
+            "fraction",
+            "at_least",
+            per_preset(None, 0.0, 0.0, 0.0),
+            "the distilled student answers more held-out questions than the one trained on tokens alone",
+        ),
+        M(
             "decode_tokens_per_s",
             7,
             "tokens/s",

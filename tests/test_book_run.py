@@ -223,6 +223,26 @@ def test_domain_adapter_is_a_peft_adapter(tiny_run):
     assert 0 < recorded["metrics"]["lora_trainable_fraction"] < 0.25
 
 
+def test_compressed_models_are_what_chapter_7_serves(tiny_run):
+    "model/compressed/: four GGUF files gguf reads, a pruned and a distilled model transformers loads, the table."
+    run_dir, *_ = tiny_run
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    compressed = run_dir / "model" / "compressed"
+    table = json.loads((compressed / "compression.json").read_text())
+    assert {"float32", "GGUF Q4_0", "pruned, Wanda 50%"} <= set(table["rows"])
+    for name in table["gguf"].values():
+        reader = gguf.GGUFReader(compressed / "gguf" / name)
+        assert reader.fields["general.architecture"].contents() == "qwen3"
+    sft = AutoModelForCausalLM.from_pretrained(run_dir / "model" / "sft")
+    pruned = AutoModelForCausalLM.from_pretrained(compressed / table["pruned"])
+    assert pruned.config.intermediate_size == sft.config.intermediate_size // 2
+    assert type(AutoModelForCausalLM.from_pretrained(compressed / table["distilled"])).__name__ == "Qwen3ForCausalLM"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert f"model/compressed/gguf/{table['gguf']['Q8_0']}" in manifest  # every file has its sha256
+
+
 def test_report_card(tiny_run):
     run_dir, *_ = tiny_run
     report = (run_dir / "report.md").read_text()

@@ -1,8 +1,11 @@
 """Chapter 6, long context: RoPE scaling (linear, dynamic NTK, YaRN) against transformers, reloading a scaled model,
-chunked prefill against one pass, and the KV cache against Chapter 1's calculator."""
+chunked prefill against one pass, and the KV cache against Chapter 1's calculator. Domain adaptation: LoRA against
+peft, replay, an extended tokenizer. Compression: int8 against torch, GGUF against gguf and transformers, pruning
+against torch's, distillation's KL against TRL's."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -202,3 +205,124 @@ def test_quantization_bytes_and_error_bounds():
     quantized, stored = S.quantize_model(model, 8)
     assert quantized.lm_head.weight is quantized.embed_tokens.weight  # a tied head stays tied, quantized once
     assert 3.8 < 4 * sum(p.numel() for p in model.parameters()) / stored < 4
+
+
+def test_ggml_quantizers_pack_the_bytes_of_gguf():
+    "Our Q8_0 and Q4_0 give gguf's bytes bit for bit (zero blocks, ties and signs included) and its values back."
+    import gguf
+
+    torch.manual_seed(0)
+    weight = torch.randn(16, 128) * 0.02
+    weight[0, :32] = 0  # a block of zeros: scale 0
+    weight[1, :32] = 0.5  # a block of ties
+    weight[2, 32:64] = torch.linspace(-1, 0.5, 32)  # its largest |w| negative
+    for file_type, ours in (("Q8_0", S.quantize_q8_0), ("Q4_0", S.quantize_q4_0)):
+        qtype = getattr(gguf.GGMLQuantizationType, file_type)
+        packed = S.ggml_bytes(ours(weight))
+        assert np.array_equal(packed, gguf.quants.quantize(weight.numpy(), qtype))
+        assert np.array_equal(gguf.quants.dequantize(packed, qtype), ours(weight).dequantize().numpy())
+        assert ours(weight).nbytes() == packed.nbytes
+    with pytest.raises(ValueError, match="blocks of 32"):
+        S.quantize_q8_0(torch.randn(4, 48))
+
+
+def gguf_pair(n_layer=2):
+    "A small tokenizer and an untrained model of its vocabulary."
+    tok = M.BPETokenizer(M.train_bpe(M.count_chunks(["def add(x, y):\n    return x + y\n"] * 20), 40))
+    torch.manual_seed(0)
+    return tok, M.Transformer(M.ModelConfig.from_depth(n_layer, tok.vocab_size, 32)).eval()
+
+
+def test_gguf_files_load_in_transformers_with_our_logits(tmp_path):
+    "transformers reads each of our GGUF files as the model holding the file's values, and its tokenizer as ours."
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok, model = gguf_pair()
+    x = torch.randint(0, tok.vocab_size, (2, 24))
+    for file_type in S.GGUF_FILE_TYPES:
+        path = S.write_gguf(model, tok, tmp_path / f"m-{file_type}.gguf", file_type)
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, config=M.hf_config(model.config))
+        with torch.no_grad():
+            assert (hf(input_ids=x).logits - S.gguf_model(model, file_type)(x)).abs().max() < 1e-4, file_type
+    assert not list(tmp_path.glob(".*"))  # written atomically: no temporary file left
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m-F32.gguf")
+    text = "def add(x, y):\n\n    return x + 12345  # héllo"
+    assert theirs.encode(text, add_special_tokens=False) == tok.encode_ordinary(text)
+    with pytest.raises(ValueError, match="GGUF file type"):
+        S.write_gguf(model, tok, tmp_path / "m.gguf", "Q5_K")
+    with pytest.raises(ValueError, match="token rows"):
+        S.write_gguf(trained(), tok, tmp_path / "m.gguf")
+
+
+def test_pruning_masks_and_held_zeros():
+    "Magnitude = torch's l1_unstructured; Wanda prunes each row alike; 2:4 keeps 2 of 4; held weights stay zero."
+    from torch.nn.utils import prune as torch_prune
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 16, bias=False)
+    ours = S.magnitude_mask(layer.weight.detach(), 0.5)
+    torch_prune.l1_unstructured(layer, "weight", amount=0.5)
+    assert torch.equal(ours, layer.weight_mask.bool())
+    weight, rms = torch.randn(16, 64), torch.rand(64) + 0.1
+    rms[5] = 0  # an input that is never active: Wanda prunes its column in every row, magnitude does not know
+    wanda = S.wanda_mask(weight, rms, 0.25)
+    assert (wanda.sum(1) == 48).all() and not wanda[:, 5].any()
+    two_four = S.two_four_mask(weight.abs())
+    assert (two_four.view(16, 16, 4).sum(-1) == 2).all()
+    model = trained()
+    masks = {n: S.magnitude_mask(m.weight.detach(), 0.5) for n, m in S.block_linears(model).items()}
+    pruned = S.masked_model(model, masks)
+    hooks = S.hold_masks(pruned, masks)
+    optimizer = torch.optim.AdamW(pruned.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(3):
+        x = torch.randint(0, 300, (2, 16))
+        pruned(x, x)[1].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for h in hooks:
+        h.remove()
+    layers = dict(pruned.named_modules())
+    assert all(not layers[n].weight[~m].any() for n, m in masks.items())
+    assert S.sparse_bytes(model, masks) < 4 * sum(p.numel() for p in model.parameters())
+
+
+def test_structured_pruning_is_a_smaller_qwen3_that_transformers_loads():
+    "Keeping every piece changes nothing; keeping half is a smaller config transformers loads with our logits."
+    torch.manual_seed(0)
+    model = M.Transformer(M.ModelConfig.from_depth(4, 300, 32)).eval()  # 4 heads in 2 KV groups
+    batches = [torch.randint(0, 300, (2, 32)) for _ in range(2)]
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    hessians = S.input_hessians(model, batches, names)
+    c = model.config
+    whole = S.prune_structure(model, hessians, c.ffn_hidden, c.n_head)
+    x = batches[0]
+    with torch.no_grad():
+        assert torch.allclose(whole(x), model(x), atol=1e-5)
+    half = S.prune_structure(model, hessians, c.ffn_hidden // 2, c.n_head // 2)
+    assert (half.config.ffn_hidden, half.config.n_head, half.config.n_kv_head) == (c.ffn_hidden // 2, 2, 1)
+    with torch.no_grad():
+        assert (M.to_hf(half)(input_ids=x).logits - half(x)).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="whole KV groups"):
+        S.prune_structure(model, hessians, c.ffn_hidden, 3)
+
+
+def test_distillation_loss_and_half_depth():
+    "The KL term equals TRL's forward KL; weight 0 is cross-entropy; the student takes every other layer."
+    from trl.experimental.gkd import GKDTrainer
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 6, 40), torch.randn(2, 6, 40)
+    targets = torch.randint(0, 40, (2, 6))
+    targets[1, :3] = -100
+    keep = targets != -100
+    theirs = GKDTrainer.generalized_jsd_loss(student, teacher, targets, beta=0.0, temperature=2.0)
+    torch.testing.assert_close(S.soft_targets_kl(student[keep], teacher[keep], 2.0), theirs, rtol=1e-6, atol=1e-7)
+    hard = torch.nn.functional.cross_entropy(student[keep], targets[keep])
+    torch.testing.assert_close(S.distillation_loss(student, None, targets, weight=0.0), hard)
+    assert S.distillation_loss(teacher, teacher, targets, weight=1.0).abs() < 1e-6  # the teacher is its own target
+    big = M.Transformer(M.ModelConfig.from_depth(2, 300, 32, n_layer=4))
+    small = S.half_depth(big)
+    assert small.config.n_layer == 2
+    assert torch.equal(small.layers[1].mlp.up_proj.weight, big.layers[2].mlp.up_proj.weight)
+    with pytest.raises(ValueError, match="no half depth"):
+        S.half_depth(M.Transformer(M.ModelConfig.from_depth(1, 300, 32)))
