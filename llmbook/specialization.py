@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['ROPE_METHODS', 'LONG_CONTEXT_LR', 'LORA_TARGETS', 'PEFT_PREFIX', 'REPLAY_FRACTION', 'ADAPT_LR', 'LORA_LR_FACTOR',
-           'GGML_BLOCK', 'GGUF_FILE_TYPES', 'GGUF_LAYER_NAMES', 'GGUF_MODEL_NAMES', 'RECOVERY_LR',
+           'GGML_BLOCK', 'GGUF_FILE_TYPES', 'GGUF_LAYER_NAMES', 'GGUF_MODEL_NAMES', 'GGML_QUANTIZERS', 'RECOVERY_LR',
            'DISTILL_TEMPERATURE', 'DISTILL_WEIGHT', 'DISTILL_LR', 'RopeScaling', 'yarn_frequencies',
            'scaled_frequencies', 'LongContextTransformer', 'scaled_model', 'from_hf_long', 'continue_training',
            'passkey_table', 'loss_by_position', 'prefill', 'peak_bytes', 'save_long_context', 'LoraSettings',
@@ -12,10 +12,9 @@ __all__ = ['ROPE_METHODS', 'LONG_CONTEXT_LR', 'LORA_TARGETS', 'PEFT_PREFIX', 'RE
            'save_adapter', 'load_adapter', 'ReplayLoader', 'extended_tokenizer', 'extended_model', 'Quantized',
            'group_scales', 'quantize_rtn', 'gptq', 'weight_matrices', 'input_hessians', 'quantize_model',
            'DynamicInt8Linear', 'dynamic_int8', 'dynamic_int8_bytes', 'round_half_away', 'ggml_blocks', 'quantize_q8_0',
-           'quantize_q4_0', 'ggml_bytes', 'gguf_name', 'ggml_values', 'gguf_model', 'byte_level', 'write_gguf',
-           'block_linears', 'magnitude_mask', 'wanda_mask', 'two_four_mask', 'masked_model', 'sparse_bytes',
-           'hold_masks', 'column_importance', 'prune_structure', 'soft_targets_kl', 'distillation_loss', 'half_depth',
-           'distill']
+           'quantize_q4_0', 'ggml_bytes', 'gguf_name', 'ggml_values', 'gguf_model', 'write_gguf', 'block_linears',
+           'magnitude_mask', 'wanda_mask', 'two_four_mask', 'masked_model', 'sparse_bytes', 'hold_masks',
+           'column_importance', 'prune_structure', 'soft_targets_kl', 'distillation_loss', 'half_depth', 'distill']
 
 # %% ../nbs/06_specialization.ipynb #4005eb78
 import copy
@@ -636,14 +635,16 @@ def gguf_name(name: str) -> str:
     return f"{GGUF_MODEL_NAMES[module]}.{kind}"
 
 
+GGML_QUANTIZERS = {"Q8_0": quantize_q8_0, "Q4_0": quantize_q4_0}
+
+
 def ggml_values(weight: torch.Tensor, file_type: str) -> torch.Tensor:
     "The values a GGUF file of `file_type` holds for a matrix, as llama.cpp computes with them (float32)."
     if file_type not in GGUF_FILE_TYPES:
         raise ValueError(f"GGUF file type {file_type!r}: expected one of {GGUF_FILE_TYPES}")
     if file_type in ("F32", "F16"):
         return weight.detach().to(torch.float32 if file_type == "F32" else torch.float16).float()
-    quantize = quantize_q8_0 if file_type == "Q8_0" else quantize_q4_0
-    return quantize(weight).dequantize().to(weight.device)
+    return GGML_QUANTIZERS[file_type](weight).dequantize().to(weight.device)
 
 
 def gguf_model(model: nn.Module, file_type: str) -> nn.Module:
@@ -652,12 +653,6 @@ def gguf_model(model: nn.Module, file_type: str) -> nn.Module:
     for weight, _ in weight_matrices(stored).values():
         weight.data.copy_(ggml_values(weight.data, file_type))
     return stored
-
-
-def byte_level(token: bytes) -> str:
-    "A token in GPT-2's byte-to-character alphabet, as GGUF's `gpt2` tokenizers list tokens and merges."
-    alphabet = bytes_to_unicode()
-    return "".join(alphabet[b] for b in token)
 
 
 def write_gguf(
@@ -674,6 +669,8 @@ def write_gguf(
     if c.vocab_size != tok.vocab_size:
         raise ValueError(f"the model has {c.vocab_size} token rows, the tokenizer {tok.vocab_size} tokens")
     special = {i: t for t, i in tok.special_tokens.items()}
+    alphabet = bytes_to_unicode()  # GGUF's `gpt2` tokenizers list tokens in GPT-2's byte-to-character alphabet
+    byte_level = lambda token: "".join(alphabet[b] for b in token)
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "qwen3")
         writer.add_name(name)
@@ -711,8 +708,7 @@ def write_gguf(
             elif file_type == "F16":
                 writer.add_tensor(gguf_name(key), w.half().numpy())
             else:
-                quantize = quantize_q8_0 if file_type == "Q8_0" else quantize_q4_0
-                packed = ggml_bytes(quantize(w))
+                packed = ggml_bytes(GGML_QUANTIZERS[file_type](w))
                 writer.add_tensor(gguf_name(key), packed, raw_dtype=getattr(gguf.GGMLQuantizationType, file_type))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -216,7 +216,7 @@ def test_ggml_quantizers_pack_the_bytes_of_gguf():
     weight[0, :32] = 0  # a block of zeros: scale 0
     weight[1, :32] = 0.5  # a block of ties
     weight[2, 32:64] = torch.linspace(-1, 0.5, 32)  # its largest |w| negative
-    for file_type, ours in (("Q8_0", S.quantize_q8_0), ("Q4_0", S.quantize_q4_0)):
+    for file_type, ours in S.GGML_QUANTIZERS.items():
         qtype = getattr(gguf.GGMLQuantizationType, file_type)
         packed = S.ggml_bytes(ours(weight))
         assert np.array_equal(packed, gguf.quants.quantize(weight.numpy(), qtype))
