@@ -5,18 +5,30 @@ For each file in a run's `model/compressed/gguf/` (F32, F16, Q8_0, Q4_0 of Chapt
 
 - tokenization: llama.cpp's tokenizer, built from the file's tokens, merges and pre-tokenizer name, against ours on
   validation documents (the share split identically);
-- greedy decoding: the same prompts, the same number of new tokens; the share of tokens both pick (F32 and F16
-  must agree on all of them);
+- greedy decoding: the same prompts (questions of Chapter 6's compression evaluation, in the chat format, so the
+  SFT model answers), the same number of new tokens; the share of tokens both pick (F32 and F16 must agree on all
+  of them);
 - bits per byte on the same validation windows (our numbers and llama.cpp's, from its logits);
 - decoding speed, one sequence: tokens/s of llama.cpp and of our float32 model, and their ratio.
 
 llama-cpp-python is not a dependency of the book (pip builds llama.cpp from source, which takes minutes):
 
-    .venv/bin/pip install llama-cpp-python   # needs a C++ compiler and CMake
+    .venv/bin/pip install llama-cpp-python   # 0.3.36 measured; needs a C++ compiler and CMake (about 11 minutes)
     .venv/bin/python bench/gguf.py --run-dir runs/cpu [--windows 40] [--prompts 8] [--new-tokens 32]
 
+llama.cpp multiplies Q8_0 and Q4_0 matrices by activations it quantizes to 8 bits per value (ggml's `vec_dot_type`
+of both is Q8_0), and F16 matrices by activations rounded to float16; our reference keeps activations in float32.
+So on the quantized files the greedy tokens may part where two candidates are close, and bits per byte differ in the
+fourth digit.
+
 The run directory needs Chapter 6's outputs. Timings are medians of the prompts, measured one after another on an
-otherwise idle machine.
+otherwise idle machine. llama.cpp keeps its KV cache in float32 here (its default is float16), so that the F32 file
+differs from our model only by the order of floating-point operations.
+
+On CPUs with AMX (Intel Xeon Sapphire Rapids and later) llama.cpp repacks Q8_0/Q4_0 matrices for its AMX kernels,
+and on this book's small matrices (128 or 384 columns at `cpu`) its first decode crashed (segmentation fault,
+llama-cpp-python 0.3.36): where `llama_print_system_info` reports AMX_INT8, the bench turns that repacking off
+(`use_extra_bufts = False`) and says so; `--repack` keeps it.
 """
 
 import argparse
@@ -31,22 +43,48 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from llmbook.modeling import from_hf, generate, load_tokenizer, open_tokens
+from llmbook.book import load_json, open_run
+from llmbook.data import load_corpus
+from llmbook.modeling import from_hf, generate, load_tokenizer, open_tokens, render_chat
+from llmbook.post_training import evaluation_sample, instruction_entries, instruction_tasks, is_eval_task
 from llmbook.specialization import GGUF_FILE_TYPES, gguf_model
+
+GGML_TYPE_F32 = 0  # ggml's enum value, for llama.cpp's KV cache
 
 
 def validation_windows(run_dir: Path, seq_len: int, count: int) -> list[list[int]]:
-    "The first `count` windows of `seq_len` + 1 tokens from the validation documents, one document at a time."
+    "The first window of `seq_len` + 1 tokens of `count` validation documents spread evenly over the split."
     ids, index, _ = open_tokens(run_dir / "tokens", "val")
-    windows = []
-    for offset, length, _ in index.tolist():
-        for start in range(offset, offset + length - 1, seq_len):
-            window = ids[start : min(start + seq_len + 1, offset + length)].tolist()
-            if len(window) > 1:
-                windows.append(window)
-            if len(windows) == count:
-                return windows
-    return windows
+    documents = index.tolist()
+    chosen = documents[:: max(1, len(documents) // count)][:count]
+    return [ids[offset : offset + min(length, seq_len + 1)].tolist() for offset, length, _ in chosen if length > 1]
+
+
+def question_prompts(run_dir: Path, tok, count: int) -> list[list[int]]:
+    "Chat prompts (user question + assistant tag) of the run's evaluation questions, as Chapter 6 samples them."
+    config = load_json(run_dir / "config.json")
+    run = open_run(config["preset"], run_dir, config["overrides"], write=False)
+    cfg = run.cfg
+    entries = instruction_entries(load_corpus(run)["train"])
+    tasks = [t for t in instruction_tasks(entries, cfg.instruction_expressions, cfg.seed) if is_eval_task(t)]
+    tasks = evaluation_sample(tasks, per_kind=100, seed=cfg.seed)
+    chosen = tasks[:: max(1, len(tasks) // count)][:count]
+    return [render_chat(tok, [dict(role="user", content=t["question"])], add_generation_prompt=True)[0] for t in chosen]
+
+
+def without_amx_repacking(llama_cpp_module) -> bool:
+    "Turn off llama.cpp's weight repacking (extra buffer types) if this CPU has AMX; True if it did."
+    if "AMX_INT8 = 1" not in llama_cpp_module.llama_print_system_info().decode():
+        return False
+    defaults = llama_cpp_module.llama_model_default_params
+
+    def params():
+        chosen = defaults()
+        chosen.use_extra_bufts = False
+        return chosen
+
+    llama_cpp_module.llama_model_default_params = params
+    return True
 
 
 def nats_ours(model, window: list[int]) -> float:
@@ -84,16 +122,19 @@ def greedy_ours(model, prompt: list[int], new_tokens: int) -> tuple[list[int], f
 
 
 def main():
+    import llama_cpp.llama_cpp
     from llama_cpp import Llama
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--windows", type=int, default=40, help="validation windows scored by both")
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repack", action="store_true", help="keep llama.cpp's AMX repacking on CPUs with AMX")
     args = parser.parse_args()
+    if not args.repack and without_amx_repacking(llama_cpp.llama_cpp):
+        print("this CPU has AMX: llama.cpp's repacking of Q8_0/Q4_0 weights is off (--repack keeps it)")
     torch.set_num_threads(args.threads)
     run_dir = args.run_dir.resolve()
     tok = load_tokenizer(run_dir / "tokenizer")
@@ -102,12 +143,19 @@ def main():
     windows = validation_windows(run_dir, seq_len, args.windows)
     texts = [tok.decode(w) for w in windows]
     text_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
-    prompts = [w[: args.prompt_tokens] for w in windows[:: max(1, len(windows) // args.prompts)][: args.prompts]]
+    prompts = question_prompts(run_dir, tok, args.prompts)
     rows = {}
     for file_type in GGUF_FILE_TYPES:
         path = run_dir / f"model/compressed/gguf/sft-{file_type}.gguf"
         llm = Llama(
-            model_path=str(path), n_ctx=seq_len, n_batch=seq_len, logits_all=True, n_threads=args.threads, verbose=False
+            model_path=str(path),
+            n_ctx=seq_len,
+            n_batch=seq_len,
+            logits_all=True,
+            n_threads=args.threads,
+            type_k=GGML_TYPE_F32,
+            type_v=GGML_TYPE_F32,
+            verbose=False,
         )
         ours = gguf_model(sft, file_type)
         their_ids = [llm.tokenize(t.encode("utf-8", "surrogatepass"), add_bos=False, special=False) for t in texts]
@@ -130,9 +178,9 @@ def main():
             tokens_per_s_ours=round(1 / statistics.median(ours_s), 1),
             tokens_per_s_llama_cpp=round(1 / statistics.median(llama_s), 1),
         )
-        del llm
+        llm.close()
     print(
-        f"{len(windows)} validation windows ({text_bytes:,} bytes), {len(prompts)} prompts × {args.new_tokens} "
+        f"{len(windows)} validation windows ({text_bytes:,} bytes), {len(prompts)} questions × {args.new_tokens} "
         f"greedy tokens, {args.threads} threads"
     )
     header = ("file", "MiB", "same split", "bpb ours", "bpb llama.cpp", "greedy agree", "tok/s ours", "tok/s llama.cpp")

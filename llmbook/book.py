@@ -98,7 +98,8 @@ class Preset:
     adapt_steps: int = 20  # optimizer steps of each domain-adaptation run (Chapter 6)
     compression_questions: int = 20  # held-out questions each compressed model answers (Chapter 6)
     calibration_batches: int = 4  # batches of the training split GPTQ's Hessians are measured on
-    compression_steps: int = 20  # steps of each pruning recovery and distillation run (Chapter 6)
+    compression_steps: int = 20  # steps of each pruning recovery (Chapter 6)
+    distill_steps: int = 40  # steps of each student in the distillation comparison (Chapter 6)
     # money (Chapter 1's budget)
     usd_per_hour: float = 0.10  # price of the machine this preset targets
 
@@ -155,6 +156,7 @@ PRESETS = {
         compression_questions=100,
         calibration_batches=16,
         compression_steps=150,
+        distill_steps=500,
     ),
     "gpu": Preset(
         "gpu",
@@ -197,6 +199,7 @@ PRESETS = {
         compression_questions=430,
         calibration_batches=64,
         compression_steps=1_000,
+        distill_steps=3_000,
     ),
     "multi-gpu": Preset(
         "multi-gpu",
@@ -232,6 +235,7 @@ PRESETS = {
         compression_questions=430,
         calibration_batches=64,
         compression_steps=1_000,
+        distill_steps=3_000,
         scaling_budgets="1e18,3e18,1e19",
         scaling_depths="10,14,18,22",
         copy_ablation_flops=1e16,

@@ -420,7 +420,7 @@ def success_metrics() -> list[SuccessMetric]:
             "bits/byte",
             "at_least",
             per_preset(None, 0.0, 0.0, 0.0),
-            "a student distilled from the SFT model reads text better than the same student trained on tokens alone",
+            "a student distilled from the SFT model reads held-out answers better than one trained on tokens alone",
         ),
         M(
             "distillation_exact_match_gain",

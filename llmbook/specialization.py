@@ -14,7 +14,8 @@ __all__ = ['ROPE_METHODS', 'LONG_CONTEXT_LR', 'LORA_TARGETS', 'PEFT_PREFIX', 'RE
            'DynamicInt8Linear', 'dynamic_int8', 'dynamic_int8_bytes', 'round_half_away', 'ggml_blocks', 'quantize_q8_0',
            'quantize_q4_0', 'ggml_bytes', 'gguf_name', 'ggml_values', 'gguf_model', 'write_gguf', 'block_linears',
            'magnitude_mask', 'wanda_mask', 'two_four_mask', 'masked_model', 'sparse_bytes', 'hold_masks',
-           'column_importance', 'prune_structure', 'soft_targets_kl', 'distillation_loss', 'half_depth', 'distill']
+           'column_importance', 'prune_structure', 'soft_targets_kl', 'distillation_loss', 'half_depth', 'distill',
+           'answer_bits_per_byte']
 
 # %% ../nbs/06_specialization.ipynb #4005eb78
 import copy
@@ -866,22 +867,34 @@ def distill(
     teacher: Transformer | None,
     tok: BPETokenizer,
     conversations: list,
-    text: PackedLoader,
     steps: int,
     post: PostTrainingRecipe,
     weight: float = DISTILL_WEIGHT,
     seed: int = 0,
     device: str = "cpu",
 ) -> list[dict]:
-    "Train `student` on conversations and text rows toward the teacher's distributions by `weight`; the log."
+    "Train `student` on the assistant's tokens of `conversations`, toward the teacher's distributions by `weight`."
 
     def batch_loss(batch):
-        losses = []
-        for x, y in (chat_batch(tok, batch, post.max_len), text.next_batch()):
-            x, y = x.to(device), y.to(device)
-            with torch.no_grad():
-                teacher_logits = teacher(x) if weight else None
-            losses.append(distillation_loss(student(x), teacher_logits, y, DISTILL_TEMPERATURE, weight))
-        return sum(losses) / len(losses), {}
+        x, y = (t.to(device) for t in chat_batch(tok, batch, post.max_len))
+        with torch.no_grad():
+            teacher_logits = teacher(x) if weight else None
+        return distillation_loss(student(x), teacher_logits, y, DISTILL_TEMPERATURE, weight), {}
 
     return optimize(student, conversations, steps, DISTILL_LR, post, seed, batch_loss)
+
+
+def answer_bits_per_byte(
+    model: nn.Module, tok: BPETokenizer, conversations: list, max_len: int = 256, device: str = "cpu"
+) -> float:
+    "Bits the model spends on the assistant's tokens (the end of turn included), per byte of the assistant's text."
+    nats, answer_bytes = 0.0, 0
+    model.eval()
+    for start in range(0, len(conversations), 64):
+        chunk = conversations[start : start + 64]
+        x, y = (t.to(device) for t in chat_batch(tok, chunk, max_len))
+        with torch.no_grad():
+            logits = model(x).float()
+        nats += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+        answer_bytes += sum(len(m["content"].encode("utf-8")) for c in chunk for m in c if m["role"] == "assistant")
+    return nats / math.log(2) / answer_bytes

@@ -885,9 +885,11 @@ def document_scores(
         width = max(len(w) for w in chunk)
         x = torch.stack([F.pad(torch.from_numpy(w), (0, width - len(w))) for w in chunk])
         y = torch.stack([F.pad(torch.from_numpy(w[1:]), (0, width - len(w)), value=-100) for w in chunk])
-        per_token = F.cross_entropy(
-            model(x[:, :-1].to(device)).float().transpose(1, 2), y.to(device), ignore_index=-100, reduction="none"
-        )
+        with torch.no_grad():
+            logits = model(x[:, :-1].to(device)).float()
+        # one row per position: (batch, vocabulary, length) made cross-entropy 4× slower on the CPU
+        per_token = F.cross_entropy(logits.flatten(0, 1), y.flatten().to(device), ignore_index=-100, reduction="none")
+        per_token = per_token.view(y.shape)
         for w, doc in enumerate(owner[b : b + batch_size]):
             nats[doc] += per_token[w].sum().item()
             counted[doc] += (y[w] != -100).sum().item()

@@ -326,3 +326,16 @@ def test_distillation_loss_and_half_depth():
     assert torch.equal(small.layers[1].mlp.up_proj.weight, big.layers[2].mlp.up_proj.weight)
     with pytest.raises(ValueError, match="no half depth"):
         S.half_depth(M.Transformer(M.ModelConfig.from_depth(1, 300, 32)))
+
+
+def test_answer_bits_per_byte_counts_the_assistants_tokens_only():
+    "A model that knows nothing (uniform logits) spends log2(vocabulary) bits on each answer token and end of turn."
+    from llmbook.post_training import chat, chat_batch
+
+    tok, model = gguf_pair()
+    torch.nn.init.zeros_(model.lm_head.weight)
+    conversations = [chat("What is add?", "x + y"), chat("And 2 + 3?", "5")]
+    _, targets = chat_batch(tok, conversations)
+    answer_bytes = len("x + y") + len("5")
+    expected = int((targets != -100).sum()) * np.log2(tok.vocab_size) / answer_bytes
+    assert S.answer_bits_per_byte(model, tok, conversations) == pytest.approx(expected, rel=1e-5)
