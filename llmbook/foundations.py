@@ -428,7 +428,7 @@ def success_metrics() -> list[SuccessMetric]:
             "fraction",
             "at_least",
             per_preset(None, 0.0, 0.0, 0.0),
-            "the distilled student answers more held-out questions than the one trained on tokens alone",
+            "the distilled student answers at least as many held-out questions as the one trained on tokens alone",
         ),
         M(
             "decode_tokens_per_s",
