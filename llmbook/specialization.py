@@ -54,7 +54,7 @@ from llmbook.modeling import (
     train_step,
     bytes_to_unicode,
 )
-from .post_training import PostTrainingRecipe, chat_batch, optimize
+from .post_training import PostTrainingRecipe, chat_batch, optimize, sequence_logps
 from .training import passkey_accuracy
 
 # %% ../nbs/06_specialization.ipynb #0f3741fe
@@ -894,7 +894,6 @@ def answer_bits_per_byte(
         chunk = conversations[start : start + 64]
         x, y = (t.to(device) for t in chat_batch(tok, chunk, max_len))
         with torch.no_grad():
-            logits = model(x).float()
-        nats += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+            nats -= sequence_logps(model, x, y).sum().item()
         answer_bytes += sum(len(m["content"].encode("utf-8")) for c in chunk for m in c if m["role"] == "assistant")
     return nats / math.log(2) / answer_bytes
