@@ -1484,6 +1484,14 @@ def _parser() -> argparse.ArgumentParser:
     with_run_options(sub.add_parser("report", help="write report.md and report.html"))
     site_help = "render the executed notebooks and the report card into an HTML book (site/)"
     with_run_options(sub.add_parser("site", help=site_help), preset_default=None)
+    serve = with_run_options(
+        sub.add_parser("serve", help="serve a model of the run with an OpenAI-compatible API (Chapter 7)"),
+        preset_default=None,
+    )
+    serve.add_argument("--model", default="sft", help="sft, dpo, rl, tools, long, compressed/distilled, or a directory")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--api-key", default=None, help="Bearer key every route but /health needs ($LLMBOOK_API_KEY)")
     sub.add_parser("presets", help="print the presets")
     sub.add_parser("readme", help="render nbs/index.ipynb to README.md").add_argument(
         "--check", action="store_true", help="only check that README.md is up to date"
@@ -1542,6 +1550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("report:", *write_report(run))
         elif args.command == "site":
             print(write_site(run))
+        elif args.command == "serve":  # Chapter 7's module, by name: the book's front door, not an earlier chapter
+            importlib.import_module("llmbook.deployment").serve(run, args.model, args.host, args.port, args.api_key)
         else:
             started = time.time()
             run_book(run, only=args.only, start=args.start, progress=not args.no_progress)

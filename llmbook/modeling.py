@@ -709,13 +709,24 @@ class KVCache:
         self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
         self.length, self.max_len = 0, max_len
 
+    def rope(self, model, t: int, device):
+        "cos, sin of the next `t` positions."
+        return model.rope(self.length, t, device)
+
     def update(self, layer: int, k, v):
-        "Store new keys and values after the cached ones; return all of them."
+        "Store new keys and values after the cached ones; return all of them and the new queries' mask (None: causal)."
         start, t = self.length, k.shape[2]
         if start + t > self.max_len:
             raise ValueError(f"KV cache full: {start} + {t} > {self.max_len} positions")
         self.k[layer, :, :, start : start + t], self.v[layer, :, :, start : start + t] = k, v
-        return self.k[layer, :, :, : start + t], self.v[layer, :, :, : start + t]
+        mask = None  # from the start, or one new query: plain causal attention over everything stored
+        if start > 0 and t > 1:  # a block after a prefix: causal, shifted by `start`
+            mask = torch.ones(t, start + t, dtype=torch.bool, device=k.device).tril(start)
+        return self.k[layer, :, :, : start + t], self.v[layer, :, :, : start + t], mask
+
+    def advance(self, t: int):
+        "Move past `t` positions, once every layer has stored them."
+        self.length += t
 
 # %% ../nbs/03_modeling.ipynb #78983cd3
 class Attention(nn.Module):
@@ -735,14 +746,10 @@ class Attention(nn.Module):
         heads = lambda t: rearrange(t, "b t h d -> b h t d")  # heads first for attention
         q, k, v = self.q_norm(split(self.q_proj(x))), self.k_norm(split(self.k_proj(x))), split(self.v_proj(x))
         q, k, v = apply_rope(heads(q), cos, sin), apply_rope(heads(k), cos, sin), heads(v)
-        mask, causal = None, True
+        mask = None
         if cache is not None:
-            start, t = cache.length, q.shape[2]
-            k, v = cache.update(layer, k, v)
-            if t == 1:
-                causal = False  # one new query sees everything before it
-            elif start > 0:  # a block after a prefix: causal, shifted by `start`
-                mask, causal = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start), False
+            k, v, mask = cache.update(layer, k, v)
+        causal = mask is None and q.shape[2] > 1  # a single query reads every key it is given
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.c.n_kv_head != self.c.n_head
         )
@@ -885,13 +892,13 @@ def rope(self: Transformer, start: int, t: int, device):
 @patch
 def hidden_states(self: Transformer, idx, cache: KVCache | None = None):
     "The final (normalized) hidden states, (batch, t, n_embd): what the head reads — and a reward model's features."
-    start = cache.length if cache is not None else 0
-    cos, sin = self.rope(start, idx.shape[1], idx.device)
+    t = idx.shape[1]
+    cos, sin = self.rope(0, t, idx.device) if cache is None else cache.rope(self, t, idx.device)
     x = self.embed_tokens(idx)
     for i, layer in enumerate(self.layers):
         x = layer(x, cos, sin, cache, i)
     if cache is not None:
-        cache.length += idx.shape[1]
+        cache.advance(t)
     return self.norm(x)
 
 # %% ../nbs/03_modeling.ipynb #92f3e26f

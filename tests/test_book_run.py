@@ -243,6 +243,28 @@ def test_compressed_models_are_what_chapter_7_serves(tiny_run):
     assert f"model/compressed/gguf/{table['gguf']['Q8_0']}" in manifest  # every file has its sha256
 
 
+def test_deployment_artifacts(tiny_run):
+    "release/: a verified directory with a card huggingface_hub parses; serve/: the engine's checks and the transcript."
+    run_dir, *_ = tiny_run
+    from huggingface_hub import ModelCard
+
+    from llmbook.deployment import verify_release
+
+    (release,) = (run_dir / "release").iterdir()
+    files = verify_release(release)
+    assert {"model.safetensors", "tokenizer_config.json", "README.md", "release.json", "sft-Q4_0.gguf"} <= set(files)
+    card = ModelCard.load(release / "README.md")
+    assert card.data.model_name == json.loads((release / "release.json").read_text())["name"]
+    engine = json.loads((run_dir / "serve" / "engine.json").read_text())
+    assert engine["preemptions"] > 0 and engine["prefix_logprob_gap"] < 1e-5
+    transcript = json.loads((run_dir / "serve" / "transcript.json").read_text())
+    assert transcript["refusals"] == {
+        "unknown model": "404 model_not_found",
+        "prompt past the context": "400 context_length_exceeded",
+        "wrong key": "401 invalid_api_key",
+    }
+
+
 def test_report_card(tiny_run):
     run_dir, *_ = tiny_run
     report = (run_dir / "report.md").read_text()
