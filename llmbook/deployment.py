@@ -322,8 +322,9 @@ class Delta:
     request_id: str
     token_ids: list[int]
     text: str
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop", "length", "abort", or "error" (the server's engine thread failed)
     logprobs: list[dict] = field(default_factory=list)
+    error: str | None = None
 
 # %% ../nbs/07_deployment.ipynb #7a1aebbf
 class PagedBatch:
@@ -673,7 +674,10 @@ class EngineThread:
     def _loop(self):
         while self.running:
             with self.lock:
-                deltas = self.engine.step() if self.engine.has_work() else None
+                try:
+                    deltas = self.engine.step() if self.engine.has_work() else None
+                except Exception as error:  # a bug must not hang every client: end the running requests, keep serving
+                    deltas = self._fail_running(f"{type(error).__name__}: {error}")
                 targets = [(d, self.outboxes.get(d.request_id)) for d in deltas or ()]
                 for delta in deltas or ():
                     if delta.finish_reason:
@@ -684,6 +688,13 @@ class EngineThread:
             if deltas is None:
                 self.wake.wait(0.05)
                 self.wake.clear()
+
+    def _fail_running(self, message: str) -> list[Delta]:
+        "End every running request with an error (their step failed) and free their blocks."
+        failed = [r.id for r in self.engine.running]
+        for request_id in failed:
+            self.engine.abort(request_id)
+        return [Delta(request_id, [], "", "error", error=message) for request_id in failed]
 
     def stop(self):
         self.running = False
@@ -783,6 +794,8 @@ async def collect(http_request, request: Request, outbox: asyncio.Queue, engine:
             if await http_request.is_disconnected():
                 engine.abort(request.id)
                 raise APIError(499, "the client closed the connection") from None
+    if deltas[-1].finish_reason == "error":
+        raise APIError(500, f"the engine failed: {deltas[-1].error}", "server_error")
     return deltas
 
 
@@ -836,6 +849,9 @@ async def chat_chunks(request, outbox, engine, tokenizer, identity, tools: bool,
         text = ""
         while True:
             delta = await outbox.get()
+            if delta.finish_reason == "error":  # OpenAI's clients raise on an error event
+                yield server_sent(dict(error=dict(message=delta.error, type="server_error", param=None, code=None)))
+                return
             shown = len(text.split("<|tool_call|>")[0]) if tools else len(text)
             text += delta.text
             visible = text.split("<|tool_call|>")[0] if tools else text
@@ -860,6 +876,9 @@ async def completion_chunks(request, outbox, engine, identity, include_usage: bo
     try:
         while True:
             delta = await outbox.get()
+            if delta.finish_reason == "error":  # OpenAI's clients raise on an error event
+                yield server_sent(dict(error=dict(message=delta.error, type="server_error", param=None, code=None)))
+                return
             choice = dict(index=0, text=delta.text, finish_reason=delta.finish_reason, logprobs=None)
             yield server_sent(dict(identity, object="text_completion", choices=[choice]))
             if delta.finish_reason:

@@ -405,3 +405,31 @@ def test_a_release_is_refused_by_the_name_of_what_changed(tmp_path):
     (tmp_path / CHECKSUMS).write_text(f"{'0' * 64}  ../outside\n")
     with pytest.raises(ArtifactError, match="line 1"):
         verify_release(tmp_path)
+
+
+def test_an_engine_failure_is_a_500_and_the_server_keeps_serving(model_and_tokenizer, serving):
+    from openai import APIError, InternalServerError
+
+    from llmbook.deployment import make_app
+
+    model, tokenizer = model_and_tokenizer
+
+    class Failing(torch.nn.Module):
+        "The model, except that a prompt holding token 7 breaks the step it is in."
+
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config, self.lm_head = model, model.config, model.lm_head
+
+        def hidden_states(self, ids, batch):
+            if (ids == 7).any():
+                raise RuntimeError("token 7")
+            return self.inner.hidden_states(ids, batch)
+
+    url = serving(make_app(lambda: (Failing(), tokenizer), "toy"))
+    client = client_for(url)
+    with pytest.raises(InternalServerError, match="token 7"):
+        client.completions.create(model="toy", prompt=[7, 8], max_tokens=3)
+    with pytest.raises(APIError, match="token 7"):
+        list(client.completions.create(model="toy", prompt=[7, 8], max_tokens=3, stream=True))
+    assert client.completions.create(model="toy", prompt=[8, 9], max_tokens=3).usage.completion_tokens == 3
