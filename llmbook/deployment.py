@@ -179,6 +179,7 @@ def write_release(directory: Path, model_dir: Path, info: dict, gguf_files: Sequ
 # %% ../nbs/07_deployment.ipynb #873ed5c4
 FRESH_PROCESS_CHECK = """
 import json, sys
+import torch
 from llmbook.deployment import verify_release
 directory, conversations, new_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 verified = verify_release(directory)  # before anything is loaded
@@ -188,7 +189,7 @@ model = AutoModelForCausalLM.from_pretrained(directory).eval()
 rows = []
 for messages in conversations:
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    out = model.generate(__import__("torch").tensor([ids]), max_new_tokens=new_tokens, do_sample=False)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)
     rows.append(dict(prompt=ids, generated=out[0, len(ids):].tolist()))
 print(json.dumps(dict(verified=verified, rows=rows)))
 """
