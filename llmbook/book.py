@@ -1492,6 +1492,26 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--api-key", default=None, help="Bearer key every route but /health needs ($LLMBOOK_API_KEY)")
+    serve.add_argument("--admin-key", default=None, help="Bearer key of the /admin/ routes ($LLMBOOK_ADMIN_KEY)")
+    serve.add_argument("--log-prompts", action="store_true", help="log prompts and answers, scrubbed of PII")
+    canary = sub.add_parser("canary", help="ask a live server the canaries; exit 1 below the bar (Chapter 7)")
+    canary.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    canary.add_argument("--model", required=True, help="the served model's name")
+    canary.add_argument("--run-dir", default=None, help="a run directory: its serve/canaries.json")
+    canary.add_argument("--cases", default=None, help="a canaries file instead (as serve/canaries.json)")
+    canary.add_argument("--min-right", type=int, default=None, help="the bar (default: the release model's count)")
+    canary.add_argument("--api-key", default=None, help="the server's API key ($LLMBOOK_API_KEY)")
+    bench = sub.add_parser("bench", help="benchmark any OpenAI-compatible server under load (Chapter 7)")
+    bench.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    bench.add_argument("--model", required=True, help="the served model's name")
+    bench.add_argument("--api-key", default=None, help="the server's API key ($LLMBOOK_API_KEY)")
+    bench.add_argument("--concurrency", default="1,4,16,64", help="clients of each wave (default: 1,4,16,64)")
+    bench.add_argument("--requests", type=int, default=64, help="streamed requests per wave (default: 64)")
+    bench.add_argument("--prompt-words", type=int, default=24, help="words per prompt (default: 24)")
+    bench.add_argument("--new-tokens", type=int, default=32, help="tokens per answer (default: 32)")
+    extra_help = 'JSON fields added to each request (default: {"ignore_eos": true}; llama-cpp-python: min_tokens)'
+    bench.add_argument("--extra", default=None, help=extra_help)
+    bench.add_argument("--out", default=None, help="write bench.json and bench.png in this directory")
     sub.add_parser("presets", help="print the presets")
     sub.add_parser("readme", help="render nbs/index.ipynb to README.md").add_argument(
         "--check", action="store_true", help="only check that README.md is up to date"
@@ -1539,6 +1559,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             atomic_write_text(readme, text)
             return 0
+        if args.command in ("canary", "bench"):  # a live server's client: Chapter 7's module, by name
+            deployment = importlib.import_module("llmbook.deployment")
+            key = args.api_key or os.environ.get("LLMBOOK_API_KEY")
+            if args.command == "bench":
+                concurrency = [int(c) for c in args.concurrency.split(",")]
+                extra = json.loads(args.extra) if args.extra else None
+                options = (args.requests, args.prompt_words, args.new_tokens, extra, args.out)
+                return deployment.bench(args.url, args.model, key, concurrency, *options)
+            if not (args.cases or args.run_dir):
+                raise ValueError("llmbook canary needs --run-dir R (its serve/canaries.json) or --cases FILE")
+            cases = args.cases or Path(args.run_dir) / "serve" / "canaries.json"
+            return deployment.canary(args.url, args.model, cases, key, args.min_right)
         overrides = [_absolute_dataset_paths(o) for o in args.overrides]
         preset = args.preset or recorded_preset(args.run_dir)
         run = open_run(preset, args.run_dir, overrides, write=args.command == "run")
@@ -1551,7 +1583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "site":
             print(write_site(run))
         elif args.command == "serve":  # Chapter 7's module, by name: the book's front door, not an earlier chapter
-            importlib.import_module("llmbook.deployment").serve(run, args.model, args.host, args.port, args.api_key)
+            keys = dict(api_key=args.api_key, admin_key=args.admin_key, log_prompts=args.log_prompts)
+            importlib.import_module("llmbook.deployment").serve(run, args.model, args.host, args.port, **keys)
         else:
             started = time.time()
             run_book(run, only=args.only, start=args.start, progress=not args.no_progress)

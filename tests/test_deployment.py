@@ -138,6 +138,12 @@ class ScriptedModel(torch.nn.Module):
         self.lm_head = torch.nn.Linear(seq_len, vocab_size, bias=False)
         with torch.no_grad():
             self.lm_head.weight.zero_()
+        self.write(script, start)
+
+    def write(self, script: list[int], start: int):
+        "Also write `script` from position `start` on (it must not overlap another script)."
+        with torch.no_grad():
+            assert not self.lm_head.weight[:, start - 1 : start - 1 + len(script)].any(), "scripts overlap"
             for i, token in enumerate(script):
                 self.lm_head.weight[token, start - 1 + i] = 100.0  # position p predicts token p + 1
 
@@ -186,7 +192,7 @@ def test_openai_client_chat_completions_and_streams(model_and_tokenizer, serving
     from llmbook.deployment import make_app
 
     model, tokenizer = model_and_tokenizer
-    url = serving(make_app(lambda: (model, tokenizer), "toy", api_key="secret"))
+    url = serving(make_app(lambda name: (model, tokenizer), "toy", api_key="secret"))
     client = client_for(url)
     assert [m.id for m in client.models.list().data] == ["toy"] and client.models.retrieve("toy").id == "toy"
     messages = [dict(role="user", content="hello")]
@@ -228,7 +234,7 @@ def test_async_clients_at_once_get_their_answers_alone(model_and_tokenizer, serv
     from llmbook.deployment import make_app
 
     model, tokenizer = model_and_tokenizer
-    url = serving(make_app(lambda: (model, tokenizer), "toy"))
+    url = serving(make_app(lambda name: (model, tokenizer), "toy"))
     texts = ["a", "bb", "the quick brown fox", "é"]
 
     async def ask_all():
@@ -257,7 +263,7 @@ def test_tool_calls_come_back_in_openai_shape(model_and_tokenizer, serving):
     special = tokenizer.special_tokens
     script = [special["<|tool_call|>"], *tokenizer.encode_ordinary(call), special["<|end|>"]]
     model = ScriptedModel(tokenizer.vocab_size, script, start)
-    url = serving(make_app(lambda: (model, tokenizer), "toy"))
+    url = serving(make_app(lambda name: (model, tokenizer), "toy"))
     client = client_for(url)
     reply = client.chat.completions.create(model="toy", messages=messages, tools=tools, temperature=0, max_tokens=80)
     choice = reply.choices[0]
@@ -300,7 +306,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(model_and_t
     from llmbook.deployment import make_app
 
     model, tokenizer = model_and_tokenizer
-    url = serving(make_app(lambda: (model, tokenizer), "toy", api_key="secret"))
+    url = serving(make_app(lambda name: (model, tokenizer), "toy", api_key="secret"))
     key = {"authorization": "Bearer secret"}
     post = lambda body, headers=key: httpx.post(f"{url}/v1/chat/completions", content=body, headers=headers)
     cases = {
@@ -328,7 +334,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(model_and_t
     assert too_long.value.code == "context_length_exceeded"
     with pytest.raises(AuthenticationError):
         client_for(url, "wrong").models.list()
-    assert client.completions.create(model="toy", prompt="still here", max_tokens=2).usage.completion_tokens == 2
+    still = client.completions.create(model="toy", prompt="still here", max_tokens=2, extra_body=dict(ignore_eos=True))
+    assert still.usage.completion_tokens == 2
 
 
 def test_full_queue_429_and_loading_503(model_and_tokenizer, serving):
@@ -340,12 +347,12 @@ def test_full_queue_429_and_loading_503(model_and_tokenizer, serving):
     from llmbook.deployment import make_app
 
     model, tokenizer = model_and_tokenizer
-    url = serving(make_app(lambda: (model, tokenizer), "toy", engine_options=dict(max_waiting=0)))
+    url = serving(make_app(lambda name: (model, tokenizer), "toy", engine_options=dict(max_waiting=0)))
     with pytest.raises(RateLimitError):
         client_for(url).completions.create(model="toy", prompt="x", max_tokens=2)
     loaded = threading.Event()
 
-    def slow_load():
+    def slow_load(name):
         loaded.wait(10)
         return model, tokenizer
 
@@ -369,7 +376,7 @@ def test_a_client_that_leaves_frees_its_blocks(model_and_tokenizer, serving):
     from llmbook.deployment import make_app
 
     model, tokenizer = model_and_tokenizer
-    app = make_app(lambda: (model, tokenizer), "toy")
+    app = make_app(lambda name: (model, tokenizer), "toy")
     url = serving(app)
     body = {"model": "toy", "prompt": "x", "max_tokens": 90, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body) as response:
@@ -380,6 +387,9 @@ def test_a_client_that_leaves_frees_its_blocks(model_and_tokenizer, serving):
             break
         time.sleep(0.01)
     assert not engine.has_work() and len(engine.pool.free) == engine.pool.num_blocks
+    metrics, toy = scrape(url), (("model_name", "toy"),)
+    assert metrics[("llmbook:kv_cache_usage_perc", toy)] == 0
+    assert metrics[("llmbook:request_success_total", (("finished_reason", "abort"), *toy))] == 1
 
 
 def test_a_release_is_refused_by_the_name_of_what_changed(tmp_path):
@@ -426,10 +436,315 @@ def test_an_engine_failure_is_a_500_and_the_server_keeps_serving(model_and_token
                 raise RuntimeError("token 7")
             return self.inner.hidden_states(ids, batch)
 
-    url = serving(make_app(lambda: (Failing(), tokenizer), "toy"))
+    url = serving(make_app(lambda name: (Failing(), tokenizer), "toy"))
     client = client_for(url)
     with pytest.raises(InternalServerError, match="token 7"):
         client.completions.create(model="toy", prompt=[7, 8], max_tokens=3)
     with pytest.raises(APIError, match="token 7"):
         list(client.completions.create(model="toy", prompt=[7, 8], max_tokens=3, stream=True))
-    assert client.completions.create(model="toy", prompt=[8, 9], max_tokens=3).usage.completion_tokens == 3
+    after = client.completions.create(model="toy", prompt=[8, 9], max_tokens=3, extra_body=dict(ignore_eos=True))
+    assert after.usage.completion_tokens == 3
+
+
+def test_the_admin_key_alone_switches_and_rolls_back_the_served_model(model_and_tokenizer, serving):
+    import httpx
+
+    from llmbook.deployment import make_app
+
+    model, tokenizer = model_and_tokenizer
+    torch.manual_seed(1)
+    other = Transformer(model.config).eval()
+    models = dict(toy=model, other=other)
+
+    def load(name):
+        if name not in models:
+            raise FileNotFoundError(f"no model {name}")
+        return models[name], tokenizer
+
+    with pytest.raises(ValueError, match="must differ"):
+        make_app(load, "toy", api_key="same", admin_key="same")
+    closed = serving(make_app(load, "toy"))
+    assert httpx.post(f"{closed}/admin/model", json=dict(model="other")).json()["error"]["code"] == "admin_disabled"
+    url = serving(make_app(load, "toy", api_key="secret", admin_key="root"))
+    admin = httpx.Client(base_url=url, headers=dict(authorization="Bearer root"))
+    as_client = httpx.post(f"{url}/admin/model", json=dict(model="other"), headers=dict(authorization="Bearer secret"))
+    assert as_client.status_code == 401
+    prompt = tokenizer.encode_ordinary("def f(")
+    long_stream = dict(model="toy", prompt=prompt, max_tokens=60, stream=True, ignore_eos=True, temperature=0)
+    with httpx.stream(
+        "POST", f"{url}/v1/completions", json=long_stream, headers=dict(authorization="Bearer secret")
+    ) as response:
+        lines = (line for line in response.iter_lines() if line)
+        first = next(lines)
+        switched = admin.post("/admin/model", json=dict(model="other"))
+        rest = list(lines)
+    assert switched.json() == dict(model="other", previous="toy")
+    assert first.startswith("data:") and rest[-1] == "data: [DONE]"  # the stream in flight finished on the old model
+    client = client_for(url)
+    assert [m.id for m in client.models.list().data] == ["other"]
+    answer = client.completions.create(model="other", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+    assert answer == Engine(other, tokenizer).complete([prompt], SamplingParams(max_tokens=8, temperature=0))[0].text
+    refused = admin.post("/admin/model", json=dict(model="missing"))
+    assert refused.status_code == 400 and "no model missing" in refused.json()["error"]["message"]
+    assert admin.get("/admin/model").json() == dict(model="other", history=["toy"])
+    assert admin.post("/admin/rollback").json() == dict(model="toy", previous="other")
+    assert [m.id for m in client.models.list().data] == ["toy"]
+    assert admin.post("/admin/rollback").status_code == 409
+
+
+def scrape(url, key="secret"):
+    from llmbook.deployment import scrape_metrics
+
+    return scrape_metrics(url, key)
+
+
+def test_64_streaming_clients_at_once_all_complete_and_the_metrics_count_them(model_and_tokenizer, serving):
+    import asyncio
+
+    from openai import AsyncOpenAI
+
+    from llmbook.deployment import make_app
+
+    model, tokenizer = model_and_tokenizer
+    url = serving(make_app(lambda name: (model, tokenizer), "toy", api_key="secret"))
+    prompts = [f"request {i}: " + "x" * (i % 9) for i in range(64)]
+
+    async def one(client, prompt):
+        stream = await client.completions.create(
+            model="toy",
+            prompt=prompt,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options=dict(include_usage=True),
+            extra_body=dict(ignore_eos=True),
+        )
+        chunks = [chunk async for chunk in stream]
+        return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].usage
+
+    async def everyone():
+        client = AsyncOpenAI(base_url=f"{url}/v1", api_key="secret", max_retries=0)
+        return await asyncio.gather(*(one(client, p) for p in prompts), return_exceptions=True)
+
+    answers = asyncio.run(everyone())
+    assert not [a for a in answers if isinstance(a, BaseException)]
+    assert all(usage.completion_tokens == 12 for _, usage in answers)
+    expected = Engine(model, tokenizer).complete(
+        [tokenizer.encode_ordinary(p) for p in prompts], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    )
+    assert [text for text, _ in answers] == [r.text for r in expected]
+    metrics = scrape(url)
+    toy = (("model_name", "toy"),)
+    http = (("method", "POST"), ("route", "/v1/completions"), ("status", "200"))
+    assert metrics[("llmbook:http_requests_total", http)] == 64
+    assert metrics[("llmbook:prompt_tokens_total", toy)] == sum(u.prompt_tokens for _, u in answers)
+    assert metrics[("llmbook:generation_tokens_total", toy)] == 64 * 12
+    assert metrics[("llmbook:request_success_total", (("finished_reason", "length"), *toy))] == 64
+    assert metrics[("llmbook:time_to_first_token_seconds_count", toy)] == 64
+    assert metrics[("llmbook:inter_token_latency_seconds_count", toy)] == 64 * 11
+    assert metrics[("llmbook:e2e_request_latency_seconds_count", toy)] == 64
+    assert metrics[("llmbook:num_requests_running", toy)] == 0
+    assert metrics[("llmbook:kv_cache_usage_perc", toy)] == 0
+
+
+def test_the_request_log_is_one_json_line_per_request_without_text_unless_asked(model_and_tokenizer, serving, caplog):
+    import json
+    import logging
+    import time
+
+    import httpx
+
+    from llmbook.deployment import make_app
+
+    model, tokenizer = model_and_tokenizer
+    caplog.set_level(logging.INFO, logger="llmbook.serve")
+    prompt = "write to ada.lovelace@analytical.org about "
+    for log_prompts in (False, True):
+        caplog.clear()
+        url = serving(make_app(lambda name: (model, tokenizer), "toy", log_prompts=log_prompts))
+        body = dict(model="toy", prompt=prompt, max_tokens=4, ignore_eos=True)
+        sent = httpx.post(f"{url}/v1/completions", json=body, headers={"x-request-id": "abc"})
+        httpx.post(f"{url}/v1/completions", content=b"{not json")
+        for _ in range(200):  # a line is written once its response has been sent: a moment after the client has it
+            lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "llmbook.serve"]
+            if any(line["status"] == 400 for line in lines):
+                break
+            time.sleep(0.01)
+        generation = next(line for line in lines if line["id"] == "abc")
+        assert sent.headers["x-request-id"] == "abc" and generation["status"] == 200
+        assert generation["route"] == "/v1/completions" and generation["completion_tokens"] == 4
+        assert generation["prompt_tokens"] == sent.json()["usage"]["prompt_tokens"]
+        assert any(line["status"] == 400 and "prompt_tokens" not in line for line in lines)
+        logged = json.dumps(lines)
+        assert "ada.lovelace" not in logged
+        assert ("prompt" in generation) == log_prompts
+    assert generation["prompt"].startswith("write to <") and generation["prompt"].endswith("> about ")
+
+
+def test_faults_get_4xx_or_a_timeout_and_the_server_keeps_serving(model_and_tokenizer, serving):
+    import time
+
+    import httpx
+
+    from llmbook.deployment import make_app
+
+    model, tokenizer = model_and_tokenizer
+    url = serving(make_app(lambda name: (model, tokenizer), "toy", body_timeout_s=0.5))
+    chat = lambda **fields: dict(model="toy", messages=[dict(role="user", content="x")], **fields)
+    post = lambda body, route="chat/completions": httpx.post(f"{url}/v1/{route}", json=body, timeout=10)
+
+    def trickled(body: bytes, pause: float):
+        for i in range(len(body)):
+            time.sleep(pause)
+            yield body[i : i + 1]
+
+    whole = b'{"model": "toy", "prompt": "a byte at a time", "max_tokens": 3, "ignore_eos": true}'
+    cases = {
+        "negative max_tokens": (post(chat(max_tokens=-5)), 400),
+        "huge max_tokens": (post(chat(max_tokens=10**12)), 400),
+        "fractional max_tokens": (post(chat(max_tokens=2.5)), 400),
+        "max_tokens as a string": (post(chat(max_tokens="3")), 400),
+        "unknown field": (post(chat(temprature=0.5)), 400),
+        "a message that is not an object": (post(dict(model="toy", messages=["hi"])), 400),
+        "a tool without a function": (post(chat(tools=[dict(type="function")])), 400),
+        "a tool_choice we do not support": (post(chat(tool_choice="required")), 400),
+        "a JSON list": (post([1, 2]), 400),
+        "an empty body": (httpx.post(f"{url}/v1/completions", content=b""), 400),
+        "a prompt of token ids out of range": (post(dict(model="toy", prompt=[10**9]), "completions"), 400),
+        "a body too slow to arrive": (httpx.post(f"{url}/v1/completions", content=trickled(whole, 0.1)), 408),
+    }
+    for name, (response, status) in cases.items():
+        assert response.status_code == status, (name, response.status_code, response.text)
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}, name
+    assert "temprature" in cases["unknown field"][0].json()["error"]["message"]
+    byte_by_byte = httpx.post(f"{url}/v1/completions", content=trickled(whole, 0))
+    assert byte_by_byte.status_code == 200 and byte_by_byte.json()["usage"]["completion_tokens"] == 3
+
+
+def test_canaries_pass_at_the_bar_and_fail_below_it(model_and_tokenizer, serving, tmp_path, capsys):
+    import json
+
+    from llmbook.deployment import canary, canary_cases, make_app, run_canaries
+
+    model, tokenizer = model_and_tokenizer
+    url = serving(make_app(lambda name: (model, tokenizer), "toy", api_key="secret"))
+    tasks = [dict(kind=k, question=f"{k} question {i}?", answer="x") for k in ("a", "b") for i in range(6)]
+    cases = canary_cases(tasks, per_kind=2)
+    assert [c["kind"] for c in cases] == ["a", "a", "b", "b"]
+    said = [r["said"] for r in run_canaries(url, "toy", cases, "secret")]
+    cases[0]["answer"] = said[0]  # one canary the model gets right
+    path = tmp_path / "canaries.json"
+    path.write_text(json.dumps(dict(cases=cases, baseline=dict(model="toy", right=1, answers=said))))
+    assert canary(url, "toy", path, "secret") == 0
+    assert "1 of 4 right, 0 errors; the bar is 1" in capsys.readouterr().out
+    assert canary(url, "toy", path, "secret", min_right=2) == 1
+    assert canary(url, "toy", path, "wrong key") == 1  # every request fails: 401
+    assert "AuthenticationError" in capsys.readouterr().out
+
+
+def test_the_serving_benchmark_measures_any_openai_server(model_and_tokenizer, serving):
+    from llmbook.deployment import make_app, scrape_metrics, serving_benchmark
+
+    model, tokenizer = model_and_tokenizer
+    url = serving(make_app(lambda name: (model, tokenizer), "toy"))
+    waves = serving_benchmark(url, "toy", concurrency=(1, 4), requests=8, prompt_words=6, new_tokens=5)
+    assert [w["clients"] for w in waves] == [1, 4] and all(w["requests"] == 8 for w in waves)
+    assert waves[0]["vs_one_at_a_time"] == 1 and all(w["ttft_p50_ms"] > 0 for w in waves)
+    generated = scrape_metrics(url)[("llmbook:generation_tokens_total", (("model_name", "toy"),))]
+    assert generated == (8 + 8 + 4) * 5  # two waves and the warm-up, each request exactly 5 tokens
+
+
+def test_the_chat_page_streams_shows_a_tool_call_and_cited_passages(model_and_tokenizer, serving):
+    "In Debian's chromium, headless, driven by playwright: .ci/run installs chromium where it is missing."
+    import json
+    import shutil
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    from llmbook.deployment import chat_prompt, make_app, openai_tools
+    from llmbook.post_training import retrieval_prompt
+
+    _, tokenizer = model_and_tokenizer
+    tools, question = openai_tools(), "What is 2+2?"
+    passages = [f"{name}(x): a passage long enough to keep the model's three scripts apart, " * 2 for name in "ab"]
+    user = lambda content: dict(messages=[dict(role="user", content=content)])
+    special, encode = tokenizer.special_tokens, tokenizer.encode_ordinary
+    call = json.dumps(dict(name="calculator", arguments=dict(expression="2+2")))
+    plain = [*encode("Four, I think."), special["<|end|>"]]
+    model = ScriptedModel(tokenizer.vocab_size, plain, len(chat_prompt(tokenizer, user(question))))
+    model.write(
+        [special["<|tool_call|>"], *encode(call), special["<|end|>"]],
+        len(chat_prompt(tokenizer, dict(user(question), tools=tools))),
+    )
+    with_passages = user(retrieval_prompt(question, passages))
+    model.write([*encode("4 [1]"), special["<|end|>"]], len(chat_prompt(tokenizer, with_passages)))
+    app = make_app(lambda name: (model, tokenizer), "toy", api_key="secret", tools=tools, retriever=lambda q: passages)
+    url = serving(app)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+
+        def ask(box: str | None = None):
+            page.reload()
+            page.wait_for_function("document.querySelector('#model').options.length === 1")
+            if box:
+                page.check(box)
+            page.fill("#question", question)
+            page.click("#send")
+            page.wait_for_selector(".assistant[data-done]")
+            return page.locator(".assistant").last
+
+        page.goto(url)
+        page.fill("#key", "secret")
+        page.dispatch_event("#key", "change")
+        answer = ask()
+        assert answer.inner_text() == "Four, I think." and int(answer.get_attribute("data-pieces")) > 1  # streamed
+        ask("#use-tools")
+        assert page.locator(".tool-call").inner_text() == 'calls calculator({"expression": "2+2"})'
+        cited = ask("#use-retrieval")
+        assert cited.locator(".sources li").count() == 2
+        assert cited.locator(".sources li.cited").inner_text() == passages[0].strip()
+        browser.close()
+
+
+def test_templates_render_like_training_and_run_the_tool_they_call(model_and_tokenizer):
+    import json
+
+    from llmbook.deployment import (
+        chat_prompt,
+        load_templates,
+        numbered_sources,
+        template_answers,
+        template_request,
+        template_right,
+    )
+    from llmbook.post_training import call_tool, retrieval_prompt
+
+    _, tokenizer = model_and_tokenizer
+    templates = load_templates()
+    assert set(templates) == {"api_question", "tool_call", "retrieval_with_citations", "step_by_step"}
+    passages = ["first found", "second found", "third found"]
+    rag = template_request(
+        templates["retrieval_with_citations"], dict(question="q?", sources=numbered_sources(passages))
+    )
+    assert rag["messages"][0]["role"] == "system" and rag["messages"][1]["content"] == retrieval_prompt("q?", passages)
+    assert template_right(templates["retrieval_with_citations"], dict(answer="a", cite=2), "a [2]")
+    assert not template_right(templates["retrieval_with_citations"], dict(answer="a", cite=2), "a [1]")
+    assert template_right(templates["step_by_step"], dict(answer="7"), "3 + 4\n7")
+    template, item = templates["tool_call"], dict(question="What is 2+2?", answer="4")
+    first = template_request(template, item, system=False)
+    call = dict(name="calculator", arguments=dict(expression="2+2"))
+    special = tokenizer.special_tokens
+    script = [special["<|tool_call|>"], *tokenizer.encode_ordinary(json.dumps(call)), special["<|end|>"]]
+    model = ScriptedModel(tokenizer.vocab_size, script, len(chat_prompt(tokenizer, first)))
+    sent = dict(id="call_0", type="function", function=dict(name="calculator", arguments=json.dumps(call["arguments"])))
+    first["messages"] += [
+        dict(role="assistant", content="", tool_calls=[sent]),
+        dict(role="tool", content=call_tool(call)),
+    ]
+    model.write([*tokenizer.encode_ordinary("4"), special["<|end|>"]], len(chat_prompt(tokenizer, first)))
+    said = template_answers(Engine(model, tokenizer), template, [item], system=False, max_tokens=80)
+    assert said == ["4"] and template_right(template, item, said[0])
