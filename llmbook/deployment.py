@@ -908,23 +908,25 @@ async def chat_chunks(request, outbox, engine, tokenizer, identity, tools: bool,
         first = dict(identity, object="chat.completion.chunk")
         first["choices"] = [dict(index=0, delta=dict(role="assistant", content=""), finish_reason=None)]
         yield server_sent(dict(first, passages=list(passages)) if passages else first)
-        text = ""
+        text, shown = "", 0
         while True:
             delta = await outbox.get()
             if delta.finish_reason == "error":  # OpenAI's clients raise on an error event
                 yield server_sent(dict(error=dict(message=delta.error, type="server_error", param=None, code=None)))
                 return
-            shown = len(text.split("<|tool_call|>")[0]) if tools else len(text)
             text += delta.text
             visible = text.split("<|tool_call|>")[0] if tools else text
             if len(visible) > shown:
                 logprobs = chat_logprobs(tokenizer, [delta]) if delta.logprobs else None
                 yield chunk(dict(content=visible[shown:]), logprobs=logprobs)
+                shown = len(visible)
             if delta.finish_reason:
                 break
         _, calls = split_tool_calls(text) if tools else ("", [])
         if calls:
             yield chunk(dict(tool_calls=[dict(call, index=i) for i, call in enumerate(calls)]))
+        elif len(text) > shown:  # a call that does not parse: the text as it is, as the answer not streamed has it
+            yield chunk(dict(content=text[shown:]))
         yield chunk({}, "tool_calls" if calls else delta.finish_reason)
         if include_usage:
             yield server_sent(dict(identity, object="chat.completion.chunk", choices=[], usage=usage_of(request)))
@@ -1064,6 +1066,7 @@ CHAT_PAGE = r"""<!doctype html>
   .sources li.cited { color: #000; font-weight: 600; }
   form { display: flex; gap: .5rem; margin-top: 1rem; }
   #question { flex: 1; padding: .5rem; }
+  #status { color: #a33; font-size: 13px; }
 </style>
 </head>
 <body>
@@ -1073,6 +1076,7 @@ CHAT_PAGE = r"""<!doctype html>
   <label><input type="checkbox" id="use-tools"> tools</label>
   <label><input type="checkbox" id="use-retrieval"> retrieved passages</label>
   <label>API key <input type="password" id="key" size="14"></label>
+  <span id="status"></span>
 </header>
 <main id="log" aria-live="polite"></main>
 <form id="ask">
@@ -1103,6 +1107,8 @@ function turn(kind, text) {
 
 async function loadModels() {
   const response = await fetch("v1/models", {headers: headers()});
+  $("status").textContent = response.status === 401 ? "this server needs its API key" : "";
+  if (response.status === 401) return;
   if (!response.ok) {
     turn("error", "models: " + (await response.json()).error.message);
     return;
@@ -1162,12 +1168,14 @@ async function ask(question) {
       calls.push(...(delta.tool_calls || []));
     }
   }
+  if (calls.length && !text && !failed) answer.remove();  // the model only called a tool: show the call
   for (const call of calls) turn("tool-call", "calls " + call.function.name + "(" + call.function.arguments + ")");
   if (passages) showSources(answer, passages, text);
   if (failed) answer.className = "turn error";
   if (failed || calls.length) history.pop();  // the page runs no tools: the next question starts afresh
   else history.push({role: "assistant", content: text});
   answer.dataset.done = "true";
+  document.body.dataset.answers = Number(document.body.dataset.answers || 0) + 1;  // what tests wait for
 }
 
 $("key").addEventListener("change", () => {
@@ -1810,7 +1818,7 @@ def chat_page_session(url: str, api_key: str | None, questions: Sequence[str], c
             for n, text in enumerate(questions, 1):
                 page.fill("#question", text)
                 page.click("#send")
-                page.wait_for_function(f"document.querySelectorAll('.assistant[data-done]').length === {n}")
+                page.wait_for_function(f"document.body.dataset.answers === '{n}'")
             shown = page.screenshot(), page.locator(".tool-call").all_inner_texts()
             browser.close()
             return shown

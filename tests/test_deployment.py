@@ -694,7 +694,7 @@ def test_the_chat_page_streams_shows_a_tool_call_and_cited_passages(model_and_to
                 page.check(box)
             page.fill("#question", question)
             page.click("#send")
-            page.wait_for_selector(".assistant[data-done]")
+            page.wait_for_function("document.body.dataset.answers === '1'")
             return page.locator(".assistant").last
 
         page.goto(url)
@@ -704,6 +704,7 @@ def test_the_chat_page_streams_shows_a_tool_call_and_cited_passages(model_and_to
         assert answer.inner_text() == "Four, I think." and int(answer.get_attribute("data-pieces")) > 1  # streamed
         ask("#use-tools")
         assert page.locator(".tool-call").inner_text() == 'calls calculator({"expression": "2+2"})'
+        assert page.locator(".assistant").count() == 0  # only the call is shown, no empty answer
         cited = ask("#use-retrieval")
         assert cited.locator(".sources li").count() == 2
         assert cited.locator(".sources li.cited").inner_text() == passages[0].strip()
@@ -748,3 +749,21 @@ def test_templates_render_like_training_and_run_the_tool_they_call(model_and_tok
     model.write([*tokenizer.encode_ordinary("4"), special["<|end|>"]], len(chat_prompt(tokenizer, first)))
     said = template_answers(Engine(model, tokenizer), template, [item], system=False, max_tokens=80)
     assert said == ["4"] and template_right(template, item, said[0])
+
+
+def test_a_tool_call_that_does_not_parse_streams_as_the_text_it_is(model_and_tokenizer, serving):
+    from llmbook.deployment import chat_prompt, make_app, openai_tools
+
+    _, tokenizer = model_and_tokenizer
+    messages, tools = [dict(role="user", content="What is 2+2?")], openai_tools()
+    special = tokenizer.special_tokens
+    broken = [special["<|tool_call|>"], *tokenizer.encode_ordinary('{"name'), special["<|end|>"]]
+    model = ScriptedModel(
+        tokenizer.vocab_size, broken, len(chat_prompt(tokenizer, dict(messages=messages, tools=tools)))
+    )
+    client = client_for(serving(make_app(lambda name: (model, tokenizer), "toy")))
+    asked = dict(model="toy", messages=messages, tools=tools, temperature=0)
+    whole = client.chat.completions.create(**asked).choices[0]
+    chunks = list(client.chat.completions.create(**asked, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert whole.message.content == streamed == '<|tool_call|>{"name' and whole.message.tool_calls is None
