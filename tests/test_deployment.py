@@ -482,7 +482,9 @@ def test_the_admin_key_alone_switches_and_rolls_back_the_served_model(model_and_
     assert first.startswith("data:") and rest[-1] == "data: [DONE]"  # the stream in flight finished on the old model
     client = client_for(url)
     assert [m.id for m in client.models.list().data] == ["other"]
-    answer = client.completions.create(model="other", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+    reply = client.completions.create(model="other", prompt=prompt, max_tokens=8, temperature=0)
+    answer = reply.choices[0].text
+    assert reply.model == "other"  # the response names the model that answered
     assert answer == Engine(other, tokenizer).complete([prompt], SamplingParams(max_tokens=8, temperature=0))[0].text
     refused = admin.post("/admin/model", json=dict(model="missing"))
     assert refused.status_code == 400 and "no model missing" in refused.json()["error"]["message"]
@@ -636,8 +638,11 @@ def test_canaries_pass_at_the_bar_and_fail_below_it(model_and_tokenizer, serving
     path = tmp_path / "canaries.json"
     path.write_text(json.dumps(dict(cases=cases, baseline=dict(model="toy", right=1, answers=said))))
     assert canary(url, "toy", path, "secret") == 0
-    assert "1 of 4 right, 0 errors; the bar is 1" in capsys.readouterr().out
+    assert "1 of 4 right (toy at release: 1), 4 as released, 0 errors" in capsys.readouterr().out
+    assert canary(url, "toy", path, "secret", min_right=1) == 0
     assert canary(url, "toy", path, "secret", min_right=2) == 1
+    path.write_text(json.dumps(dict(cases=cases, baseline=dict(model="toy", right=1, answers=[*said[:3], "other"]))))
+    assert canary(url, "toy", path, "secret") == 1  # one answer is not the release's: served wrong
     assert canary(url, "toy", path, "wrong key") == 1  # every request fails: 401
     assert "AuthenticationError" in capsys.readouterr().out
 
