@@ -1494,12 +1494,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="Bearer key every route but /health needs ($LLMBOOK_API_KEY)")
     serve.add_argument("--admin-key", default=None, help="Bearer key of the /admin/ routes ($LLMBOOK_ADMIN_KEY)")
     serve.add_argument("--log-prompts", action="store_true", help="log prompts and answers, scrubbed of PII")
-    canary = sub.add_parser("canary", help="ask a live server the canaries; exit 1 below the bar (Chapter 7)")
+    canary = sub.add_parser("canary", help="ask a live server the canaries; exit 1 unless they pass (Chapter 7)")
     canary.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
     canary.add_argument("--model", required=True, help="the served model's name")
     canary.add_argument("--run-dir", default=None, help="a run directory: its serve/canaries.json")
     canary.add_argument("--cases", default=None, help="a canaries file instead (as serve/canaries.json)")
-    canary.add_argument("--min-right", type=int, default=None, help="the bar (default: the release model's count)")
+    min_right_help = "pass when N are right (another model) instead of when every answer is the release's"
+    canary.add_argument("--min-right", type=int, default=None, metavar="N", help=min_right_help)
     canary.add_argument("--api-key", default=None, help="the server's API key ($LLMBOOK_API_KEY)")
     bench = sub.add_parser("bench", help="benchmark any OpenAI-compatible server under load (Chapter 7)")
     bench.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
@@ -1563,10 +1564,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             deployment = importlib.import_module("llmbook.deployment")
             key = args.api_key or os.environ.get("LLMBOOK_API_KEY")
             if args.command == "bench":
-                concurrency = [int(c) for c in args.concurrency.split(",")]
-                extra = json.loads(args.extra) if args.extra else None
-                options = (args.requests, args.prompt_words, args.new_tokens, extra, args.out)
-                return deployment.bench(args.url, args.model, key, concurrency, *options)
+                return deployment.bench(
+                    args.url,
+                    args.model,
+                    key,
+                    args.out,
+                    concurrency=[int(c) for c in args.concurrency.split(",")],
+                    requests=args.requests,
+                    prompt_words=args.prompt_words,
+                    new_tokens=args.new_tokens,
+                    extra=json.loads(args.extra) if args.extra else None,
+                )
             if not (args.cases or args.run_dir):
                 raise ValueError("llmbook canary needs --run-dir R (its serve/canaries.json) or --cases FILE")
             cases = args.cases or Path(args.run_dir) / "serve" / "canaries.json"

@@ -331,6 +331,11 @@ class Request:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    @property
+    def length(self) -> int:
+        "`len(tokens)` without building them (the scheduler asks at every step)."
+        return len(self.prompt) + len(self.output)
+
     def token_slice(self, start: int, end: int) -> list[int]:
         "`tokens[start:end]` without copying the rest."
         prompt = len(self.prompt)
@@ -503,7 +508,7 @@ def schedule(self: Engine) -> list[tuple[Request, int]]:
             break
         if request not in self.running:  # preempted to make room for an older one
             continue
-        n = min(len(request.tokens) - request.computed, budget)  # 1 when decoding; a chunk when prefilling
+        n = min(request.length - request.computed, budget)  # 1 when decoding; a chunk when prefilling
         while not self._reserve(request, request.computed + n):
             victim = self.running[-1]  # the newest running request gives its blocks back
             self._preempt(victim)
@@ -518,7 +523,7 @@ def schedule(self: Engine) -> list[tuple[Request, int]]:
         for block in request.blocks:
             self.pool.share(block)
         request.computed = len(request.blocks) * self.pool.block_size
-        n = min(len(request.tokens) - request.computed, budget)
+        n = min(request.length - request.computed, budget)
         if not self._reserve(request, request.computed + n):
             self.pool.release(request.blocks)
             request.hashes, request.blocks, request.computed = [], [], 0
@@ -573,7 +578,7 @@ def step(self: Engine) -> list[Delta]:
     for (request, n), row in zip(scheduled, rows):
         request.computed += n
         self._cache_full_blocks(request)
-        if request.computed == len(request.tokens):  # else a prompt read in chunks: no token yet
+        if request.computed == request.length:  # else a prompt read in chunks: no token yet
             ready.append((request, row))
     if not ready:
         return []
@@ -1780,20 +1785,10 @@ def benchmark_figure(waves: Sequence[dict], title: str = ""):
     return fig
 
 
-def bench(
-    url: str,
-    model: str,
-    api_key: str | None = None,
-    concurrency: Sequence[int] = (1, 4, 16, 64),
-    requests: int = 64,
-    prompt_words: int = 24,
-    new_tokens: int = 32,
-    extra: dict | None = None,
-    out: str | Path | None = None,
-) -> int:
-    "`llmbook bench`: the serving benchmark against the server at `url`: a table; bench.json and bench.png in `out`."
-    waves = serving_benchmark(url, model, api_key, concurrency, requests, prompt_words, new_tokens, extra)
-    print(f"{url}, model {model}: {requests} streamed requests of {new_tokens} tokens per wave\n")
+def bench(url: str, model: str, api_key: str | None = None, out: str | Path | None = None, **options) -> int:
+    "`llmbook bench`: `serving_benchmark(**options)` against `url`: a table; bench.json and bench.png in `out`."
+    waves = serving_benchmark(url, model, api_key, **options)
+    print(f"{url}, model {model}: {waves[0]['requests']} streamed requests per wave\n")
     print(benchmark_table(waves))
     if out is not None:
         atomic_write_json(Path(out) / "bench.json", dict(url=url, model=model, waves=waves))
