@@ -1787,7 +1787,12 @@ def benchmark_figure(waves: Sequence[dict], title: str = ""):
 
 def bench(url: str, model: str, api_key: str | None = None, out: str | Path | None = None, **options) -> int:
     "`llmbook bench`: `serving_benchmark(**options)` against `url`: a table; bench.json and bench.png in `out`."
-    waves = serving_benchmark(url, model, api_key, **options)
+    import httpx
+
+    try:
+        waves = serving_benchmark(url, model, api_key, **options)
+    except httpx.TransportError as error:  # the CLI's clear error, not a traceback
+        raise RuntimeError(f"cannot reach {url}: {type(error).__name__}: {error}") from None
     print(f"{url}, model {model}: {waves[0]['requests']} streamed requests per wave\n")
     print(benchmark_table(waves))
     if out is not None:
