@@ -81,6 +81,7 @@ def main():
     run = open_run(config["preset"], args.run_dir, config["overrides"], write=False)
     key, port = secrets.token_hex(16), free_port()
     command = [str(Path(sys.executable).parent / "llmbook"), "serve", "--run-dir", args.run_dir, "--model", args.model]
+    command += ["--scanners", "none"]  # llama.cpp's server scans nothing either: the engines, like for like
     env = dict(os.environ, LLMBOOK_API_KEY=key)
     server, _ = start([*command, "--port", str(port)], env, f"http://127.0.0.1:{port}/health")
     try:

@@ -61,6 +61,8 @@ class Preset:
     hf_datasets: str = ""  # extra Hugging Face datasets: comma-separated `name[:config]` or local paths
     domain: str = "sympy"  # Chapter 6's new domain, kept out of pretraining: distributions or hf:name[:config]|SPDX
     domain_mb: float = 0.5  # raw text of the new domain, in MB (a budget of its own)
+    jurisdictions: str = ""  # origins a run may read from, comma-separated (ISO 3166 codes, "generated"); "": any
+    memorization_canaries: str = "1,4,16"  # times each group of planted secrets repeats (Chapter 8); "": none
     # tokenizer and model (Chapter 3); `depth` is the one knob the model's size follows
     vocab_size: int = 2048
     tokenizer_mb: float = 4.0  # training text for the tokenizer, in MB
@@ -113,6 +115,10 @@ class Preset:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"preset {self.name!r}: {key}={getattr(self, key)!r} is not one of {allowed}")
+        repeats = [part.strip() for part in self.memorization_canaries.split(",") if part.strip()]
+        if not all(part.isdigit() and int(part) > 0 for part in repeats):
+            message = f"memorization_canaries={self.memorization_canaries!r} must be positive integers, comma-separated"
+            raise ValueError(f"preset {self.name!r}: {message}")
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type in (int, float) and f.name not in ("gpus", "threads", "seed") and not value > 0:
@@ -194,6 +200,7 @@ PRESETS = {
         long_steps=500,
         passkey_trials=50,
         domain=FINEWEB2_DE,
+        memorization_canaries="",  # Chapter 8 measures memorization at the small presets
         domain_mb=20,
         adapt_steps=1_000,
         compression_questions=430,
@@ -230,6 +237,7 @@ PRESETS = {
         long_steps=500,
         passkey_trials=50,
         domain=FINEWEB2_DE,
+        memorization_canaries="",  # Chapter 8 measures memorization at the small presets
         domain_mb=20,
         adapt_steps=1_000,
         compression_questions=430,
@@ -543,7 +551,7 @@ CHAPTERS = (
         ("model/long", "adapters/domain-lora", "model/compressed"),
     ),
     Chapter(7, "deployment", "Deployment", "07_deployment", ("release", "serve")),
-    Chapter(8, "governance", "Governance", "08_governance", ("governance", "registry")),
+    Chapter(8, "governance", "Governance", "08_governance", ("governance",)),
     Chapter(9, "improvement", "Continuous improvement", "09_continuous_improvement", ("improve",)),
 )
 
@@ -1494,6 +1502,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="Bearer key every route but /health needs ($LLMBOOK_API_KEY)")
     serve.add_argument("--admin-key", default=None, help="Bearer key of the /admin/ routes ($LLMBOOK_ADMIN_KEY)")
     serve.add_argument("--log-prompts", action="store_true", help="log prompts and answers, scrubbed of PII")
+    scanners_help = "Chapter 8's scanners: auto (every one the run has), none, or a list such as injection,pii"
+    serve.add_argument("--scanners", default="auto", help=scanners_help)
     canary = sub.add_parser("canary", help="ask a live server the canaries; exit 1 unless they pass (Chapter 7)")
     canary.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
     canary.add_argument("--model", required=True, help="the served model's name")
@@ -1592,6 +1602,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(write_site(run))
         elif args.command == "serve":  # Chapter 7's module, by name: the book's front door, not an earlier chapter
             keys = dict(api_key=args.api_key, admin_key=args.admin_key, log_prompts=args.log_prompts)
+            if args.scanners != "none":  # Chapter 8's guard, by name as well
+                keys["guard"] = importlib.import_module("llmbook.governance").run_guard(run, args.scanners)
             importlib.import_module("llmbook.deployment").serve(run, args.model, args.host, args.port, **keys)
         else:
             started = time.time()

@@ -4,27 +4,29 @@
 
 # %% auto #0
 __all__ = ['MAX_METADATA_BYTES', 'MAX_SPDX_CHARS', 'MAX_LICENSE_TEXT_CHARS', 'LICENSE_ALIASES', 'LICENSE_TEXT_MARKERS',
-           'CLASSIFIER_LICENSES', 'SUFFIX_KINDS', 'HELDOUT_MODULES', 'MAX_FILE_BYTES', 'HF_BUILDERS', 'PROSE_KINDS',
-           'CODE_KINDS', 'FEATURE_TYPES', 'U64', 'NUM_PERM', 'BANDS', 'ROWS', 'SHINGLE_WORDS', 'PERM_A', 'PERM_B',
-           'PLANTED_SIMILARITIES', 'THRESHOLD', 'MARGIN', 'SECRET_FORMATS', 'PII_PATTERNS', 'PII_CHECKS',
-           'VAL_PERMILLE', 'DOMAIN_VAL_PERMILLE', 'SPLITS', 'DOMAIN_WEIGHTS', 'Ledger', 'metadata_directory',
-           'metadata_file_bytes', 'problem', 'read_metadata', 'spdx_expression', 'normalize_license',
-           'distribution_license', 'Item', 'Source', 'Unreadable', 'unreadable_item', 'printable_path',
-           'read_regular_file', 'walk_files', 'relative_path', 'tree_items', 'stdlib_items', 'distribution_files',
-           'one_distribution_items', 'distribution_items', 'installation_source', 'directory_source', 'hf_loads',
-           'hf_items', 'hf_source', 'random_expression', 'expression_heldout', 'expression_source', 'domain_names',
-           'domain_label', 'domain_entry', 'domain_source', 'catalog', 'document_id', 'module_name', 'is_heldout',
-           'reading_order', 'read_item', 'decode', 'normalize_text', 'api_documentation', 'comments',
-           'python_documents', 'domain_of', 'documents_of', 'features', 'ShardWriter', 'acquire', 'ingest_text',
-           'ingest', 'excerpt', 'filter_step', 'license_step', 'exact_key', 'exact_dedup_step', 'quality_signals',
-           'quality_reason', 'quality_step', 'word_bytes', 'word_hashes', 'shingle_hashes', 'minhash_signatures',
-           'shingle_set', 'jaccard', 'replace_words', 'dissimilar_bases', 'lsh_buckets', 'near_duplicate_clusters',
-           'candidate_probability', 'variant_at', 'planted_near_duplicates', 'true_duplicate_pairs', 'candidate_pairs',
-           'pair_quality', 'corpus_signatures', 'near_dedup_step', 'shannon_entropy', 'luhn_valid', 'PiiMatch',
-           'find_pii', 'scrub', 'pii_scores', 'shipped_jsonl', 'load_blocklist', 'unsafe_reason', 'privacy_step',
-           'split_of', 'unigram_model', 'mixture', 'curriculum_order', 'split_parts', 'document_table',
-           'scored_and_ordered', 'write_corpus', 'load_corpus', 'heldout_leaks', 'check_chain', 'write_heldout',
-           'write_data_report']
+           'CLASSIFIER_LICENSES', 'SUFFIX_KINDS', 'HELDOUT_MODULES', 'MAX_FILE_BYTES', 'PYPI_JURISDICTION',
+           'HF_BUILDERS', 'PROSE_KINDS', 'CODE_KINDS', 'FEATURE_TYPES', 'U64', 'NUM_PERM', 'BANDS', 'ROWS',
+           'SHINGLE_WORDS', 'PERM_A', 'PERM_B', 'PLANTED_SIMILARITIES', 'THRESHOLD', 'MARGIN', 'SECRET_FORMATS',
+           'PII_PATTERNS', 'PII_CHECKS', 'CANARY_WORDS', 'CANARIES_PER_COUNT', 'SECRET_DIGITS', 'VAL_PERMILLE',
+           'DOMAIN_VAL_PERMILLE', 'SPLITS', 'DOMAIN_WEIGHTS', 'Ledger', 'metadata_directory', 'metadata_file_bytes',
+           'problem', 'read_metadata', 'spdx_expression', 'normalize_license', 'distribution_license', 'Item', 'Source',
+           'Unreadable', 'unreadable_item', 'printable_path', 'read_regular_file', 'walk_files', 'relative_path',
+           'tree_items', 'stdlib_items', 'distribution_files', 'one_distribution_items', 'distribution_items',
+           'installation_source', 'directory_source', 'hf_loads', 'hf_items', 'hf_spec', 'hf_source',
+           'random_expression', 'expression_heldout', 'expression_source', 'domain_names', 'domain_label',
+           'domain_entry', 'domain_source', 'catalog', 'document_id', 'module_name', 'is_heldout', 'reading_order',
+           'read_item', 'decode', 'normalize_text', 'api_documentation', 'comments', 'python_documents', 'domain_of',
+           'documents_of', 'features', 'ShardWriter', 'acquire', 'ingest_text', 'jurisdiction_allowed',
+           'allowed_jurisdictions', 'ingest', 'excerpt', 'filter_step', 'license_step', 'exact_key', 'exact_dedup_step',
+           'quality_signals', 'quality_reason', 'quality_step', 'word_bytes', 'word_hashes', 'shingle_hashes',
+           'minhash_signatures', 'shingle_set', 'jaccard', 'replace_words', 'dissimilar_bases', 'lsh_buckets',
+           'near_duplicate_clusters', 'candidate_probability', 'variant_at', 'planted_near_duplicates',
+           'true_duplicate_pairs', 'candidate_pairs', 'pair_quality', 'corpus_signatures', 'near_dedup_step',
+           'shannon_entropy', 'luhn_valid', 'PiiMatch', 'find_pii', 'scrub', 'pii_scores', 'shipped_jsonl',
+           'load_blocklist', 'unsafe_reason', 'privacy_step', 'canary_repeats', 'make_canaries', 'canary_text',
+           'plant_canaries', 'split_of', 'unigram_model', 'mixture', 'curriculum_order', 'split_parts',
+           'document_table', 'scored_and_ordered', 'write_corpus', 'load_corpus', 'heldout_leaks', 'check_chain',
+           'write_heldout', 'write_data_report']
 
 # %% ../nbs/02_data.ipynb #bb2d92b2
 import ast
@@ -261,6 +263,7 @@ class Source:
     items: Callable[[], Iterator[Item]]
     budget_bytes: float | None = None  # raw text kept from this source alone; None: the catalog's shared budget
     shuffled: bool = False  # read in `reading_order` (held-out modules first, then by provenance)
+    jurisdiction: str = "unknown"  # where the data comes from, in law: ISO 3166 codes (comma-separated), "generated"
 
 # %% ../nbs/02_data.ipynb #f4895b7f
 SUFFIX_KINDS = {".py": "py", ".pyi": "pyi", ".rst": "rst", ".md": "md", ".txt": "txt"}
@@ -419,6 +422,9 @@ def distribution_items(
             yield from one_distribution_items(name, by_name[name])
 
 # %% ../nbs/02_data.ipynb #3eb59205
+PYPI_JURISDICTION = "US"  # python.org and PyPI, where an installation's code comes from: the Python Software Foundation
+
+
 def installation_source(
     stdlib_root: str | Path | None = None, distribution_paths: list | None = None, exclude: Sequence[str] = ()
 ) -> Source:
@@ -430,11 +436,14 @@ def installation_source(
         "standard library and installed distributions: source, docs, READMEs",
         lambda: itertools.chain(stdlib_items(stdlib_root), distribution_items(distribution_paths, skipped)),
         shuffled=True,
+        jurisdiction=PYPI_JURISDICTION,
     )
 
 # %% ../nbs/02_data.ipynb #93a163fa
-def directory_source(root: str | Path, license: str = "NOASSERTION", name: str | None = None) -> Source:
-    "Every text file under `root` (not following symbolic links), under one license."
+def directory_source(
+    root: str | Path, license: str = "NOASSERTION", name: str | None = None, jurisdiction: str = "unknown"
+) -> Source:
+    "Every text file under `root` (not following symbolic links), under one license and one jurisdiction."
     root = Path(root)
     label = name or root.name
     return Source(
@@ -442,6 +451,7 @@ def directory_source(root: str | Path, license: str = "NOASSERTION", name: str |
         license,
         f"text files under {root}",
         lambda: tree_items(f"dir:{label}", label, "", root, license),
+        jurisdiction=jurisdiction,
     )
 
 # %% ../nbs/02_data.ipynb #5a4fc2fd
@@ -489,13 +499,20 @@ def hf_items(spec: str, stated: str, source: str | None = None) -> Iterator[Item
             yield unreadable_item(source, name, version, f"{label}#error", stated or "NOASSERTION", reason, size)
 
 # %% ../nbs/02_data.ipynb #6b9331c8
+def hf_spec(spec: str) -> tuple[str, str, str]:
+    "(dataset, license, jurisdiction) of `name[:config]|SPDX|jurisdiction`, the last two optional."
+    dataset, _, statements = spec.partition("|")
+    license, _, jurisdiction = statements.partition("|")
+    return dataset, license, jurisdiction or "unknown"
+
+
 def hf_source(spec: str) -> Source:
-    "A Hugging Face dataset: `name[:config]` on the hub, or local files; `|SPDX` states the license."
-    spec, _, stated = spec.partition("|")
+    "A Hugging Face dataset: `name[:config]` on the hub, or local files; `|SPDX|jurisdiction` state what is known."
+    spec, stated, jurisdiction = hf_spec(spec)
     name = hf_loads(spec)[0]
-    return Source(
-        f"hf:{name}", stated or "from the dataset card", f"Hugging Face dataset {spec}", lambda: hf_items(spec, stated)
-    )
+    description = f"Hugging Face dataset {spec}"
+    license = stated or "from the dataset card"
+    return Source(f"hf:{name}", license, description, lambda: hf_items(spec, stated), jurisdiction=jurisdiction)
 
 # %% ../nbs/02_data.ipynb #46539418
 def random_expression(rng: random.Random, depth: int = 2, top: bool = True) -> str:
@@ -537,7 +554,8 @@ def expression_source(n_docs: int, seed: int = 0, per_doc: int = 16) -> Source:
                 lambda data=data: data,
             )
 
-    return Source("synthetic:expressions", "CC0-1.0", "Python sessions evaluating arithmetic expressions", items)
+    description = "Python sessions evaluating arithmetic expressions"
+    return Source("synthetic:expressions", "CC0-1.0", description, items, jurisdiction="generated")
 
 # %% ../nbs/02_data.ipynb #b8f20f9c
 def domain_names(cfg) -> tuple[str, ...]:
@@ -547,19 +565,20 @@ def domain_names(cfg) -> tuple[str, ...]:
 
 def domain_label(name: str) -> str:
     "An entry of `domain` as the corpus names it: the distribution, or the dataset (`hf:` and license dropped)."
-    return hf_loads(name.removeprefix("hf:").partition("|")[0])[0] if name.startswith("hf:") else name
+    return hf_loads(hf_spec(name.removeprefix("hf:"))[0])[0] if name.startswith("hf:") else name
 
 
-def domain_entry(name: str, source: str) -> tuple[str, Callable[[], Iterator[Item]]]:
-    "(license, items) of an entry of `domain`: an installed distribution, or `hf:name[:config]|SPDX` (hub or files)."
+def domain_entry(name: str, source: str) -> tuple[str, str, Callable[[], Iterator[Item]]]:
+    "(license, jurisdiction, items) of an entry of `domain`: an installed distribution, or `hf:name[:config]|SPDX`."
     if name.startswith("hf:"):
-        spec, _, stated = name.removeprefix("hf:").partition("|")
-        return stated or "from the dataset card", lambda: hf_items(spec, stated, source)
+        spec, stated, jurisdiction = hf_spec(name.removeprefix("hf:"))
+        return stated or "from the dataset card", jurisdiction, lambda: hf_items(spec, stated, source)
     try:
         dist = importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError:
         raise ValueError(f"preset field domain: distribution {name!r} is not installed") from None
-    return "per distribution (SPDX from its metadata)", lambda: one_distribution_items(name, dist, source)
+    license = "per distribution (SPDX from its metadata)"
+    return license, PYPI_JURISDICTION, lambda: one_distribution_items(name, dist, source)
 
 
 def domain_source(names: Sequence[str], budget_bytes: float) -> Source:
@@ -568,11 +587,12 @@ def domain_source(names: Sequence[str], budget_bytes: float) -> Source:
     entries = [domain_entry(n, source) for n in names]
     return Source(
         source,
-        ", ".join(dict.fromkeys(license for license, _ in entries)),
+        ", ".join(dict.fromkeys(license for license, _, _ in entries)),
         f"the new domain of Chapter 6, kept out of pretraining: {source.removeprefix('domain:')}",
-        lambda: itertools.chain.from_iterable(items() for _, items in entries),
+        lambda: itertools.chain.from_iterable(items() for _, _, items in entries),
         budget_bytes=budget_bytes,
         shuffled=not any(n.startswith("hf:") for n in names),  # a dataset is a stream, read in its own order
+        jurisdiction=",".join(sorted({jurisdiction for _, jurisdiction, _ in entries})),
     )
 
 
@@ -848,13 +868,32 @@ def ingest_text(item: Item, data: bytes, entry: dict, ingestion: Ledger, writer:
         ingestion.examples.setdefault("repaired (kept)", []).append(item.path)
 
 # %% ../nbs/02_data.ipynb #0399c294
-def ingest(sources: Iterable[Source], budget_bytes: float, work: Path, manifest_path: Path) -> tuple:
+def jurisdiction_allowed(jurisdiction: str, allowed: Sequence[str]) -> bool:
+    "Whether every origin of a source (comma-separated) is allowed; an empty list allows every one."
+    return not allowed or all(part.strip() in allowed for part in jurisdiction.split(","))
+
+
+def allowed_jurisdictions(cfg) -> tuple[str, ...]:
+    "The origins a preset may read (`jurisdictions`, comma-separated); () for any."
+    return tuple(part.strip() for part in cfg.jurisdictions.split(",") if part.strip())
+
+
+def ingest(
+    sources: Iterable[Source], budget_bytes: float, work: Path, manifest_path: Path, jurisdictions: Sequence[str] = ()
+) -> tuple:
     "Read sources into Arrow shards until `budget_bytes` of raw text are kept (a source's own budget, if it has one)."
     acquisition, ingestion = Ledger("acquisition"), Ledger("ingestion")
     writer = ShardWriter(work / "ingested")
     kept = collections.Counter()  # raw bytes kept against each budget: "" the shared one, else a source's own
+    refused = acquisition.counts.setdefault("refused sources", {})  # name → jurisdiction: not even listed
     with atomic_path(manifest_path) as tmp, open(tmp, "w", encoding="utf-8") as manifest:
         for source in sources:
+            if not jurisdiction_allowed(source.jurisdiction, jurisdictions):
+                refused[source.name] = source.jurisdiction
+                status = f"refused: jurisdiction {source.jurisdiction} is not one of {', '.join(jurisdictions)}"
+                manifest.write(json.dumps(dict(source=source.name, jurisdiction=source.jurisdiction, status=status)))
+                manifest.write("\n")
+                continue
             budget = "" if source.budget_bytes is None else source.name
             limit = budget_bytes if source.budget_bytes is None else source.budget_bytes
             for item in reading_order(source.items()) if source.shuffled else source.items():
@@ -865,7 +904,7 @@ def ingest(sources: Iterable[Source], budget_bytes: float, work: Path, manifest_
                 kept[budget] += acquisition.kept_bytes - before
                 if data is not None:
                     ingest_text(item, data, entry, ingestion, writer)
-                manifest.write(json.dumps(entry) + "\n")
+                manifest.write(json.dumps(dict(entry, jurisdiction=source.jurisdiction)) + "\n")
     return writer.finish(), acquisition.check(), ingestion.check()
 
 # %% ../nbs/02_data.ipynb #e1da44aa
@@ -1524,6 +1563,76 @@ def privacy_step(ds, work: Path, blocklist: dict):
     ledger.counts["replaced"] = dict(replaced)
     return writer.finish(), ledger.check()
 
+# %% ../nbs/02_data.ipynb #92857d6d
+CANARY_WORDS = ("amber", "birch", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo", "juniper")
+CANARY_WORDS += ("kestrel", "lagoon", "marble", "nectar", "onyx", "prairie", "quartz", "russet", "saffron", "tundra")
+CANARIES_PER_COUNT = 3  # canaries planted at each repetition count (and never planted, as the reference)
+SECRET_DIGITS = 6  # a secret is one of 10⁶ numbers
+
+
+def canary_repeats(cfg) -> tuple[int, ...]:
+    "How many times each group of canaries is planted (`memorization_canaries`, comma-separated); () for none."
+    return tuple(int(part) for part in cfg.memorization_canaries.split(",") if part.strip())
+
+
+def make_canaries(repeats: Sequence[int], seed: int = 0, per_count: int = CANARIES_PER_COUNT) -> list[dict]:
+    "Canaries `The <word> vault code is <digits>.`: `per_count` for each count of `repeats`, and for 0 (not planted)."
+    if not repeats:
+        return []
+    rng = random.Random(f"canaries-{seed}")
+    counts = [count for count in (0, *repeats) for _ in range(per_count)]
+    words = rng.sample(CANARY_WORDS, len(counts))
+    return [
+        dict(
+            prefix=f"The {word} vault code is ",
+            secret="".join(rng.choice("0123456789") for _ in range(SECRET_DIGITS)),
+            repeats=count,
+        )
+        for word, count in zip(words, counts)
+    ]
+
+
+def canary_text(canary: dict) -> str:
+    return f"{canary['prefix']}{canary['secret']}."
+
+
+def plant_canaries(ds, canaries: Sequence[dict]):
+    "The documents, and each canary `repeats` times as a training document of its own; the step's ledger."
+    import datasets
+
+    ledger = Ledger("canaries")
+    for batch in ds.select_columns(["text"]).iter(batch_size=1024):
+        for text in batch["text"]:
+            ledger.keep(len(text.encode()))
+    rows = []
+    for i, canary in enumerate(canaries):
+        text = canary_text(canary)
+        for k in range(canary["repeats"]):
+            path = f"canary-{i:02d}#{k}"
+            rows.append(
+                dict(
+                    id=document_id("canaries", path),
+                    text=text,
+                    domain="prose",
+                    kind="text",
+                    source="canaries",
+                    distribution="llmbook-canaries",
+                    version="1",
+                    path=path,
+                    module="",
+                    license="CC0-1.0",
+                    sha256=sha256_bytes(text.encode()),
+                    heldout=False,
+                )
+            )
+    ledger.out_docs += len(rows)
+    ledger.out_bytes += sum(len(r["text"].encode()) for r in rows)
+    ledger.counts["planted"] = dict(canaries=len(canaries), documents=len(rows))
+    if not rows:
+        return ds, ledger.check()
+    planted = datasets.Dataset.from_list(rows, features=ds.features)
+    return datasets.concatenate_datasets([ds, planted]), ledger.check()
+
 # %% ../nbs/02_data.ipynb #f13899fb
 VAL_PERMILLE = 50
 DOMAIN_VAL_PERMILLE = 200  # the new domain's share held out to measure adaptation
@@ -1534,6 +1643,8 @@ def split_of(row: dict) -> str:
     "One of SPLITS — from the file a document came from, so a file's code and its docstrings never split."
     if row["heldout"]:
         return "heldout"
+    if row["source"] == "canaries":  # planted to be measured: always trained on
+        return "train"
     draw = int(document_id(row["source"], row["distribution"], row["path"])[:8], 16) % 1000
     if row["source"].startswith("domain:"):
         return "domain_val" if draw < DOMAIN_VAL_PERMILLE else "domain_train"

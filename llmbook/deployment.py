@@ -5,15 +5,15 @@
 # %% auto #0
 __all__ = ['RELEASE_VERSION', 'CHECKSUMS', 'FRESH_PROCESS_CHECK', 'SAMPLING_FIELDS', 'CHAT_FIELDS', 'COMPLETION_FIELDS',
            'LATENCY_BUCKETS', 'TOKEN_BUCKETS', 'CHAT_PAGE', 'CANARIES_PER_KIND', 'BENCH_WORDS', 'TEMPLATE_TOKENS',
-           'write_checksums', 'verify_release', 'model_card', 'write_release', 'check_in_fresh_process',
-           'SamplingParams', 'block_hash', 'BlockPool', 'Request', 'Delta', 'PagedBatch', 'QueueFull', 'Engine',
-           'sample', 'held_back', 'EngineThread', 'APIError', 'openai_tools', 'sampling_from', 'chat_prompt',
-           'usage_of', 'collect', 'split_tool_calls', 'chat_logprobs', 'server_sent', 'chat_chunks',
-           'completion_chunks', 'ServerMetrics', 'request_log', 'chat_page', 'make_app', 'load_served', 'run_retriever',
-           'LocalServer', 'serve', 'canary_cases', 'run_canaries', 'canary', 'scrape_metrics', 'percentile',
-           'streamed_completion', 'load_wave', 'run_coroutine', 'bench_prompts', 'serving_benchmark', 'benchmark_table',
-           'benchmark_figure', 'bench', 'chat_page_session', 'load_templates', 'numbered_sources', 'template_request',
-           'template_answers', 'template_right']
+           'write_checksums', 'verify_release', 'model_card', 'attributions', 'notice_text', 'write_release',
+           'check_in_fresh_process', 'SamplingParams', 'block_hash', 'BlockPool', 'Request', 'Delta', 'PagedBatch',
+           'QueueFull', 'Engine', 'sample', 'held_back', 'EngineThread', 'APIError', 'openai_tools', 'sampling_from',
+           'chat_prompt', 'Guard', 'GuardedStream', 'usage_of', 'collect', 'split_tool_calls', 'chat_logprobs',
+           'server_sent', 'chat_chunks', 'completion_chunks', 'ServerMetrics', 'request_log', 'chat_page', 'make_app',
+           'load_served', 'run_retriever', 'LocalServer', 'serve', 'canary_cases', 'run_canaries', 'canary',
+           'scrape_metrics', 'percentile', 'streamed_completion', 'load_wave', 'run_coroutine', 'bench_prompts',
+           'serving_benchmark', 'benchmark_table', 'benchmark_figure', 'bench', 'chat_page_session', 'load_templates',
+           'numbered_sources', 'template_request', 'template_answers', 'template_right']
 
 # %% ../nbs/07_deployment.ipynb #59d62513
 import asyncio
@@ -167,8 +167,36 @@ Pretraining: {compute["training_flops"]:.3g} FLOPs, {compute["training_hours"]:.
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{text}")
 
 # %% ../nbs/07_deployment.ipynb #0cfd8456
-def write_release(directory: Path, model_dir: Path, info: dict, gguf_files: Sequence[Path] = ()) -> Path:
-    "The release directory, atomically: model, tokenizer (chat template inline), GGUF, card, release.json, SHA256SUMS."
+def attributions(documents) -> list[dict]:
+    "Each work (distribution or dataset) of a set of documents: source, version, license and documents."
+    columns = documents.select_columns(["source", "distribution", "version", "license"])
+    works = collections.Counter(
+        row for batch in columns.iter(batch_size=4096) for row in zip(*(batch[c] for c in columns.column_names))
+    )
+    return [
+        dict(source=s, distribution=d, version=v, license=l, documents=n) for (s, d, v, l), n in sorted(works.items())
+    ]
+
+
+def notice_text(name: str, version: str, works: Sequence[dict]) -> str:
+    "The release's NOTICE: the attribution its training text's licenses ask of a redistribution."
+    lines = [
+        f"{name} {version}",
+        "",
+        "This model was trained on text from the works below, each under its own license (an SPDX expression).",
+        "Their copyright notices are in the works themselves.",
+        "",
+    ]
+    for work in works:
+        title = f"{work['distribution']} {work['version']}".strip()
+        lines.append(f"- {title} ({work['source']}): {work['license']}; {work['documents']:,} documents")
+    return "\n".join(lines) + "\n"
+
+
+def write_release(
+    directory: Path, model_dir: Path, info: dict, gguf_files: Sequence[Path] = (), notice: str = ""
+) -> Path:
+    "The release directory, atomically: model, tokenizer, GGUF, card, NOTICE, release.json, SHA256SUMS."
     from transformers import AutoTokenizer
 
     with atomic_path(directory) as tmp:
@@ -180,6 +208,8 @@ def write_release(directory: Path, model_dir: Path, info: dict, gguf_files: Sequ
         for path in gguf_files:
             shutil.copyfile(path, tmp / path.name)
         model_card(info).save(tmp / "README.md")
+        if notice:
+            (tmp / "NOTICE").write_text(notice, encoding="utf-8")
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         atomic_write_json(tmp / "release.json", dict(info, files=files))
         for path in tmp.iterdir():
@@ -838,6 +868,41 @@ def chat_prompt(tokenizer: BPETokenizer, body: dict) -> list[int]:
     return render_chat(tokenizer, messages, tools or None, add_generation_prompt=True)[0]
 
 # %% ../nbs/07_deployment.ipynb #68e7237a
+class Guard:
+    "What a server checks on the way in and out of the model; this one lets everything through (see Chapter 8)."
+
+    holdback = 0  # characters at the end of a stream kept back until more text shows they are safe
+
+    def inputs(self, texts: Sequence[str]) -> list[str]:
+        "Flags raised by a request's untrusted texts (retrieved passages, tool results)."
+        return []
+
+    def output(self, text: str) -> tuple[str, str | None]:
+        "The answer so far as it may be sent (redacted), and why it must be blocked (or None)."
+        return text, None
+
+
+class GuardedStream:
+    "What of a growing answer may be sent: the guard's text, less its holdback until the end; nothing once blocked."
+
+    def __init__(self, guard: Guard):
+        self.guard, self.sent, self.blocked = guard, "", None
+
+    def release(self, text: str, final: bool) -> str:
+        "The characters that may be sent now that the answer reads `text` (all of it when `final`)."
+        if self.blocked:
+            return ""
+        safe, self.blocked = self.guard.output(text)
+        if not self.blocked and not safe.startswith(self.sent):  # a value found once part of it had gone out
+            self.blocked = "redaction of text already sent"
+        if self.blocked:
+            return ""
+        end = len(safe) if final else len(safe) - self.guard.holdback
+        released = safe[len(self.sent) : end] if end > len(self.sent) else ""
+        self.sent += released
+        return released
+
+
 def usage_of(request: Request) -> dict:
     "OpenAI's usage block; cached_tokens are the prompt tokens found in the prefix cache."
     prompt, completion = len(request.prompt), len(request.output)
@@ -900,8 +965,20 @@ def server_sent(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def chat_chunks(request, outbox, engine, tokenizer, identity, tools: bool, include_usage: bool, passages=()):
+async def chat_chunks(
+    request,
+    outbox,
+    engine,
+    tokenizer,
+    identity,
+    tools: bool,
+    include_usage: bool,
+    passages=(),
+    guard=None,
+    scanned=None,
+):
     "The chat stream: a role chunk (with any passages), text deltas (a tool call held back until whole), the end."
+    guard, scanned = guard or Guard(), {} if scanned is None else scanned
     chunk = lambda delta, finish=None, **extra: server_sent(
         dict(
             identity,
@@ -913,26 +990,27 @@ async def chat_chunks(request, outbox, engine, tokenizer, identity, tools: bool,
         first = dict(identity, object="chat.completion.chunk")
         first["choices"] = [dict(index=0, delta=dict(role="assistant", content=""), finish_reason=None)]
         yield server_sent(dict(first, passages=list(passages)) if passages else first)
-        text, shown = "", 0
-        while True:
+        text, visible, stream, pending, finish = "", "", GuardedStream(guard), [], None
+        while finish is None and not stream.blocked:
             delta = await outbox.get()
             if delta.finish_reason == "error":  # OpenAI's clients raise on an error event
                 yield server_sent(dict(error=dict(message=delta.error, type="server_error", param=None, code=None)))
                 return
             text += delta.text
             visible = text.split("<|tool_call|>")[0] if tools else text
-            if len(visible) > shown:
-                logprobs = chat_logprobs(tokenizer, [delta]) if delta.logprobs else None
-                yield chunk(dict(content=visible[shown:]), logprobs=logprobs)
-                shown = len(visible)
-            if delta.finish_reason:
-                break
-        _, calls = split_tool_calls(text) if tools else ("", [])
+            pending += [delta] if delta.logprobs else []
+            released = stream.release(visible, final=delta.finish_reason is not None)
+            if released:
+                yield chunk(dict(content=released), logprobs=chat_logprobs(tokenizer, pending) if pending else None)
+                pending = []
+            finish = delta.finish_reason
+        _, calls = split_tool_calls(text) if tools and not stream.blocked else ("", [])
         if calls:
             yield chunk(dict(tool_calls=[dict(call, index=i) for i, call in enumerate(calls)]))
-        elif len(text) > shown:  # a call that does not parse: the text as it is, as the answer not streamed has it
-            yield chunk(dict(content=text[shown:]))
-        yield chunk({}, "tool_calls" if calls else delta.finish_reason)
+        elif len(text) > len(visible) and (released := stream.release(text, final=True)):  # a call that does not parse
+            yield chunk(dict(content=released))  # the text as it is, as the answer not streamed has it
+        scanned["blocked"] = stream.blocked
+        yield chunk({}, "content_filter" if stream.blocked else "tool_calls" if calls else finish)
         if include_usage:
             yield server_sent(dict(identity, object="chat.completion.chunk", choices=[], usage=usage_of(request)))
         yield server_sent("[DONE]")
@@ -940,18 +1018,23 @@ async def chat_chunks(request, outbox, engine, tokenizer, identity, tools: bool,
         engine.abort(request.id)  # a client that left mid-stream frees its blocks (nothing if it ended)
 
 
-async def completion_chunks(request, outbox, engine, identity, include_usage: bool):
+async def completion_chunks(request, outbox, engine, identity, include_usage: bool, guard=None, scanned=None):
     "The completions stream: text deltas, the finish reason, [DONE]."
+    guard, scanned = guard or Guard(), {} if scanned is None else scanned
     try:
-        while True:
+        text, stream, finish = "", GuardedStream(guard), None
+        while finish is None:
             delta = await outbox.get()
             if delta.finish_reason == "error":  # OpenAI's clients raise on an error event
                 yield server_sent(dict(error=dict(message=delta.error, type="server_error", param=None, code=None)))
                 return
-            choice = dict(index=0, text=delta.text, finish_reason=delta.finish_reason, logprobs=None)
-            yield server_sent(dict(identity, object="text_completion", choices=[choice]))
-            if delta.finish_reason:
-                break
+            text += delta.text
+            released = stream.release(text, final=delta.finish_reason is not None)
+            finish = "content_filter" if stream.blocked else delta.finish_reason
+            if released or finish:
+                choice = dict(index=0, text=released, finish_reason=finish, logprobs=None)
+                yield server_sent(dict(identity, object="text_completion", choices=[choice]))
+        scanned["blocked"] = stream.blocked
         if include_usage:
             yield server_sent(dict(identity, object="text_completion", choices=[], usage=usage_of(request)))
         yield server_sent("[DONE]")
@@ -989,6 +1072,7 @@ class ServerMetrics:
         self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
         self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")
         self.preemptions = counter("num_preemptions", "Preemptions of ended requests")
+        self.guard_events = counter("guard_events", "Inputs flagged and answers blocked by the guard", ["event"])
         self.ttft = histogram("time_to_first_token_seconds", "From arrival to the first token", LATENCY_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Between two tokens of a request", LATENCY_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "From arrival to the end of a request", LATENCY_BUCKETS)
@@ -1216,6 +1300,7 @@ def make_app(
     body_timeout_s: float = 30.0,
     tools: Sequence[dict] = (),
     retriever: Callable[[str], list[str]] | None = None,
+    guard: Guard | None = None,
 ):
     "An OpenAI-compatible FastAPI app serving `load(model_name)`, loaded in the background (503 until then)."
     from fastapi import FastAPI, Request as HTTPRequest
@@ -1226,7 +1311,7 @@ def make_app(
     if admin_key and admin_key == api_key:
         raise ValueError("the admin key must differ from the API key: clients must not be able to switch models")
     state = dict(engine=None, tokenizer=None, error=None, model=model_name, history=[])
-    switching = asyncio.Lock()
+    switching, guard = asyncio.Lock(), guard or Guard()
     metrics, log = ServerMetrics(state), logging.getLogger("llmbook.serve")
 
     def engine_for(model: Transformer, tokenizer: BPETokenizer, name: str) -> EngineThread:
@@ -1298,6 +1383,11 @@ def make_app(
                 seconds=round(time.monotonic() - started, 4),
             )
             model, generation = getattr(request.state, "generation", (None, None))
+            scanned = getattr(request.state, "scanned", {})
+            events = [*scanned.get("flags", ()), *(["blocked"] if scanned.get("blocked") else [])]
+            for event in events:
+                metrics.guard_events.labels(model, event).inc()
+            line |= {key: value for key, value in scanned.items() if value}
             log.info(json.dumps(request_log(line, generation, model, state["tokenizer"] if log_prompts else None)))
 
         if not hasattr(response, "body_iterator"):
@@ -1444,30 +1534,43 @@ def make_app(
             message = f"messages or tools are malformed: {type(error).__name__}: {error}"
             raise APIError(400, message, param="messages") from None
         params = sampling_from(body, max(1, engine.engine.context - len(prompt)))
+        untrusted = [p["text"] for p in passages] + [
+            m["content"]
+            for m in body["messages"]
+            if isinstance(m, dict) and m.get("role") == "tool" and isinstance(m.get("content"), str)
+        ]
+        scanned = request.state.scanned = dict(flags=guard.inputs(untrusted), blocked=None)
         answer, outbox = submit(engine, prompt, params)
         request.state.generation = (state["model"], answer)
         identity = dict(id=f"chatcmpl-{answer.id}", created=int(time.time()), model=state["model"])
+        headers = {"x-llmbook-flags": ",".join(scanned["flags"])} if scanned["flags"] else None
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            chunks = chat_chunks(answer, outbox, engine, tokenizer, identity, bool(body.get("tools")), usage, passages)
-            return StreamingResponse(chunks, media_type="text/event-stream")
+            tools = bool(body.get("tools"))
+            chunks = chat_chunks(answer, outbox, engine, tokenizer, identity, tools, usage, passages, guard, scanned)
+            return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
         deltas = await collect(request, answer, outbox, engine)
         content, calls = split_tool_calls(answer.text) if body.get("tools") else (answer.text, [])
+        content, scanned["blocked"] = guard.output(content)
+        if scanned["blocked"]:
+            content, calls = "", []
         message = dict(role="assistant", content=content or (None if calls else ""), tool_calls=calls or None)
-        return dict(
+        finish = "content_filter" if scanned["blocked"] else "tool_calls" if calls else answer.finish_reason
+        response = dict(
             identity,
             object="chat.completion",
             choices=[
                 dict(
                     index=0,
                     message=message,
-                    finish_reason="tool_calls" if calls else answer.finish_reason,
+                    finish_reason=finish,
                     logprobs=chat_logprobs(tokenizer, deltas) if params.logprobs is not None else None,
                 )
             ],
             usage=usage_of(answer),
             **(dict(passages=passages) if passages else {}),
         )
+        return JSONResponse(response, headers=headers)
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
@@ -1485,14 +1588,16 @@ def make_app(
         params = sampling_from(body, 16)
         answer, outbox = submit(engine, prompt, params)
         request.state.generation = (state["model"], answer)
+        scanned = request.state.scanned = dict(flags=[], blocked=None)
         identity = dict(id=f"cmpl-{answer.id}", created=int(time.time()), model=state["model"])
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(
-                completion_chunks(answer, outbox, engine, identity, usage), media_type="text/event-stream"
-            )
+            chunks = completion_chunks(answer, outbox, engine, identity, usage, guard, scanned)
+            return StreamingResponse(chunks, media_type="text/event-stream")
         await collect(request, answer, outbox, engine)
-        choice = dict(index=0, text=answer.text, finish_reason=answer.finish_reason, logprobs=None)
+        text, scanned["blocked"] = guard.output(answer.text)
+        finish = "content_filter" if scanned["blocked"] else answer.finish_reason
+        choice = dict(index=0, text="" if scanned["blocked"] else text, finish_reason=finish, logprobs=None)
         return dict(identity, object="text_completion", choices=[choice], usage=usage_of(answer))
 
     return app
@@ -1554,6 +1659,7 @@ def serve(
     api_key: str | None = None,
     admin_key: str | None = None,
     log_prompts: bool = False,
+    guard: Guard | None = None,
 ):
     "Serve a model of the run until interrupted (`llmbook serve`); in-flight requests finish first."
     import uvicorn
@@ -1566,6 +1672,7 @@ def serve(
         log_prompts=log_prompts,
         tools=openai_tools(),
         retriever=run_retriever(run),
+        guard=guard,
     )
     log = logging.getLogger("llmbook.serve")  # one JSON line per request, on stderr beside uvicorn's own lines
     log.addHandler(logging.StreamHandler(sys.stderr))

@@ -252,7 +252,14 @@ def test_deployment_artifacts(tiny_run):
 
     (release,) = (run_dir / "release").iterdir()
     files = verify_release(release)
-    assert {"model.safetensors", "tokenizer_config.json", "README.md", "release.json", "sft-Q4_0.gguf"} <= set(files)
+    assert {
+        "model.safetensors",
+        "tokenizer_config.json",
+        "README.md",
+        "NOTICE",
+        "release.json",
+        "sft-Q4_0.gguf",
+    } <= set(files)
     card = ModelCard.load(release / "README.md")
     assert card.data.model_name == json.loads((release / "release.json").read_text())["name"]
     engine = json.loads((run_dir / "serve" / "engine.json").read_text())
@@ -263,6 +270,25 @@ def test_deployment_artifacts(tiny_run):
         "prompt past the context": "400 context_length_exceeded",
         "wrong key": "401 invalid_api_key",
     }
+
+
+def test_governance_artifacts(tiny_run):
+    "governance/: the training index, the scanners' and memorization measurements, the manifests, the summary."
+    run_dir, *_ = tiny_run
+    from llmbook.governance import TrainingIndex
+
+    governance = run_dir / "governance"
+    index = TrainingIndex.load(governance / "index")
+    assert len(index.hashes) > 1000 and (index.hashes[1:] > index.hashes[:-1]).all()  # sorted, one entry per window
+    scanners = json.loads((governance / "scanners.json").read_text())
+    assert set(scanners["quality"]) == {"injection", "pii", "regurgitation"}
+    assert scanners["quality"]["regurgitation"]["recall"] >= 0.95
+    memorization = json.loads((governance / "memorization.json").read_text())
+    canaries = json.loads((run_dir / "data" / "canaries.json").read_text())
+    assert len(memorization["exposures"]) == 3 * len(canaries) and {c["repeats"] for c in canaries} == {0, 1, 4, 16}
+    licenses = json.loads((governance / "licenses.json").read_text())
+    assert licenses["unattributed"] == [] and licenses["release_license"] == "apache-2.0"
+    assert "## 2. List of data sources" in (governance / "training_data_summary.md").read_text()
 
 
 def test_report_card(tiny_run):

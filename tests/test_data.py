@@ -416,3 +416,34 @@ def test_a_hostile_installation_is_counted_not_crashed(tmp_path):
     rss = f"peak RSS {result['rss_peak_mb']:.0f} MB, {result['rss_before_mb']:.0f} MB before the pipeline"
     print(f"hostile installation: {result['seconds']:.1f} s, {rss}")
     assert result["rss_peak_mb"] - result["rss_before_mb"] < 256, result  # nothing large was read whole
+
+
+def test_canaries_are_planted_in_the_training_split_and_counted(tmp_path):
+    raw, _, _ = D.ingest([D.expression_source(2)], 1e6, tmp_path, tmp_path / "manifest.jsonl")
+    canaries = D.make_canaries((1, 4), seed=3)
+    assert sorted(c["repeats"] for c in canaries) == [0] * 3 + [1] * 3 + [4] * 3
+    assert D.make_canaries((1, 4), seed=3) == canaries and D.make_canaries((), seed=3) == []
+    planted, ledger = D.plant_canaries(raw, canaries)
+    assert len(planted) == len(raw) + 15 == ledger.out_docs and ledger.in_docs == len(raw)
+    train = D.split_parts(planted)["train"]["text"]
+    assert sorted(t for t in train if "vault code" in t) == sorted(
+        D.canary_text(c) for c in canaries for _ in range(c["repeats"])
+    )
+    with pytest.raises(ValueError, match="memorization_canaries"):
+        make_preset("tiny", "memorization_canaries=1,x")
+
+
+def test_a_source_from_a_jurisdiction_not_allowed_is_refused_unread(tmp_path):
+    listed = []
+
+    def items():
+        listed.append(True)
+        yield from ()
+
+    foreign = D.Source("dir:abroad", "MIT", "text from elsewhere", items, jurisdiction="DE")
+    sources = [D.expression_source(1), foreign]
+    _, acquisition, _ = D.ingest(sources, 1e6, tmp_path, tmp_path / "manifest.jsonl", ("generated",))
+    assert acquisition.counts["refused sources"] == {"dir:abroad": "DE"} and not listed
+    lines = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert lines[-1]["status"].startswith("refused") and lines[0]["jurisdiction"] == "generated"
+    assert D.hf_spec("docs/|CC-BY-4.0|FR") == ("docs/", "CC-BY-4.0", "FR") and D.hf_spec("x")[2] == "unknown"

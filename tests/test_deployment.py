@@ -5,6 +5,7 @@ import torch
 
 from llmbook.deployment import BlockPool, Engine, QueueFull, Request, SamplingParams, held_back
 from llmbook.modeling import BPETokenizer, ModelConfig, Transformer, generate
+from serving import ScriptedModel, client_for, wait_until_ready
 
 
 @pytest.fixture(scope="module")
@@ -127,65 +128,6 @@ def test_block_pool_evicts_least_recently_freed_first(model_and_tokenizer):
 
 
 # The server, through the official openai client and raw HTTP
-
-
-class ScriptedModel(torch.nn.Module):
-    "Writes `script` from position `start` on, whatever the prompt: a model whose tool calls a test can predict."
-
-    def __init__(self, vocab_size: int, script: list[int], start: int, seq_len: int = 512):
-        super().__init__()
-        self.config = ModelConfig.from_depth(1, vocab_size, seq_len)
-        self.lm_head = torch.nn.Linear(seq_len, vocab_size, bias=False)
-        with torch.no_grad():
-            self.lm_head.weight.zero_()
-        self.write(script, start)
-
-    def write(self, script: list[int], start: int):
-        "Also write `script` from position `start` on (it must not overlap another script)."
-        with torch.no_grad():
-            assert not self.lm_head.weight[:, start - 1 : start - 1 + len(script)].any(), "scripts overlap"
-            for i, token in enumerate(script):
-                self.lm_head.weight[token, start - 1 + i] = 100.0  # position p predicts token p + 1
-
-    def hidden_states(self, ids, batch):
-        return torch.nn.functional.one_hot(batch.positions, self.config.seq_len).float()[None]
-
-
-@pytest.fixture
-def serving(model_and_tokenizer):
-    "Start a server on a free loopback port for an app; yields (url, app)."
-    from llmbook.deployment import LocalServer
-
-    servers = []
-
-    def start(app):
-        server = LocalServer(app)
-        url = server.__enter__()
-        servers.append(server)
-        wait_until_ready(url)
-        return url
-
-    yield start
-    for server in servers:
-        server.__exit__(None, None, None)
-
-
-def wait_until_ready(url, status=200):
-    import time
-
-    import httpx
-
-    for _ in range(500):
-        if httpx.get(f"{url}/health").status_code == status:
-            return
-        time.sleep(0.01)
-    raise TimeoutError(url)
-
-
-def client_for(url, key="secret"):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
 
 
 def test_openai_client_chat_completions_and_streams(model_and_tokenizer, serving):
