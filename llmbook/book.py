@@ -551,7 +551,7 @@ CHAPTERS = (
         ("model/long", "adapters/domain-lora", "model/compressed"),
     ),
     Chapter(7, "deployment", "Deployment", "07_deployment", ("release", "serve")),
-    Chapter(8, "governance", "Governance", "08_governance", ("governance",)),
+    Chapter(8, "governance", "Governance", "08_governance", ("governance", "registry")),
     Chapter(9, "improvement", "Continuous improvement", "09_continuous_improvement", ("improve",)),
 )
 
@@ -1523,6 +1523,27 @@ def _parser() -> argparse.ArgumentParser:
     extra_help = 'JSON fields added to each request (default: {"ignore_eos": true}; llama-cpp-python: min_tokens)'
     bench.add_argument("--extra", default=None, help=extra_help)
     bench.add_argument("--out", default=None, help="write bench.json and bench.png in this directory")
+    registry = with_run_options(
+        sub.add_parser("registry", help="a run's model registry: versions, stages, gates, rollback (Chapter 8)"),
+        preset_default=None,
+    )
+    registry.add_argument("action", choices=["list", "show", "changelog", "promote", "rollback"])
+    registry.add_argument("name", nargs="?", help="the model, e.g. llmbook-cpu")
+    registry.add_argument("version", nargs="?", help="its version (changelog: the earlier one)")
+    registry.add_argument("--to", help="promote: the stage it moves to; changelog: the later version")
+    registry.add_argument("--reason", default="", help="why (promote and rollback need one: it is recorded)")
+    registry.add_argument("--actor", default=None, help="who (default: $USER)")
+    registry.add_argument("--accept", default="", metavar="METRICS", help="targets whose miss is accepted, a,b,...")
+    registry.add_argument("--canary-url", default=None, help="a staging server serving NAME@VERSION: gate on it")
+    registry.add_argument("--server", default=None, help="the production server to switch (admin routes)")
+    registry.add_argument("--api-key", default=None, help="the staging server's API key ($LLMBOOK_API_KEY)")
+    registry.add_argument("--admin-key", default=None, help="the production server's admin key ($LLMBOOK_ADMIN_KEY)")
+    feedback = with_run_options(
+        sub.add_parser("feedback", help="export the feedback a run's server collected (Chapter 8)"),
+        preset_default=None,
+    )
+    feedback.add_argument("action", choices=["export"])
+    feedback.add_argument("--out", required=True, help="directory for sft.jsonl and preferences.jsonl")
     sub.add_parser("presets", help="print the presets")
     sub.add_parser("readme", help="render nbs/index.ipynb to README.md").add_argument(
         "--check", action="store_true", help="only check that README.md is up to date"
@@ -1600,6 +1621,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("report:", *write_report(run))
         elif args.command == "site":
             print(write_site(run))
+        elif args.command == "registry":  # Chapter 8's module, by name, like serve
+            if args.action in ("promote", "rollback") and not args.reason.strip():
+                raise ValueError(f"llmbook registry {args.action} needs --reason: the registry records why")
+            keys = dict(
+                api_key=args.api_key or os.environ.get("LLMBOOK_API_KEY"),
+                admin_key=args.admin_key or os.environ.get("LLMBOOK_ADMIN_KEY"),
+            )
+            accept = [a.strip() for a in args.accept.split(",") if a.strip()]
+            return importlib.import_module("llmbook.governance").registry_command(
+                run,
+                args.action,
+                args.name,
+                args.version,
+                args.to,
+                args.reason,
+                args.actor,
+                accept,
+                args.canary_url,
+                server=args.server,
+                **keys,
+            )
+        elif args.command == "feedback":
+            return importlib.import_module("llmbook.governance").feedback_command(run, args.out)
         elif args.command == "serve":  # Chapter 7's module, by name: the book's front door, not an earlier chapter
             keys = dict(api_key=args.api_key, admin_key=args.admin_key, log_prompts=args.log_prompts)
             if args.scanners != "none":  # Chapter 8's guard, by name as well

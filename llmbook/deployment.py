@@ -1009,7 +1009,7 @@ async def chat_chunks(
             yield chunk(dict(tool_calls=[dict(call, index=i) for i, call in enumerate(calls)]))
         elif len(text) > len(visible) and (released := stream.release(text, final=True)):  # a call that does not parse
             yield chunk(dict(content=released))  # the text as it is, as the answer not streamed has it
-        scanned["blocked"] = stream.blocked
+        scanned["blocked"], scanned["sent"] = stream.blocked, stream.sent
         yield chunk({}, "content_filter" if stream.blocked else "tool_calls" if calls else finish)
         if include_usage:
             yield server_sent(dict(identity, object="chat.completion.chunk", choices=[], usage=usage_of(request)))
@@ -1301,8 +1301,12 @@ def make_app(
     tools: Sequence[dict] = (),
     retriever: Callable[[str], list[str]] | None = None,
     guard: Guard | None = None,
+    alias: str | None = None,
+    on_answer: Callable[[dict], None] | None = None,
 ):
     "An OpenAI-compatible FastAPI app serving `load(model_name)`, loaded in the background (503 until then)."
+    # alias: a name clients may use for whatever is served (Chapter 8's production alias); responses name the model
+    # on_answer: called with each chat answer as sent (id, model, messages, answer, blocked): Chapter 8's feedback
     from fastapi import FastAPI, Request as HTTPRequest
     from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -1387,7 +1391,10 @@ def make_app(
             events = [*scanned.get("flags", ()), *(["blocked"] if scanned.get("blocked") else [])]
             for event in events:
                 metrics.guard_events.labels(model, event).inc()
-            line |= {key: value for key, value in scanned.items() if value}
+            line |= {key: scanned[key] for key in ("flags", "blocked") if scanned.get(key)}
+            answered = getattr(request.state, "answered", None)
+            if on_answer is not None and answered is not None and "sent" in scanned:
+                on_answer(dict(answered, answer=scanned["sent"], blocked=scanned["blocked"]))
             log.info(json.dumps(request_log(line, generation, model, state["tokenizer"] if log_prompts else None)))
 
         if not hasattr(response, "body_iterator"):
@@ -1426,7 +1433,7 @@ def make_app(
         unknown = sorted(set(body) - known)
         if unknown:
             raise APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", param=unknown[0])
-        if body.get("model") != state["model"]:
+        if body.get("model") not in (state["model"], alias):
             raise APIError(
                 404,
                 f"The model {body.get('model')!r} does not exist; this server has {state['model']!r}",
@@ -1463,7 +1470,8 @@ def make_app(
 
     @app.get("/v1/models")
     async def models():
-        return dict(object="list", data=[dict(id=state["model"], object="model", created=0, owned_by="llmbook")])
+        names = [state["model"], *([alias] if alias else [])]
+        return dict(object="list", data=[dict(id=n, object="model", created=0, owned_by="llmbook") for n in names])
 
     @app.get("/v1/models/{name}")
     async def model(name: str):
@@ -1527,6 +1535,7 @@ def make_app(
     async def chat_completions(request: HTTPRequest):
         body = await body_of(request, CHAT_FIELDS)
         engine, tokenizer = ready()
+        asked = body.get("messages")  # as the client wrote them, before any retrieved passages
         body, passages = with_passages(body)
         try:
             prompt = chat_prompt(tokenizer, body)
@@ -1543,6 +1552,7 @@ def make_app(
         answer, outbox = submit(engine, prompt, params)
         request.state.generation = (state["model"], answer)
         identity = dict(id=f"chatcmpl-{answer.id}", created=int(time.time()), model=state["model"])
+        request.state.answered = dict(id=identity["id"], model=state["model"], messages=asked)
         headers = {"x-llmbook-flags": ",".join(scanned["flags"])} if scanned["flags"] else None
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -1554,6 +1564,7 @@ def make_app(
         content, scanned["blocked"] = guard.output(content)
         if scanned["blocked"]:
             content, calls = "", []
+        scanned["sent"] = content
         message = dict(role="assistant", content=content or (None if calls else ""), tool_calls=calls or None)
         finish = "content_filter" if scanned["blocked"] else "tool_calls" if calls else answer.finish_reason
         response = dict(
