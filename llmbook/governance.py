@@ -413,9 +413,12 @@ def training_data_summary(
         "## 2. List of data sources",
     ]
     for source in sources:
+        kept_out = " (kept out of pretraining: Chapter 6's adapted models train on it)" * source["source"].startswith(
+            "domain:"
+        )
         lines.append(
             f"- {source['source']} (jurisdiction {source['jurisdiction']}): "
-            f"{source['items']:,} items {source['status']}."
+            f"{source['items']:,} items {source['status']}{kept_out}."
         )
     lines += [
         "- Synthetic data: arithmetic sessions written by the pipeline; "
@@ -606,7 +609,9 @@ def rollback(self: Registry, name: str, actor: str, reason: str) -> tuple[dict, 
 def changelog(before: dict, after: dict) -> str:
     "What changed from one version to another, in Markdown: metrics, training data, code, preset."
     lines = [f"## {after['name']} {after['version']} (from {before['version']})", "", "### Metrics"]
-    numbers = lambda d: {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numbers = lambda d: {
+        k: round(v, 4) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     old, new = numbers(before["evaluation"]), numbers(after["evaluation"])
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     lines += [f"- {k}: {old.get(k, '—')} → {new.get(k, '—')}" for k in changed] or ["- no change"]
@@ -626,7 +631,7 @@ def version_evaluation(post: dict, label: str, measured: dict | None = None) -> 
     "What a run measured of one of its models: exact match (overall and by kind) from eval/post.json, and more."
     scores = post["before_after"][label]
     evaluation = {f"exact_match_{kind}": value for kind, value in scores["exact_match"].items()}
-    evaluation |= {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+    evaluation |= {k: v for k, v in scores.items() if isinstance(v, (int, float)) and k != "kl_to_start"}
     return evaluation | (measured or {})
 
 
@@ -976,7 +981,7 @@ def registry_command(
     server: str | None = None,
     admin_key: str | None = None,
 ) -> int:
-    "`llmbook registry list|show|changelog|promote|rollback` on a run's registry: 0 when done, 1 when refused."
+    "`llmbook registry list|show|changelog|promote|rollback`: 0 when done, 1 when a gate refused (2: an error)."
     registry = Registry(run.artifact("registry/registry.db"))
     actor = actor or os.environ.get("USER") or "unknown"
     if action == "list":
