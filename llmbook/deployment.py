@@ -9,11 +9,12 @@ __all__ = ['RELEASE_VERSION', 'CHECKSUMS', 'FRESH_PROCESS_CHECK', 'SAMPLING_FIEL
            'check_in_fresh_process', 'SamplingParams', 'block_hash', 'BlockPool', 'Request', 'Delta', 'PagedBatch',
            'QueueFull', 'Engine', 'sample', 'held_back', 'EngineThread', 'APIError', 'openai_tools', 'sampling_from',
            'chat_prompt', 'Guard', 'GuardedStream', 'usage_of', 'collect', 'split_tool_calls', 'chat_logprobs',
-           'server_sent', 'chat_chunks', 'completion_chunks', 'ServerMetrics', 'request_log', 'chat_page', 'make_app',
-           'load_served', 'run_retriever', 'LocalServer', 'serve', 'canary_cases', 'run_canaries', 'canary',
-           'scrape_metrics', 'percentile', 'streamed_completion', 'load_wave', 'run_coroutine', 'bench_prompts',
-           'serving_benchmark', 'benchmark_table', 'benchmark_figure', 'bench', 'chat_page_session', 'load_templates',
-           'numbered_sources', 'template_request', 'template_answers', 'template_right']
+           'server_sent', 'chat_chunks', 'completion_chunks', 'ServerMetrics', 'request_log', 'chat_page',
+           'request_object', 'make_app', 'load_served', 'run_retriever', 'LocalServer', 'serve', 'canary_cases',
+           'run_canaries', 'canary', 'scrape_metrics', 'percentile', 'streamed_completion', 'load_wave',
+           'run_coroutine', 'bench_prompts', 'serving_benchmark', 'benchmark_table', 'benchmark_figure', 'bench',
+           'chat_page_session', 'load_templates', 'numbered_sources', 'template_request', 'template_answers',
+           'template_right']
 
 # %% ../nbs/07_deployment.ipynb #59d62513
 import asyncio
@@ -1290,6 +1291,20 @@ def chat_page(tools: Sequence[dict], retrieval: bool) -> str:
     return CHAT_PAGE.replace("__CONFIG__", config)
 
 # %% ../nbs/07_deployment.ipynb #ece700f4
+def request_object(raw: bytes, known) -> dict:
+    "A request's body as a JSON object of `known` fields only; an APIError (400) names what is wrong."
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise APIError(400, f"the body is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object")
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        raise APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", param=unknown[0])
+    return body
+
+
 def make_app(
     load: Callable[[str], tuple[Transformer, BPETokenizer]],
     model_name: str,
@@ -1424,15 +1439,7 @@ def make_app(
             raw = await asyncio.wait_for(request.body(), body_timeout_s)
         except asyncio.TimeoutError:
             raise APIError(408, f"the request body took longer than {body_timeout_s} s", code="timeout") from None
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise APIError(400, f"the body is not valid JSON: {error}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the body must be a JSON object")
-        unknown = sorted(set(body) - known)
-        if unknown:
-            raise APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", param=unknown[0])
+        body = request_object(raw, known)
         if body.get("model") not in (state["model"], alias):
             raise APIError(
                 404,

@@ -77,6 +77,7 @@ from llmbook.deployment import (
     Guard,
     GuardedStream,
     load_served,
+    request_object,
     run_canaries,
     verify_release,
 )
@@ -855,15 +856,7 @@ class FeedbackStore:
 # %% ../nbs/08_governance.ipynb #e0a51dd6baab431990c6adcc83aa7fba
 def feedback_fields(raw: bytes) -> dict:
     "The fields of a feedback request, checked; an APIError (400) names what is wrong."
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise APIError(400, f"the body is not valid JSON: {error}") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the body must be a JSON object")
-    unknown = sorted(set(body) - set(FEEDBACK_FIELDS))
-    if unknown:
-        raise APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", param=unknown[0])
+    body = request_object(raw, FEEDBACK_FIELDS)  # Chapter 7's check of a JSON body
     for field, kind in FEEDBACK_FIELDS.items():
         value = body.get(field)
         if value is None and field in ("request_id", "rating"):
