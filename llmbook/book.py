@@ -1544,6 +1544,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     feedback.add_argument("action", choices=["export"])
     feedback.add_argument("--out", required=True, help="directory for sft.jsonl and preferences.jsonl")
+    archive = sub.add_parser("archive", help="check every digest of a release archive (Chapter 9)")
+    archive.add_argument("action", choices=["verify"])
+    archive.add_argument("path", help="the archive: a directory with INDEX, releases/ and objects/ (improve/archive)")
     sub.add_parser("presets", help="print the presets")
     sub.add_parser("readme", help="render nbs/index.ipynb to README.md").add_argument(
         "--check", action="store_true", help="only check that README.md is up to date"
@@ -1591,6 +1594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             atomic_write_text(readme, text)
             return 0
+        if args.command == "archive":  # Chapter 9's module, by name
+            return importlib.import_module("llmbook.improvement").archive_command(args.action, args.path)
         if args.command in ("canary", "bench"):  # a live server's client: Chapter 7's module, by name
             deployment = importlib.import_module("llmbook.deployment")
             key = args.api_key or os.environ.get("LLMBOOK_API_KEY")

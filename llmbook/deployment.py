@@ -1318,10 +1318,12 @@ def make_app(
     guard: Guard | None = None,
     alias: str | None = None,
     on_answer: Callable[[dict], None] | None = None,
+    retired: Callable[[str], str | None] | None = None,
 ):
     "An OpenAI-compatible FastAPI app serving `load(model_name)`, loaded in the background (503 until then)."
     # alias: a name clients may use for whatever is served (Chapter 8's production alias); responses name the model
     # on_answer: called with each chat answer as sent (id, model, messages, answer, blocked): Chapter 8's feedback
+    # retired: a model's retirement notice naming its successor, or None (Chapter 9): asking for it is a 410
     from fastapi import FastAPI, Request as HTTPRequest
     from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -1441,6 +1443,8 @@ def make_app(
             raise APIError(408, f"the request body took longer than {body_timeout_s} s", code="timeout") from None
         body = request_object(raw, known)
         if body.get("model") not in (state["model"], alias):
+            if retired is not None and isinstance(body.get("model"), str) and (notice := retired(body["model"])):
+                raise APIError(410, notice, param="model", code="model_retired")
             raise APIError(
                 404,
                 f"The model {body.get('model')!r} does not exist; this server has {state['model']!r}",

@@ -487,6 +487,46 @@ def success_metrics() -> list[SuccessMetric]:
             per_preset(1, 1, 1, 1),
             "an archived run rebuilds to the same digests",
         ),
+        M(
+            "drift_detection_rate",
+            9,
+            "fraction",
+            "at_least",
+            per_preset(0.9, 0.9, 0.9, 0.9),
+            "traffic half about the new domain is flagged as drift (windows of 50)",
+        ),
+        M(
+            "drift_false_alarm_rate",
+            9,
+            "fraction",
+            "at_most",
+            per_preset(0.05, 0.05, 0.05, 0.05),
+            "ordinary traffic is rarely flagged",
+        ),
+        M(
+            "retrain_drifted_bpb_gain",
+            9,
+            "bits/byte",
+            "at_least",
+            per_preset(0.0, 0.05, 0.05, 0.05),
+            "the retrained version reads the drifted slice better",
+        ),
+        M(
+            "retrain_old_exact_match_change",
+            9,
+            "points",
+            "at_least",
+            per_preset(None, -2.0, -2.0, -2.0),
+            "and is not worse on the old evaluation",
+        ),
+        M(
+            "training_cost_ratio",
+            9,
+            "ratio",
+            "at_most",
+            per_preset(None, 2.0, 1.5, 1.5),
+            "pretraining costs what Chapter 1 predicted, per token",
+        ),
     ]
 
 # %% ../nbs/01_foundations.ipynb #1c0ffe02

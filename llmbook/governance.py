@@ -11,9 +11,10 @@ __all__ = ['INJECTION_PATTERNS', 'REGURGITATION_TOKENS', 'DISTINCT_TOKENS', 'VER
            'software_manifest', 'policy_verdict', 'threshold_checks', 'training_data_summary', 'utc_now',
            'directory_digests', 'Registry', 'changelog', 'version_evaluation', 'training_data', 'registry_loader',
            'PromotionRefused', 'target_gate', 'canary_gate', 'scanner_gate', 'promote', 'switch_server',
-           'streamed_chat', 'switch_under_load', 'rollback_server', 'scrubbed_messages', 'FeedbackStore',
-           'feedback_fields', 'RateLimiter', 'attach_feedback', 'heldout_question', 'feedback_rows', 'export_feedback',
-           'heldout_questions', 'registry_command', 'feedback_command']
+           'wait_until_serving', 'promote_through_gates', 'streamed_chat', 'switch_under_load', 'rollback_server',
+           'scrubbed_messages', 'FeedbackStore', 'feedback_fields', 'RateLimiter', 'attach_feedback',
+           'heldout_question', 'feedback_rows', 'export_feedback', 'heldout_questions', 'registry_command',
+           'feedback_command']
 
 # %% ../nbs/08_governance.ipynb #9a63283cbaf04dbcab1f6479b197f3a8
 import asyncio
@@ -76,7 +77,9 @@ from llmbook.deployment import (
     APIError,
     Guard,
     GuardedStream,
+    LocalServer,
     load_served,
+    make_app,
     request_object,
     run_canaries,
     verify_release,
@@ -729,6 +732,60 @@ def switch_server(url: str, admin_key: str, model: str) -> dict:
     if reply.status_code != 200:
         raise RuntimeError(f"{url} could not switch to {model}: {reply.status_code} {reply.text[:300]}")
     return reply.json()
+
+
+def wait_until_serving(url: str, timeout_s: float = 600) -> str:
+    "Wait until a server's /health answers 200 (its model loaded); the url."
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health").status_code == 200:
+                return url
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not load its model in {timeout_s} s")
+        time.sleep(0.05)
+
+
+def promote_through_gates(
+    registry: Registry,
+    name: str,
+    version: str,
+    load,
+    production_url: str,
+    keys: tuple[str, str],
+    canaries: dict,
+    guard: Guard,
+    spec: dict,
+    preset: str,
+    actor: str,
+    release: bool = False,
+) -> dict:
+    "A candidate's gates (canaries on a staging server of its own), then production and the production server's switch."
+    # keys: (API key, admin key); a miss of Chapters 1-6's targets is accepted by name, serving and safety never are
+    api_key, admin_key = keys
+    with LocalServer(make_app(load, f"{name}@{version}", api_key)) as staging_url:
+        wait_until_serving(staging_url)
+        canary_failures, canary_answers = canary_gate(staging_url, f"{name}@{version}", canaries, api_key, release)
+    gates = dict(
+        targets=target_gate(registry.get(name, version)["evaluation"], spec, preset),
+        canaries=canary_failures,
+        scanners=scanner_gate(guard, canary_answers),
+    )
+    try:
+        promote(registry, name, version, "staging", gates, actor, "first try")
+        refused = None
+    except PromotionRefused as refusal:
+        refused = str(refusal)
+        missed = [f.split(":")[0] for f in gates["targets"]]
+        accepted = [m for m in missed if spec[m]["chapter"] <= 6]  # what the model can do at this size, by name
+        if gates["canaries"] or gates["scanners"] or len(accepted) < len(missed):
+            return dict(version=version, refused=refused, promoted=False, gates=gates)
+        promote(registry, name, version, "staging", gates, actor, f"model targets missed at {preset}", accepted)
+    promote(registry, name, version, "production", dict(canaries=gates["canaries"]), actor, "canaries passed")
+    switch_server(production_url, admin_key, f"{name}@{version}")
+    return dict(version=version, refused=refused, promoted=True, gates=gates)
 
 # %% ../nbs/08_governance.ipynb #82ca0f16c5be4617b5535c40faa36c79
 async def streamed_chat(client, url: str, body: dict) -> dict:
