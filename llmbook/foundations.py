@@ -493,7 +493,7 @@ def success_metrics() -> list[SuccessMetric]:
             "fraction",
             "at_least",
             per_preset(0.9, 0.9, 0.9, 0.9),
-            "traffic half about the new domain is flagged as drift (windows of 50)",
+            "traffic half about the new domain is flagged as drift (windows of 100)",
         ),
         M(
             "drift_false_alarm_rate",

@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['UPGRADE_FILES', 'UPGRADED_FUNCTION', 'DRIFT_ALPHA', 'KS_CRITICAL', 'SURPRISE_BYTES', 'MARGIN_POINTS',
-           'FEEDBACK_REPEATS', 'refresh_state', 'incremental_ingest', 'upgraded_distribution', 'against_corpus_step',
-           'ks_statistic', 'drift_threshold', 'drifted', 'surprise', 'refresh_tokens', 'stock_serving_store',
-           'retirement_notice', 'store_loader', 'send_traffic', 'scrape', 'logged_questions', 'environment_lock',
-           'code_files', 'git_commit', 'store_object', 'archive_release', 'verify_archive', 'restore',
-           'archive_command', 'rebuild', 'retire']
+           'FINE_TUNING_FACTOR', 'FEEDBACK_REPEATS', 'refresh_state', 'incremental_ingest', 'upgraded_distribution',
+           'against_corpus_step', 'ks_statistic', 'drift_threshold', 'drifted', 'surprise', 'refresh_tokens',
+           'stock_serving_store', 'retirement_notice', 'store_loader', 'send_traffic', 'scrape', 'logged_questions',
+           'environment_lock', 'code_files', 'git_commit', 'store_object', 'archive_release', 'verify_archive',
+           'restore', 'archive_command', 'rebuild', 'retire']
 
 # %% ../nbs/09_continuous_improvement.ipynb #9a63283cbaf04dbcab1f6479b197f3a8
 import asyncio
@@ -193,6 +193,7 @@ def surprise(model, tok: BPETokenizer, texts: Sequence[str], device: str = "cpu"
 
 # %% ../nbs/09_continuous_improvement.ipynb #db7b79bc585a40fcaf58bf750017e135
 MARGIN_POINTS = 2.0  # exact-match points the old evaluation may lose and still count as "not worse"
+FINE_TUNING_FACTOR = 3  # fine-tuning steps per step of continued pretraining: the chat format must be relearned
 FEEDBACK_REPEATS = 8  # times each user correction appears in the fine-tuning mixture
 
 
