@@ -34,6 +34,7 @@ from llmbook.book import (
     atomic_write_json,
     atomic_write_text,
     load_json,
+    load_safetensors,
     package_dir,
     sha256_bytes,
     sha256_file,
@@ -54,7 +55,7 @@ from llmbook.data import (
     reading_order,
     split_parts,
 )
-from .modeling import BPETokenizer, load_tokenizer, write_tokens
+from .modeling import BPETokenizer, load_tokenizer, open_tokens, write_tokens
 from .governance import FeedbackStore, Registry, directory_digests, streamed_chat, text_nll
 from .deployment import load_served
 
@@ -141,9 +142,7 @@ def against_corpus_step(ds, work: Path, corpus, superseded: set) -> tuple:
     keys = zip(old["source"], old["distribution"], old["path"])
     old = old.select([i for i, key in enumerate(keys) if key not in superseded])  # no cache file in the corpus
     old_keys = {exact_key(t) for batch in old.iter(batch_size=2048) for t in batch["text"]}
-    old_signatures = corpus_signatures(old)
-    new_signatures = corpus_signatures(ds)
-    representative = near_duplicate_clusters(np.concatenate([old_signatures, new_signatures]))
+    representative = near_duplicate_clusters(np.concatenate([corpus_signatures(old), corpus_signatures(ds)]))
     rows = iter(range(len(old), len(old) + len(ds)))
 
     def reason(row):
@@ -155,7 +154,7 @@ def against_corpus_step(ds, work: Path, corpus, superseded: set) -> tuple:
         return None if representative[i] == i else "near duplicate of a new document"
 
     kept, ledger = filter_step(ds, work, "against the corpus", reason)
-    return kept, ledger, old_signatures
+    return kept, ledger
 
 # %% ../nbs/09_continuous_improvement.ipynb #c3933fab20d04ec698c2621248eb3be0
 DRIFT_ALPHA = 0.01  # false alarms the test allows
@@ -198,8 +197,6 @@ FEEDBACK_REPEATS = 8  # times each user correction appears in the fine-tuning mi
 
 def refresh_tokens(run: Run, new_training, tok: BPETokenizer, directory: Path) -> Path:
     "The refresh's training documents as split `domain_train` beside the run's `train` split (linked, not copied)."
-    from llmbook.modeling import open_tokens
-
     write_tokens(dict(domain_train=new_training), tok, directory, sha256_file(run.artifact("tokenizer/tokenizer.json")))
     meta = load_json(directory / "meta.json")
     old = run.artifact("tokens")
@@ -423,8 +420,6 @@ def rebuild(archive: Path, index: dict, scratch: Path, progress: bool = True) ->
     job = dict(job, tokens_dir=str(scratch / "tokens"), out=str(scratch / "checkpoints"), init=init, tensorboard=False)
     summary = pretrain(job, progress=progress, log=lambda *args, **kwargs: None)
     archived = restore(archive, index, f"checkpoints/{summary['checkpoint']}", scratch / "archived-checkpoint")
-    from llmbook.book import load_safetensors
-
     difference = largest_difference(
         final_weights(scratch / "checkpoints"), load_safetensors(archived / "model.safetensors")
     )
