@@ -55,6 +55,7 @@ class Preset:
     distributed: str = "none"  # "none", "ddp" or "fsdp" (launched with torchrun)
     gpus: int = 0  # GPUs the budget plans for
     threads: int = 0  # torch CPU threads; 0 means every core
+    data_processes: int = 0  # Chapter 2's worker processes; 0 means one per core
     seed: int = 1337
     # data (Chapter 2)
     data_mb: float = 4.0  # raw text gathered from the local Python installation, in MB
@@ -121,7 +122,7 @@ class Preset:
             raise ValueError(f"preset {self.name!r}: {message}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type in (int, float) and f.name not in ("gpus", "threads", "seed") and not value > 0:
+            if f.type in (int, float) and f.name not in ("gpus", "threads", "data_processes", "seed") and not value > 0:
                 raise ValueError(f"preset {self.name!r}: {f.name}={value!r} must be positive")
 
 # %% ../nbs/00_book.ipynb #0a018bfa

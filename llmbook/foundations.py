@@ -134,6 +134,14 @@ def success_metrics() -> list[SuccessMetric]:
         ),
         M("raw_text_mb", 2, "MB", "at_least", per_preset(3, 50, 1_000, 10_000), "enough real text for the model size"),
         M(
+            "data_gpu_projected_minutes",
+            2,
+            "min",
+            "at_most",
+            per_preset(15, 15, 15, 15),
+            "Chapter 2 would prepare the gpu preset's text in a quarter of an hour on 8 cores (its rate per core)",
+        ),
+        M(
             "pii_recall",
             2,
             "fraction",

@@ -143,10 +143,9 @@ def against_corpus_step(ds, work: Path, corpus, superseded: set) -> tuple:
     old = old.select([i for i, key in enumerate(keys) if key not in superseded])  # no cache file in the corpus
     old_keys = {exact_key(t) for batch in old.iter(batch_size=2048) for t in batch["text"]}
     representative = near_duplicate_clusters(np.concatenate([corpus_signatures(old), corpus_signatures(ds)]))
-    rows = iter(range(len(old), len(old) + len(ds)))
 
-    def reason(row):
-        i = next(rows)
+    def reason(row, index):
+        i = len(old) + index
         if exact_key(row["text"]) in old_keys:
             return "exact duplicate of the corpus"
         if representative[i] < len(old):  # the corpus comes first: a cluster with an old document keeps it
