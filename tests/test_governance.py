@@ -45,6 +45,16 @@ def test_the_training_index_finds_the_longest_copy_within_one_document(tmp_path)
     assert loaded.overlap(ids(PROTECTED[5:65])) == index.overlap(ids(PROTECTED[5:65]))
 
 
+def test_a_copied_name_is_no_copied_text(tmp_path):
+    "A module's dotted path is 24 tokens and more, yet names the module: the scanner lets it through, not the file."
+    tokenizer = BPETokenizer([])
+    name = "debugpy._vendored.pydevd.pydevd_attach_to_process.winappdbg.debug"
+    guard = Scanners(tokenizer, toy_index(tmp_path, tokenizer, [f"import {name}\n{PROTECTED}"], [True]))
+    assert guard.index.overlap(tokenizer.encode_ordinary(name))["protected"]  # in training text, word for word
+    assert guard.output(f"It is {name}") == (f"It is {name}", None)
+    assert guard.output(f"see: {PROTECTED[5:65]}") == ("", "regurgitation")
+
+
 def test_a_guarded_stream_holds_back_and_stops_when_it_cannot_take_back_what_it_sent():
     class Stars(Guard):
         holdback = 3
