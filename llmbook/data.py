@@ -5,26 +5,27 @@
 # %% auto #0
 __all__ = ['MAX_METADATA_BYTES', 'MAX_SPDX_CHARS', 'MAX_LICENSE_TEXT_CHARS', 'LICENSE_ALIASES', 'LICENSE_TEXT_MARKERS',
            'CLASSIFIER_LICENSES', 'SUFFIX_KINDS', 'HELDOUT_MODULES', 'MAX_FILE_BYTES', 'PYPI_JURISDICTION',
-           'HF_BUILDERS', 'PROSE_KINDS', 'CODE_KINDS', 'FEATURE_TYPES', 'WINDOW_BYTES', 'U64', 'NUM_PERM', 'BANDS',
-           'ROWS', 'SHINGLE_WORDS', 'PERM_A', 'PERM_B', 'PLANTED_SIMILARITIES', 'THRESHOLD', 'MARGIN', 'SECRET_FORMATS',
-           'PII_PATTERNS', 'SECRET_MARKERS', 'PII_CHECKS', 'INDEXED_TYPES', 'ENGINE_STEPS', 'CANARY_WORDS',
-           'CANARIES_PER_COUNT', 'SECRET_DIGITS', 'VAL_PERMILLE', 'DOMAIN_VAL_PERMILLE', 'SPLITS', 'DOMAIN_WEIGHTS',
-           'Ledger', 'metadata_directory', 'metadata_file_bytes', 'problem', 'read_metadata', 'spdx_expression',
-           'normalize_license', 'distribution_license', 'Item', 'Source', 'Unreadable', 'unreadable_item',
-           'printable_path', 'read_regular_file', 'walk_files', 'relative_path', 'tree_items', 'stdlib_items',
-           'distribution_files', 'one_distribution_items', 'distribution_items', 'installation_source',
+           'HF_BUILDERS', 'PROSE_KINDS', 'CODE_KINDS', 'FEATURE_TYPES', 'PARTS_PER_PROCESS', 'WINDOW_BYTES', 'U64',
+           'NUM_PERM', 'BANDS', 'ROWS', 'SHINGLE_WORDS', 'PERM_A', 'PERM_B', 'PLANTED_SIMILARITIES', 'THRESHOLD',
+           'MARGIN', 'SECRET_FORMATS', 'PII_PATTERNS', 'SECRET_MARKERS', 'PII_CHECKS', 'INDEXED_TYPES', 'ENGINE_STEPS',
+           'CANARY_WORDS', 'CANARIES_PER_COUNT', 'SECRET_DIGITS', 'VAL_PERMILLE', 'DOMAIN_VAL_PERMILLE', 'SPLITS',
+           'DOMAIN_WEIGHTS', 'Ledger', 'metadata_directory', 'metadata_file_bytes', 'problem', 'read_metadata',
+           'spdx_expression', 'normalize_license', 'distribution_license', 'Item', 'Source', 'Unreadable',
+           'unreadable_item', 'printable_path', 'read_regular_file', 'walk_files', 'relative_path', 'tree_items',
+           'stdlib_items', 'distribution_files', 'one_distribution_items', 'distribution_items', 'installation_source',
            'directory_source', 'hf_loads', 'hf_items', 'hf_spec', 'hf_source', 'random_expression',
            'expression_heldout', 'expression_source', 'domain_names', 'domain_label', 'domain_entry', 'domain_source',
            'catalog', 'document_id', 'module_name', 'is_heldout', 'reading_order', 'read_item', 'decode',
            'normalize_text', 'api_documentation', 'comments', 'garbage_collection_paused', 'python_documents',
-           'domain_of', 'documents_of', 'features', 'ShardWriter', 'open_shards', 'column', 'in_processes',
-           'consecutive_parts', 'rows_of', 'texts_of', 'merged_ledger', 'step_in_parts', 'acquire', 'parse',
-           'ingest_text', 'worker_processes', 'jurisdiction_allowed', 'allowed_jurisdictions', 'read_and_parse',
-           'item_windows', 'ingest', 'excerpt', 'filter_step', 'license_reason', 'require_every_source', 'license_step',
-           'exact_key', 'exact_duplicate_reasons', 'exact_dedup_step', 'character_classes', 'character_counts',
-           'quality_signals', 'quality_reason', 'quality_drop_reason', 'quality_step', 'word_bytes', 'word_hashes',
-           'shingle_hashes', 'minhash_signatures', 'shingle_set', 'jaccard', 'replace_words', 'dissimilar_bases',
-           'lsh_buckets', 'near_duplicate_clusters', 'candidate_probability', 'variant_at', 'planted_near_duplicates',
+           'domain_of', 'documents_of', 'features', 'ShardWriter', 'open_shards', 'column', 'started_in_processes',
+           'in_processes', 'each_in_processes', 'consecutive_parts', 'worker_parts', 'rows_of', 'texts_of',
+           'merged_ledger', 'step_in_parts', 'acquire', 'parse', 'ingest_text', 'worker_processes',
+           'jurisdiction_allowed', 'allowed_jurisdictions', 'read_and_parse', 'item_windows', 'ingest', 'excerpt',
+           'filter_step', 'license_reason', 'require_every_source', 'license_step', 'exact_key',
+           'exact_duplicate_reasons', 'exact_dedup_step', 'character_classes', 'character_counts', 'quality_signals',
+           'quality_reason', 'quality_drop_reason', 'quality_step', 'word_bytes', 'word_hashes', 'shingle_hashes',
+           'minhash_signatures', 'shingle_set', 'jaccard', 'replace_words', 'dissimilar_bases', 'lsh_buckets',
+           'near_duplicate_clusters', 'candidate_probability', 'variant_at', 'planted_near_duplicates',
            'true_duplicate_pairs', 'candidate_pairs', 'pair_quality', 'corpus_signatures', 'near_duplicate_reasons',
            'near_dedup_step', 'pii_matches', 'shannon_entropy', 'luhn_valid', 'PiiMatch', 'find_pii', 'scrub',
            'pii_scores', 'shipped_jsonl', 'load_blocklist', 'unsafe_reason', 'protect', 'privacy_step', 'stage_shards',
@@ -894,23 +895,69 @@ def _call_forked(index: int):
     return function(tasks[index])
 
 
-def in_processes(function: Callable, tasks: Sequence, num_proc: int = 1, chunksize: int = 1) -> list:
-    "`[function(task) for task in tasks]` in `num_proc` forked processes: closures work, only results are pickled."
+def started_in_processes(function: Callable, tasks: Sequence, num_proc: int = 1) -> Callable[[], list]:
+    "Start `in_processes(function, tasks, num_proc)` now (in one process: when asked); call the result to wait for it."
     global _FORKED
     if num_proc <= 1 or len(tasks) <= 1:
-        return [function(task) for task in tasks]
+        return lambda: [function(task) for task in tasks]
     _FORKED = (function, tasks)
-    try:
-        with multiprocessing.get_context("fork").Pool(min(num_proc, len(tasks))) as pool:
-            return pool.map(_call_forked, range(len(tasks)), chunksize)
+    try:  # the workers are forked here, each with its own copy of `_FORKED`
+        pool = multiprocessing.get_context("fork").Pool(min(num_proc, len(tasks)))
     finally:
         _FORKED = None
+    chunks = max(1, len(tasks) // (8 * num_proc))  # tasks handed out 8 times per worker: few messages, balanced
+    pending = pool.map_async(_call_forked, range(len(tasks)), chunks)
+
+    def results() -> list:
+        try:
+            return pending.get()
+        finally:
+            pool.terminate()
+
+    results.pool = pool
+    return results
+
+
+def in_processes(function: Callable, tasks: Sequence, num_proc: int = 1) -> list:
+    "`[function(task) for task in tasks]` in `num_proc` forked processes: closures work, only results are pickled."
+    return started_in_processes(function, tasks, num_proc)()
+
+
+def each_in_processes(function: Callable, task_lists: Iterable[Sequence], num_proc: int = 1) -> Iterator[tuple]:
+    "Each list of tasks with `[function(t) for t in tasks]`; the next list is at work while this one is used."
+    ahead = None
+    try:
+        for tasks in task_lists:
+            started = (tasks, started_in_processes(function, tasks, num_proc))
+            if ahead:
+                yield ahead[0], ahead[1]()
+            ahead = started
+        if ahead:
+            yield ahead[0], ahead[1]()
+            ahead = None
+    finally:  # the consumer stopped early: the work ahead is not needed
+        if ahead and hasattr(ahead[1], "pool"):
+            ahead[1].pool.terminate()
+
+
+PARTS_PER_PROCESS = 2  # a worker that finishes its part early takes the next one
 
 
 def consecutive_parts(ds, n: int) -> list[tuple[int, object]]:
-    "`n` consecutive slices of a dataset (fewer if it is shorter), each with the index of its first row."
-    bounds = sorted(set(np.linspace(0, len(ds), max(1, n) + 1).astype(int).tolist()))
-    return [(a, ds.select(range(a, b))) for a, b in zip(bounds, bounds[1:])] or [(0, ds)]
+    "`n` consecutive slices of a dataset with about equal bytes of text (fewer if shorter), each with its first row."
+    import pyarrow.compute as pc
+
+    if n <= 1 or len(ds) <= 1:
+        return [(0, ds)]
+    texts = ds.select_columns(["text"]).with_format("arrow")[:]["text"]
+    ends = np.cumsum(pc.binary_length(texts).to_numpy())
+    bounds = sorted({0, len(ds), *np.searchsorted(ends, ends[-1] * np.arange(1, n) / n).tolist()})
+    return [(a, ds.select(range(a, b))) for a, b in zip(bounds, bounds[1:])]
+
+
+def worker_parts(ds, num_proc: int) -> list[tuple[int, object]]:
+    "The consecutive parts `num_proc` processes share: the whole dataset for one process."
+    return consecutive_parts(ds, num_proc * PARTS_PER_PROCESS if num_proc > 1 else 1)
 
 
 def rows_of(ds, batch_size: int = 512) -> Iterator[dict]:
@@ -954,7 +1001,7 @@ def step_in_parts(ds, work: Path, step: str, run_part: Callable, num_proc: int =
         writer.finish()
         return writer.files, ledger
 
-    parts = in_processes(one_part, list(enumerate(consecutive_parts(ds, num_proc))), num_proc)
+    parts = in_processes(one_part, list(enumerate(worker_parts(ds, num_proc))), num_proc)
     files = [f for part_files, _ in parts for f in part_files]
     return open_shards(files, ShardWriter(directory).schema), merged_ledger([ledger for _, ledger in parts]).check()
 
@@ -1063,20 +1110,25 @@ def ingest(
             budget = "" if source.budget_bytes is None else source.name
             limit = budget_bytes if source.budget_bytes is None else source.budget_bytes
             items = reading_order(source.items()) if source.shuffled else source.items()
-            room = lambda: limit - kept[budget]
-            for window in item_windows(items, room, WINDOW_BYTES * max(1, num_proc)):
-                for item, (read, parsed) in zip(window, in_processes(read_and_parse, window, num_proc)):
-                    if kept[budget] >= limit and not is_heldout(item):
-                        break
-                    before = acquisition.kept_bytes
-                    data, entry = acquire(item, acquisition, read)
-                    kept[budget] += acquisition.kept_bytes - before
-                    if data is not None:
-                        ingest_text(item, data, entry, ingestion, writer, parsed)
-                    manifest.write(json.dumps(dict(entry, jurisdiction=source.jurisdiction)) + "\n")
-                else:
-                    continue
-                break
+            listed = []  # the bytes of each window handed to the workers and not counted yet
+            room = lambda: limit - kept[budget] - sum(listed)
+            windows = item_windows(items, room, WINDOW_BYTES * max(1, num_proc))
+            windows = (listed.append(sum(item.size for item in w)) or w for w in windows)
+            with contextlib.closing(each_in_processes(read_and_parse, windows, num_proc)) as parsed_windows:
+                for window, results in parsed_windows:
+                    listed.pop(0)
+                    for item, (read, parsed) in zip(window, results):
+                        if kept[budget] >= limit and not is_heldout(item):
+                            break
+                        before = acquisition.kept_bytes
+                        data, entry = acquire(item, acquisition, read)
+                        kept[budget] += acquisition.kept_bytes - before
+                        if data is not None:
+                            ingest_text(item, data, entry, ingestion, writer, parsed)
+                        manifest.write(json.dumps(dict(entry, jurisdiction=source.jurisdiction)) + "\n")
+                    else:
+                        continue
+                    break
     return writer.finish(), acquisition.check(), ingestion.check()
 
 # %% ../nbs/02_data.ipynb #e1da44aa
@@ -1142,9 +1194,7 @@ def exact_duplicate_reasons(keys: Iterable[bytes], heldout: Iterable[bool]) -> l
 
 def exact_dedup_step(ds, work: Path, num_proc: int = 1):
     "Keep the first of each set of documents that are equal up to whitespace (keys in parallel, the choice global)."
-    keys = in_processes(
-        lambda part: [exact_key(t) for t in texts_of(part[1])], consecutive_parts(ds, num_proc), num_proc
-    )
+    keys = in_processes(lambda part: [exact_key(t) for t in texts_of(part[1])], worker_parts(ds, num_proc), num_proc)
     reasons = exact_duplicate_reasons(itertools.chain.from_iterable(keys), column(ds, "heldout"))
     return filter_step(ds, work, "exact dedup", lambda row, index: reasons[index], num_proc)
 
@@ -1523,7 +1573,7 @@ def corpus_signatures(ds, batch_size: int = 2048, num_proc: int = 1) -> np.ndarr
         batches = [minhash_signatures(batch["text"]) for batch in part[1].iter(batch_size=batch_size)]
         return np.concatenate(batches) if batches else np.zeros((0, NUM_PERM), np.uint32)
 
-    return np.concatenate(in_processes(part_signatures, consecutive_parts(ds, num_proc), num_proc))
+    return np.concatenate(in_processes(part_signatures, worker_parts(ds, num_proc), num_proc))
 
 # %% ../nbs/02_data.ipynb #5325ea49
 def near_duplicate_reasons(signatures: np.ndarray, heldout: Sequence[bool]) -> list[str | None]:
@@ -2214,7 +2264,7 @@ def scored_and_ordered(parts: dict, num_proc: int = 1):
     "The parts as a DatasetDict with a `difficulty` column (bits per word), the training split in curriculum order."
     import datasets
 
-    train = consecutive_parts(parts["train"], num_proc)
+    train = worker_parts(parts["train"], num_proc)
     counts = in_processes(lambda part: word_counts(texts_of(part[1])), train, num_proc)
     score = unigram_model(sum(counts, collections.Counter()))
     scores = lambda part: np.fromiter(map(score, texts_of(part[1])), np.float32, len(part[1]))
@@ -2224,7 +2274,7 @@ def scored_and_ordered(parts: dict, num_proc: int = 1):
             features = datasets.Features({**part.features, "difficulty": datasets.Value("float64")})
             result[name] = datasets.Dataset.from_dict({column: [] for column in features}, features=features)
             continue
-        difficulty = np.concatenate(in_processes(scores, consecutive_parts(part, num_proc), num_proc))
+        difficulty = np.concatenate(in_processes(scores, worker_parts(part, num_proc), num_proc))
         order = curriculum_order(column(part, "id"), difficulty) if name == "train" else np.arange(len(part))
         result[name] = part.add_column("difficulty", difficulty.tolist()).select(order)
     return datasets.DatasetDict(result)
