@@ -1112,9 +1112,13 @@ def ingest(
             items = reading_order(source.items()) if source.shuffled else source.items()
             listed = []  # the bytes of each window handed to the workers and not counted yet
             room = lambda: limit - kept[budget] - sum(listed)
-            windows = item_windows(items, room, WINDOW_BYTES * max(1, num_proc))
-            windows = (listed.append(sum(item.size for item in w)) or w for w in windows)
-            with contextlib.closing(each_in_processes(read_and_parse, windows, num_proc)) as parsed_windows:
+
+            def listed_windows():
+                for window in item_windows(items, room, WINDOW_BYTES * max(1, num_proc)):
+                    listed.append(sum(item.size for item in window))
+                    yield window
+
+            with contextlib.closing(each_in_processes(read_and_parse, listed_windows(), num_proc)) as parsed_windows:
                 for window, results in parsed_windows:
                     listed.pop(0)
                     for item, (read, parsed) in zip(window, results):
