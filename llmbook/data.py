@@ -11,15 +11,15 @@ __all__ = ['MAX_METADATA_BYTES', 'MAX_SPDX_CHARS', 'MAX_LICENSE_TEXT_CHARS', 'LI
            'CANARY_WORDS', 'CANARIES_PER_COUNT', 'SECRET_DIGITS', 'VAL_PERMILLE', 'DOMAIN_VAL_PERMILLE', 'SPLITS',
            'DOMAIN_WEIGHTS', 'Ledger', 'metadata_directory', 'metadata_file_bytes', 'problem', 'read_metadata',
            'spdx_expression', 'normalize_license', 'distribution_license', 'Item', 'Source', 'Unreadable',
-           'unreadable_item', 'printable_path', 'read_regular_file', 'walk_files', 'relative_path', 'tree_items',
-           'stdlib_items', 'distribution_files', 'one_distribution_items', 'distribution_items', 'installation_source',
-           'directory_source', 'hf_loads', 'hf_items', 'hf_spec', 'hf_source', 'random_expression',
-           'expression_heldout', 'expression_source', 'domain_names', 'domain_label', 'domain_entry', 'domain_source',
-           'catalog', 'document_id', 'module_name', 'is_heldout', 'reading_order', 'read_item', 'decode',
-           'normalize_text', 'api_documentation', 'comments', 'garbage_collection_paused', 'python_documents',
-           'domain_of', 'documents_of', 'features', 'ShardWriter', 'open_shards', 'column', 'started_in_processes',
-           'in_processes', 'each_in_processes', 'consecutive_parts', 'worker_parts', 'rows_of', 'texts_of',
-           'merged_ledger', 'step_in_parts', 'acquire', 'parse', 'ingest_text', 'worker_processes',
+           'unreadable_item', 'printable_path', 'read_regular_file', 'walk_files', 'relative_path', 'path_suffix',
+           'tree_items', 'stdlib_items', 'recorded_paths', 'distribution_files', 'one_distribution_items',
+           'distribution_items', 'installation_source', 'directory_source', 'hf_loads', 'hf_items', 'hf_spec',
+           'hf_source', 'random_expression', 'expression_heldout', 'expression_source', 'domain_names', 'domain_label',
+           'domain_entry', 'domain_source', 'catalog', 'document_id', 'module_name', 'is_heldout', 'reading_order',
+           'read_item', 'decode', 'normalize_text', 'api_documentation', 'comments', 'garbage_collection_paused',
+           'python_documents', 'domain_of', 'documents_of', 'features', 'ShardWriter', 'open_shards', 'column',
+           'started_in_processes', 'in_processes', 'each_in_processes', 'consecutive_parts', 'worker_parts', 'rows_of',
+           'texts_of', 'merged_ledger', 'step_in_parts', 'acquire', 'parse', 'ingest_text', 'worker_processes',
            'jurisdiction_allowed', 'allowed_jurisdictions', 'read_and_parse', 'item_windows', 'ingest', 'excerpt',
            'filter_step', 'license_reason', 'require_every_source', 'license_step', 'exact_key',
            'exact_duplicate_reasons', 'exact_dedup_step', 'character_classes', 'character_counts', 'quality_signals',
@@ -27,13 +27,14 @@ __all__ = ['MAX_METADATA_BYTES', 'MAX_SPDX_CHARS', 'MAX_LICENSE_TEXT_CHARS', 'LI
            'minhash_signatures', 'shingle_set', 'jaccard', 'replace_words', 'dissimilar_bases', 'lsh_buckets',
            'near_duplicate_clusters', 'candidate_probability', 'variant_at', 'planted_near_duplicates',
            'true_duplicate_pairs', 'candidate_pairs', 'pair_quality', 'corpus_signatures', 'near_duplicate_reasons',
-           'near_dedup_step', 'pii_matches', 'shannon_entropy', 'luhn_valid', 'PiiMatch', 'find_pii', 'scrub',
-           'pii_scores', 'shipped_jsonl', 'load_blocklist', 'unsafe_reason', 'protect', 'privacy_step', 'stage_shards',
-           'read_shard', 'ArrowRows', 'ArrowShards', 'LedgerFilter', 'ProtectFilter', 'DedupKeys', 'DedupDecision',
-           'DedupFilter', 'SourcesCheck', 'exact_keys', 'exact_decision', 'datatrove_pipeline', 'canary_repeats',
-           'make_canaries', 'canary_text', 'plant_canaries', 'split_of', 'word_counts', 'unigram_model', 'mixture',
-           'curriculum_order', 'split_parts', 'document_table', 'scored_and_ordered', 'write_corpus', 'load_corpus',
-           'heldout_leaks', 'check_chain', 'write_heldout', 'write_data_report']
+           'near_dedup_step', 'secret_matches', 'lines_holding', 'pii_matches', 'shannon_entropy', 'luhn_valid',
+           'PiiMatch', 'find_pii', 'scrub', 'pii_scores', 'shipped_jsonl', 'load_blocklist', 'unsafe_reason', 'protect',
+           'privacy_step', 'stage_shards', 'read_shard', 'ArrowRows', 'ArrowShards', 'LedgerFilter', 'ProtectFilter',
+           'DedupKeys', 'DedupDecision', 'DedupFilter', 'SourcesCheck', 'exact_keys', 'exact_decision',
+           'datatrove_pipeline', 'canary_repeats', 'make_canaries', 'canary_text', 'plant_canaries', 'split_of',
+           'word_counts', 'unigram_model', 'mixture', 'curriculum_order', 'split_parts', 'document_table',
+           'scored_and_ordered', 'write_corpus', 'load_corpus', 'heldout_leaks', 'check_chain', 'write_heldout',
+           'write_data_report']
 
 # %% ../nbs/02_data.ipynb #bb2d92b2
 import ast
@@ -309,7 +310,7 @@ def printable_path(path: str) -> str:
     return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 # %% ../nbs/02_data.ipynb #8b04868d
-def read_regular_file(path: Path, limit: int) -> bytes:
+def read_regular_file(path: str | Path, limit: int) -> bytes:
     "A regular file's bytes (at most `limit` + 1): symbolic links are not followed, pipes and devices not read."
     try:
         st = os.lstat(path)
@@ -332,16 +333,16 @@ def read_regular_file(path: Path, limit: int) -> bytes:
         raise Unreadable(e.strerror or type(e).__name__) from None
 
 # %% ../nbs/02_data.ipynb #95ed7fdc
-def walk_files(root: Path, skip: Iterable[str] = ()) -> Iterator[tuple[Path, str]]:
+def walk_files(root: str | Path, skip: Iterable[str] = ()) -> Iterator[tuple[str, str]]:
     "(file, '') for each file under `root` in sorted order; (directory, reason) for each that cannot be listed."
     unlisted = []
     for directory, subdirs, files in os.walk(root, onerror=unlisted.append):
-        yield from ((Path(e.filename or root), f"directory not listed: {problem(e)}") for e in unlisted)
+        yield from ((e.filename or os.fspath(root), f"directory not listed: {problem(e)}") for e in unlisted)
         unlisted.clear()
         subdirs[:] = sorted(d for d in subdirs if d not in skip)
         for name in sorted(files):
-            yield Path(directory) / name, ""
-    yield from ((Path(e.filename or root), f"directory not listed: {problem(e)}") for e in unlisted)
+            yield os.path.join(directory, name), ""
+    yield from ((e.filename or os.fspath(root), f"directory not listed: {problem(e)}") for e in unlisted)
 
 # %% ../nbs/02_data.ipynb #4652d166
 def relative_path(path: Path, root: Path) -> str:
@@ -349,25 +350,33 @@ def relative_path(path: Path, root: Path) -> str:
     return printable_path(path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path))
 
 
-def _file_item(source, distribution, version, root: Path, path: Path, license: str) -> Item | None:
-    "An item for a text file (known suffix), sized from the file system, read later; None for other files."
-    kind = SUFFIX_KINDS.get(path.suffix)
+def path_suffix(name: str) -> str:
+    "A file name's suffix, as pathlib gives it: '.py' for 'a.b.py', '' for '.bashrc' or 'notes.'."
+    dot = name.rfind(".")
+    return name[dot:] if 0 < dot < len(name) - 1 else ""
+
+
+def _file_item(source, distribution, version, path: str, inside: str, license: str) -> Item | None:
+    "An item for a text file (known suffix) at `path`, `inside` its tree, sized now and read later; None for others."
+    kind = SUFFIX_KINDS.get(path_suffix(os.path.basename(path)))
     if kind is None:
         return None
     try:
-        size = path.lstat().st_size
+        size = os.lstat(path).st_size
     except OSError:
         size = 0
     read = lambda: read_regular_file(path, MAX_FILE_BYTES)
-    return Item(source, distribution, version, relative_path(path, root), license, kind, size, read)
+    return Item(source, distribution, version, printable_path(inside), license, kind, size, read)
 
 
 def tree_items(source, distribution, version, root: Path, license: str, skip: Iterable[str] = ()) -> Iterator[Item]:
     "An item for each text file under `root`, and one for each directory that cannot be listed."
+    root = Path(root)
+    past_root = len(os.path.join(root, ""))  # the walk's paths start with `root/`: what follows is inside the tree
     for path, reason in walk_files(root, skip):
         if reason:
-            yield unreadable_item(source, distribution, version, relative_path(path, root), license, reason)
-        elif item := _file_item(source, distribution, version, root, path, license):
+            yield unreadable_item(source, distribution, version, relative_path(Path(path), root), license, reason)
+        elif item := _file_item(source, distribution, version, path, path[past_root:], license):
             yield item
 
 # %% ../nbs/02_data.ipynb #84122202
@@ -389,21 +398,28 @@ def _metadata_item(metadata, name: str, version: str, license: str, source: str 
     )
 
 
-def distribution_files(dist) -> list:
-    "The files a distribution's RECORD lists inside its directory, but its metadata; Unreadable if RECORD is not."
+def recorded_paths(dist) -> list[str]:
+    "The paths a distribution's file list holds: its RECORD read here (3× faster than importlib's), else egg-info's."
+    if record := dist.read_text("RECORD"):
+        return [row[0] for row in csv.reader(record.splitlines()) if row]
+    return [str(file) for file in dist.files or []]
+
+
+def distribution_files(dist) -> list[str]:
+    "The files (POSIX paths) a distribution's RECORD lists in its directory, but metadata; Unreadable if RECORD is not."
     if metadata_file_bytes(dist, ("RECORD", "installed-files.txt", "SOURCES.txt")) > MAX_METADATA_BYTES:
         raise Unreadable("RECORD: too large")
     try:
-        files = dist.files or []
+        paths = recorded_paths(dist)
     except (OSError, ValueError, csv.Error) as error:
         raise Unreadable(f"RECORD: {problem(error)}") from None
     inside = []
-    for file in files:
-        parts = str(file).split("/")  # RECORD's paths are POSIX paths
+    for path in paths:
+        parts = [part for part in path.split("/") if part not in ("", ".")]  # RECORD's paths are POSIX paths
         metadata = any(part.endswith((".dist-info", ".egg-info")) for part in parts)
-        if parts[0] and ".." not in parts and not metadata:  # parts[0] is empty for an absolute path
-            inside.append(file)
-    return sorted(inside, key=str)
+        if parts and not path.startswith("/") and ".." not in parts and not metadata:
+            inside.append("/".join(parts))
+    return sorted(inside)
 
 # %% ../nbs/02_data.ipynb #6f69e0c7
 def one_distribution_items(name: str, dist, source: str = "python") -> Iterator[Item]:
@@ -417,11 +433,11 @@ def one_distribution_items(name: str, dist, source: str = "python") -> Iterator[
     except Unreadable as error:
         yield unreadable_item(source, name, version, f"{name}.dist-info/RECORD", license, str(error))
         return
-    root = Path(dist.locate_file(""))
+    root = str(dist.locate_file(""))
     for file in files:
-        if os.path.splitext(str(file))[1] not in SUFFIX_KINDS:  # not text: not even located
+        if os.path.splitext(file)[1] not in SUFFIX_KINDS:  # not text: not even located
             continue
-        if item := _file_item(source, name, version, root, Path(dist.locate_file(file)), license):
+        if item := _file_item(source, name, version, os.path.join(root, file), file, license):
             yield item
 
 # %% ../nbs/02_data.ipynb #3fd220e8
@@ -636,7 +652,8 @@ def module_name(item: Item) -> str:
     "The dotted module a Python file defines (`json/decoder.py` → `json.decoder`), or ''."
     if item.kind not in ("py", "pyi"):
         return ""
-    parts = list(Path(item.path).with_suffix("").parts)
+    parts = item.path.split("/")  # a listing's path: POSIX, normalized
+    parts[-1] = parts[-1].removesuffix(path_suffix(parts[-1]))
     if parts and parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts) if all(p.isidentifier() for p in parts) else ""
@@ -723,8 +740,8 @@ def api_documentation(tree: ast.Module, module: str) -> str:
     return "\n\n".join(blocks)
 
 # %% ../nbs/02_data.ipynb #378208f6
-_STRING_OR_COMMENT = re.compile(  # a string literal (any prefix, either quote, escapes) or a comment
-    r"[rRbBuUfF]{0,2}(?:"
+_STRING_OR_COMMENT = re.compile(  # a string literal from its quote (a prefix does not move its end) or a comment
+    r"(?:"
     r"'''(?:[^'\\]++|\\.|'(?!''))*+'''"
     r'|"""(?:[^"\\]++|\\.|"(?!""))*+"""'
     r"|'(?:[^'\\\n]++|\\.)*+'"
@@ -783,12 +800,13 @@ def domain_of(kind: str) -> str:
 
 # %% ../nbs/02_data.ipynb #21daadc7
 def documents_of(item: Item, text: str, sha256: str) -> list[dict]:
-    "The documents (rows of the corpus) an item's text yields, each with its provenance."
+    "The documents (rows of the corpus) an item's text (normalized) yields, each with its provenance."
     module = module_name(item)
     parts = python_documents(text, module or Path(item.path).stem) if item.kind == "py" else [(item.kind, text)]
     rows = []
     for kind, part in parts:
-        part = normalize_text(part)  # docstrings may hold escapes (\\ud800) that only exist once evaluated
+        if part is not text:  # the whole text is normalized already; docstrings may hold escapes (\\ud800) that
+            part = normalize_text(part)  # only exist once evaluated
         if not part.strip():
             continue
         rows.append(
@@ -839,7 +857,8 @@ class ShardWriter:
     def __init__(self, directory: Path, shard_bytes: int = 32 << 20, types: dict = FEATURE_TYPES):
         import pyarrow as pa
 
-        self.directory, self.shard_bytes, self.files, self.rows, self.size = Path(directory), shard_bytes, [], [], 0
+        self.directory, self.shard_bytes, self.files, self.size = Path(directory), shard_bytes, [], 0
+        self.rows, self.tables = [], []  # held: rows written one by one, after Arrow tables written whole
         self.schema = pa.schema([(k, getattr(pa, v)()) for k, v in types.items()])
         self.directory.mkdir(parents=True, exist_ok=True)
 
@@ -850,20 +869,40 @@ class ShardWriter:
         if self.size >= self.shard_bytes:
             self._flush()
 
+    def write_table(self, table):
+        "Add the rows of an Arrow table with this writer's columns, as they are (nothing goes through Python)."
+        import pyarrow.compute as pc
+
+        self.tables += [self._rows_table(), table.select(self.schema.names).cast(self.schema)]
+        self.size += pc.sum(pc.binary_length(table["text"])).as_py() or 0
+        if self.size >= self.shard_bytes:
+            self._flush()
+
 # %% ../nbs/02_data.ipynb #cdbbf56d
 @patch
 def _flush(self: ShardWriter):
-    "Write the rows held to the next shard file."
+    "Write the rows held to the next shard file, in the order they were written."
     import pyarrow as pa
 
-    if not self.rows:
+    tables = [table for table in [*self.tables, self._rows_table()] if len(table)]
+    if not tables:
         return
     path = self.directory / f"shard-{len(self.files):05d}.arrow"
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, self.schema) as writer:
-        columns = {name: [row[name] for row in self.rows] for name in self.schema.names}
-        writer.write_table(pa.Table.from_pydict(columns, schema=self.schema))
+        for table in tables:
+            writer.write_table(table)
     self.files.append(path)
-    self.rows, self.size = [], 0
+    self.tables, self.size = [], 0
+
+
+@patch
+def _rows_table(self: ShardWriter):
+    "The rows held, as an Arrow table (and no longer held)."
+    import pyarrow as pa
+
+    columns = {name: [row[name] for row in self.rows] for name in self.schema.names}
+    self.rows = []
+    return pa.Table.from_pydict(columns, schema=self.schema)
 
 
 def open_shards(files: Sequence[Path], schema) -> "datasets.Dataset":
@@ -990,14 +1029,14 @@ def merged_ledger(parts: Sequence[Ledger]) -> Ledger:
 
 
 def step_in_parts(ds, work: Path, step: str, run_part: Callable, num_proc: int = 1) -> tuple:
-    "`run_part(rows, first_index, ledger, writer)` over consecutive parts in `num_proc` processes: rows out, ledger."
+    "`run_part(part, first_index, ledger, writer)` over consecutive parts in `num_proc` processes: rows out, ledger."
     directory = work / step.replace(" & ", "_").replace(" ", "_")
     shutil.rmtree(directory, ignore_errors=True)
 
     def one_part(numbered) -> tuple:
         n, (first, part) = numbered
         ledger, writer = Ledger(step), ShardWriter(directory / f"part-{n:03d}")
-        run_part(rows_of(part), first, ledger, writer)
+        run_part(part, first, ledger, writer)
         writer.finish()
         return writer.files, ledger
 
@@ -1145,15 +1184,21 @@ def filter_step(
     ds, work: Path, step: str, reason_to_drop: Callable[[dict, int], str | None], num_proc: int = 1
 ) -> tuple:
     "Stream `ds` through a filter: rows for which `reason_to_drop(row, index)` gives a reason are dropped and counted."
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    def filter_part(rows: Iterator[dict], first: int, ledger: Ledger, writer: ShardWriter):
-        for index, row in enumerate(rows, first):
-            size = len(row["text"].encode())
-            if reason := reason_to_drop(row, index):
-                ledger.drop(reason, size, f"{row['path']}: {excerpt(row['text'])}")
-            else:
-                writer.write(row)
-                ledger.keep(size)
+    def filter_part(part, first: int, ledger: Ledger, writer: ShardWriter):
+        index = first
+        for batch in part.with_format("arrow").iter(batch_size=1024):  # the rows kept are copied, not rebuilt
+            kept = []
+            for row, size in zip(batch.to_pylist(), pc.binary_length(batch["text"]).to_pylist()):
+                if reason := reason_to_drop(row, index):
+                    ledger.drop(reason, size, f"{row['path']}: {excerpt(row['text'])}")
+                else:
+                    ledger.keep(size)
+                kept.append(not reason)
+                index += 1
+            writer.write_table(batch.filter(pa.array(kept, pa.bool_())))
 
     return step_in_parts(ds, work, step, filter_part, num_proc)
 
@@ -1214,14 +1259,16 @@ _DATA_LINE = re.compile(rf"^(?:\s|[,:;()\[\]{{}}]|{_LITERAL})*+(?:#.*)?$")  # on
 
 
 def _character_class(c: str) -> int:
-    return c.isalnum() | c.isdigit() << 1 | c.isalpha() << 2
+    return c.isalnum() | c.isdigit() << 1 | c.isalpha() << 2 | c.isspace() << 3
 
 
-_CHARACTER_CLASSES = np.array([_character_class(chr(c)) for c in range(0x10000)], np.uint8)  # bits: alnum, digit, alpha
+_CHARACTER_CLASSES = np.array(
+    [_character_class(chr(c)) for c in range(0x10000)], np.uint8
+)  # alnum, digit, alpha, space
 
 
 def character_classes(text: str) -> tuple[np.ndarray, np.ndarray]:
-    "The code points of a text and their classes (bit 1: isalnum, 2: isdigit, 4: isalpha), read from a table."
+    "The code points of a text and their classes (bit 1: isalnum, 2: isdigit, 4: isalpha, 8: isspace), from a table."
     points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
     classes = _CHARACTER_CLASSES[np.minimum(points, 0xFFFF)]
     for i in np.flatnonzero(points > 0xFFFF):  # past the table: emoji, historic scripts
@@ -1229,35 +1276,40 @@ def character_classes(text: str) -> tuple[np.ndarray, np.ndarray]:
     return points, classes
 
 
-def character_counts(text: str, words: list[str]) -> tuple[int, int, int]:
-    "Alphanumeric characters, digits, and words holding a letter — what str's methods say, counted in C."
+def character_counts(text: str) -> tuple[int, int, int, int, int]:
+    """Alphanumeric characters, digits, words (as `str.split` cuts them), words holding a letter, and characters in
+    words — what str's methods say, counted in C."""
     classes = character_classes(text)[1]
-    points, word_classes = character_classes(" ".join(words))
-    word_of_letter = np.cumsum(points == 32)[(word_classes & 4) > 0]  # words are numbered by the spaces before them
+    in_word = classes < 8  # not a space
+    starts = in_word.copy()
+    starts[1:] &= ~in_word[:-1]
+    word_of_letter = np.cumsum(starts, dtype=np.int32)[
+        (classes & 4) > 0
+    ]  # words are numbered by the word starts up to them
     alpha_words = int(word_of_letter.size > 0) + int(np.count_nonzero(np.diff(word_of_letter)))
-    return int(np.count_nonzero(classes & 1)), int(np.count_nonzero(classes & 2)), alpha_words
+    counts = np.count_nonzero(classes & 1), np.count_nonzero(classes & 2), np.count_nonzero(starts)
+    return *map(int, counts), alpha_words, int(np.count_nonzero(in_word))
 
 
 def quality_signals(text: str) -> dict:
     "Cheap statistics of a document that the quality rules read."
     lines = [l for l in text.split("\n") if l.strip()]
-    words = text.split()
     chars = max(1, len(text))
-    alnum, digits, alpha_words = character_counts(text, words)
+    alnum, digits, words, alpha_words, word_chars = character_counts(text)
     return dict(
         chars=len(text),
-        words=len(words),
+        words=words,
         lines=len(lines),
         max_line=max((len(l) for l in lines), default=0),
         mean_line=sum(map(len, lines)) / max(1, len(lines)),
-        alpha_words=alpha_words / max(1, len(words)),
+        alpha_words=alpha_words / max(1, words),
         alnum=alnum / chars,
         digits=digits / chars,
         data_lines=sum(bool(_DATA_LINE.match(l)) and not l.lstrip().startswith("#") for l in lines)
         / max(1, len(lines)),
         repeated_lines=1 - len(set(lines)) / max(1, len(lines)),
-        mean_word=sum(map(len, words)) / max(1, len(words)),
-        generated=any(l.lstrip().startswith("#") and _GENERATED.search(l) for l in text.split("\n")[:10]),
+        mean_word=word_chars / max(1, words),
+        generated=any(l.lstrip().startswith("#") and _GENERATED.search(l) for l in text.split("\n", 10)[:10]),
     )
 
 # %% ../nbs/02_data.ipynb #787f4270
@@ -1637,16 +1689,51 @@ PII_PATTERNS = {  # a pattern starts with a character it needs, its lookbehind n
         r"(?![\w-]|\.\w)"  # a last group of one digit: an extension (+49 6221 54 0)
     ),
 }
-SECRET_MARKERS = ("PRIVATE KEY-----", "AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox")
-SECRET_MARKERS += ("k_live_", "k_test_", "AIza", "sk-", "hf_", "eyJ")  # every secret format holds one of these
+SECRET_MARKERS = (  # for each of SECRET_FORMATS, the strings one of which each of its matches holds
+    ("PRIVATE KEY-----",),
+    ("AKIA", "ASIA"),
+    ("ghp_", "gho_", "ghu_", "ghs_", "ghr_"),
+    ("github_pat_",),
+    ("xox",),
+    ("k_live_", "k_test_"),
+    ("AIza",),
+    ("sk-",),
+    ("hf_",),
+    ("eyJ",),
+)
+_SECRET_FORMATS = [re.compile(secret_format) for secret_format in SECRET_FORMATS]
 _ASSIGNED_SECRET_LOWER = re.compile(PII_PATTERNS["ASSIGNED_SECRET"].pattern.removeprefix("(?i)\\b\\w*?"))
+_ASSIGNED_VALUE = re.compile(r"[:=]\s*[\"'][A-Za-z0-9/+_\-=.!@#$%^&*]{12,}[\"']", re.I)  # in every ASSIGNED_SECRET
+
+
+def secret_matches(text: str) -> Iterator[re.Match]:
+    "The matches of `PII_PATTERNS['SECRET']` (the formats' alternation), searching the formats whose marker is there."
+    formats = [f for f, markers in zip(_SECRET_FORMATS, SECRET_MARKERS) if any(marker in text for marker in markers)]
+    position = 0
+    while formats and (found := [m for f in formats if (m := f.search(text, position))]):
+        first = min(found, key=re.Match.start)  # the leftmost; at one place the earlier format, as in the alternation
+        yield first
+        position = first.end()
+
+
+def lines_holding(text: str, marker: str) -> Iterator[tuple[int, int]]:
+    "(start, end) of each line of `text` that holds `marker`, in order."
+    at = text.find(marker)
+    while at >= 0:
+        end = text.find("\n", at)
+        end = len(text) if end < 0 else end
+        yield text.rfind("\n", 0, at) + 1, end
+        at = text.find(marker, end)
 
 
 def pii_matches(kind: str, text: str) -> Iterator[re.Match]:
     "The matches of one kind's pattern, by the fastest way that finds the same values at the same places."
-    if kind == "SECRET" and not any(marker in text for marker in SECRET_MARKERS):
-        return iter(())
-    if kind == "EMAIL" and "@" not in text:
+    if kind == "SECRET":
+        return secret_matches(text)
+    if kind == "EMAIL":  # an address holds an @ and no line break, and a line break is no [\w.+-]: its lines suffice
+        lines = lines_holding(text, "@")
+        return itertools.chain.from_iterable(PII_PATTERNS[kind].finditer(text, start, end) for start, end in lines)
+    if kind == "ASSIGNED_SECRET" and not _ASSIGNED_VALUE.search(text):
         return iter(())
     if kind == "ASSIGNED_SECRET" and text.isascii():  # lower-cased ASCII keeps every place; no (?i), no word scan
         return _ASSIGNED_SECRET_LOWER.finditer(text.lower())
@@ -1841,9 +1928,9 @@ def protect(text: str, blocklist: dict) -> tuple[str | None, str, collections.Co
 def privacy_step(ds, work: Path, blocklist: dict, num_proc: int = 1):
     "Drop unsafe documents; replace personal data and secrets in the others by placeholders."
 
-    def protect_part(rows: Iterator[dict], first: int, ledger: Ledger, writer: ShardWriter):
+    def protect_part(part, first: int, ledger: Ledger, writer: ShardWriter):
         replaced = collections.Counter()
-        for row in rows:
+        for row in rows_of(part):
             size = len(row["text"].encode())
             reason, text, counts = protect(row["text"], blocklist)
             if reason:

@@ -1,12 +1,16 @@
 """Chapter 2, Data: a corpus of malformed input accounted for to the byte, license normalization, MinHash
 and LSH (against exact Jaccard and datasketch), PII and unsafe-content detection, splits and curriculum."""
 
+import email.utils
+import ipaddress
 import json
 import os
 import random
+import smtplib
 import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,6 +188,29 @@ def test_pii_on_the_planted_set_and_scrubbing():
     assert text == "mail me at <EMAIL> or call <PHONE>" and counts == {"EMAIL": 1, "PHONE": 1}
     assert D.luhn_valid("79927398713") and not D.luhn_valid("79927398710")
     assert D.find_pii("seed = np.random.default_rng(6581432544381372042)") == []
+
+
+def test_the_fast_pii_paths_find_what_the_patterns_find():
+    "Markers, the lines that hold an @, a value assigned: each kind's matches are its pattern's, at the same places."
+    planted = [example["text"] for example in D.shipped_jsonl("pii_planted.jsonl")]
+    stdlib = [Path(module.__file__).read_text(encoding="utf-8") for module in (smtplib, ipaddress, email.utils)]
+    tricky = [
+        "key AKIAIOSFODNN7EXAMPLE then ghp_" + "a" * 36 + " sk-" + "b" * 24 + " and AKIAIOSFODNN7EXAMPLE again",
+        "-----BEGIN RSA PRIVATE KEY-----\nabc\n-----END RSA PRIVATE KEY----- sk-proj-" + "c" * 30,
+        "x@y.com\nfoo.bar@baz.co.uk\n@property\n  a@b.de\nname@host.com",  # addresses at the edges of lines
+        "a@b.com@c.org x-@y.io -a@b.io",
+        "passwd\n=\n'Ab3dEf5hIj7lMn9zz'",  # a name, a line break, then the value
+        "ſecret = 'Ab3dEf5hIj7lMn9'",  # the long s: the same letter as s once case is ignored
+        "é token: 'Ab3dEf5hIj7lMn9'",
+    ]
+    kinds_found = set()
+    for text in planted + stdlib + tricky:
+        for kind, pattern in D.PII_PATTERNS.items():
+            group = 1 if kind == "ASSIGNED_SECRET" else 0  # the lower-cased path starts its match at the name
+            found = [m.span(group) for m in D.pii_matches(kind, text)]
+            assert found == [m.span(group) for m in pattern.finditer(text)], (kind, text[:80])
+            kinds_found |= {kind} if found else set()
+    assert kinds_found == set(D.PII_PATTERNS), kinds_found
 
 
 def test_unsafe_filter_on_the_planted_set():
