@@ -7,34 +7,34 @@ __all__ = ['MAX_METADATA_BYTES', 'MAX_SPDX_CHARS', 'MAX_LICENSE_TEXT_CHARS', 'LI
            'CLASSIFIER_LICENSES', 'SUFFIX_KINDS', 'HELDOUT_MODULES', 'MAX_FILE_BYTES', 'PYPI_JURISDICTION',
            'HF_BUILDERS', 'PROSE_KINDS', 'CODE_KINDS', 'FEATURE_TYPES', 'PARTS_PER_PROCESS', 'WINDOW_BYTES', 'U64',
            'NUM_PERM', 'BANDS', 'ROWS', 'SHINGLE_WORDS', 'PERM_A', 'PERM_B', 'PLANTED_SIMILARITIES', 'THRESHOLD',
-           'MARGIN', 'SECRET_FORMATS', 'PII_PATTERNS', 'SECRET_MARKERS', 'PII_CHECKS', 'INDEXED_TYPES', 'ENGINE_STEPS',
-           'CANARY_WORDS', 'CANARIES_PER_COUNT', 'SECRET_DIGITS', 'VAL_PERMILLE', 'DOMAIN_VAL_PERMILLE', 'SPLITS',
-           'DOMAIN_WEIGHTS', 'Ledger', 'metadata_directory', 'metadata_file_bytes', 'problem', 'read_metadata',
-           'spdx_expression', 'normalize_license', 'distribution_license', 'Item', 'Source', 'Unreadable',
-           'unreadable_item', 'printable_path', 'read_regular_file', 'walk_files', 'relative_path', 'path_suffix',
-           'tree_items', 'stdlib_items', 'recorded_paths', 'distribution_files', 'one_distribution_items',
-           'distribution_items', 'installation_source', 'directory_source', 'hf_loads', 'hf_items', 'hf_spec',
-           'hf_source', 'random_expression', 'expression_heldout', 'expression_source', 'domain_names', 'domain_label',
-           'domain_entry', 'domain_source', 'catalog', 'document_id', 'module_name', 'is_heldout', 'reading_order',
-           'read_item', 'decode', 'normalize_text', 'api_documentation', 'comments', 'garbage_collection_paused',
-           'python_documents', 'domain_of', 'documents_of', 'features', 'ShardWriter', 'open_shards', 'column',
-           'started_in_processes', 'in_processes', 'each_in_processes', 'consecutive_parts', 'worker_parts', 'rows_of',
-           'texts_of', 'merged_ledger', 'step_in_parts', 'acquire', 'parse', 'ingest_text', 'worker_processes',
-           'jurisdiction_allowed', 'allowed_jurisdictions', 'read_and_parse', 'item_windows', 'ingest', 'excerpt',
-           'filter_step', 'license_reason', 'require_every_source', 'license_step', 'exact_key',
+           'MARGIN', 'SECRET_FORMATS', 'PII_PATTERNS', 'SECRET_MARKERS', 'PII_LINE_TRIGGERS', 'PII_CHECKS',
+           'INDEXED_TYPES', 'ENGINE_STEPS', 'CANARY_WORDS', 'CANARIES_PER_COUNT', 'SECRET_DIGITS', 'VAL_PERMILLE',
+           'DOMAIN_VAL_PERMILLE', 'SPLITS', 'DOMAIN_WEIGHTS', 'Ledger', 'metadata_directory', 'metadata_file_bytes',
+           'problem', 'read_metadata', 'spdx_expression', 'normalize_license', 'distribution_license', 'Item', 'Source',
+           'Unreadable', 'unreadable_item', 'printable_path', 'read_regular_file', 'walk_files', 'relative_path',
+           'path_suffix', 'tree_items', 'stdlib_items', 'recorded_paths', 'distribution_files',
+           'one_distribution_items', 'distribution_items', 'installation_source', 'directory_source', 'hf_loads',
+           'hf_items', 'hf_spec', 'hf_source', 'random_expression', 'expression_heldout', 'expression_source',
+           'domain_names', 'domain_label', 'domain_entry', 'domain_source', 'catalog', 'document_id', 'module_name',
+           'is_heldout', 'reading_order', 'read_item', 'decode', 'normalize_text', 'api_documentation', 'comments',
+           'garbage_collection_paused', 'python_documents', 'domain_of', 'documents_of', 'features', 'ShardWriter',
+           'open_shards', 'column', 'started_in_processes', 'in_processes', 'each_in_processes', 'consecutive_parts',
+           'worker_parts', 'rows_of', 'texts_of', 'merged_ledger', 'step_in_parts', 'acquire', 'parse', 'ingest_text',
+           'worker_processes', 'jurisdiction_allowed', 'allowed_jurisdictions', 'read_and_parse', 'item_windows',
+           'ingest', 'excerpt', 'filter_step', 'license_reason', 'require_every_source', 'license_step', 'exact_key',
            'exact_duplicate_reasons', 'exact_dedup_step', 'character_classes', 'character_counts', 'quality_signals',
            'quality_reason', 'quality_drop_reason', 'quality_step', 'word_bytes', 'word_hashes', 'shingle_hashes',
            'minhash_signatures', 'shingle_set', 'jaccard', 'replace_words', 'dissimilar_bases', 'lsh_buckets',
            'near_duplicate_clusters', 'candidate_probability', 'variant_at', 'planted_near_duplicates',
            'true_duplicate_pairs', 'candidate_pairs', 'pair_quality', 'corpus_signatures', 'near_duplicate_reasons',
-           'near_dedup_step', 'secret_matches', 'lines_holding', 'pii_matches', 'shannon_entropy', 'luhn_valid',
-           'PiiMatch', 'find_pii', 'scrub', 'pii_scores', 'shipped_jsonl', 'load_blocklist', 'unsafe_reason', 'protect',
-           'privacy_step', 'stage_shards', 'read_shard', 'ArrowRows', 'ArrowShards', 'LedgerFilter', 'ProtectFilter',
-           'DedupKeys', 'DedupDecision', 'DedupFilter', 'SourcesCheck', 'exact_keys', 'exact_decision',
-           'datatrove_pipeline', 'canary_repeats', 'make_canaries', 'canary_text', 'plant_canaries', 'split_of',
-           'word_counts', 'unigram_model', 'mixture', 'curriculum_order', 'split_parts', 'document_table',
-           'scored_and_ordered', 'write_corpus', 'load_corpus', 'heldout_leaks', 'check_chain', 'write_heldout',
-           'write_data_report']
+           'near_dedup_step', 'secret_matches', 'lines_holding', 'assigned_secret_matches', 'pii_matches',
+           'shannon_entropy', 'luhn_valid', 'PiiMatch', 'find_pii', 'scrub', 'pii_scores', 'shipped_jsonl',
+           'load_blocklist', 'unsafe_reason', 'protect', 'privacy_step', 'stage_shards', 'read_shard', 'ArrowRows',
+           'ArrowShards', 'LedgerFilter', 'ProtectFilter', 'DedupKeys', 'DedupDecision', 'DedupFilter', 'SourcesCheck',
+           'exact_keys', 'exact_decision', 'datatrove_pipeline', 'canary_repeats', 'make_canaries', 'canary_text',
+           'plant_canaries', 'split_of', 'word_counts', 'unigram_model', 'word_ids', 'stored_ids', 'bits_of_counts',
+           'mixture', 'curriculum_order', 'split_parts', 'document_table', 'scored_and_ordered', 'write_corpus',
+           'load_corpus', 'heldout_leaks', 'check_chain', 'write_heldout', 'write_data_report']
 
 # %% ../nbs/02_data.ipynb #bb2d92b2
 import ast
@@ -57,6 +57,7 @@ import re
 import shutil
 import stat
 import sysconfig
+import tempfile
 import tokenize
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -740,26 +741,25 @@ def api_documentation(tree: ast.Module, module: str) -> str:
     return "\n\n".join(blocks)
 
 # %% ../nbs/02_data.ipynb #378208f6
-_STRING_OR_COMMENT = re.compile(  # a string literal from its quote (a prefix does not move its end) or a comment
-    r"(?:"
+_STRING = (  # a string literal from its quote: a prefix (rb, f, ...) does not move where it ends
     r"'''(?:[^'\\]++|\\.|'(?!''))*+'''"
     r'|"""(?:[^"\\]++|\\.|"(?!""))*+"""'
     r"|'(?:[^'\\\n]++|\\.)*+'"
-    r'|"(?:[^"\\\n]++|\\.)*+")'
-    r"|#[^\n]*",
-    re.S,
+    r'|"(?:[^"\\\n]++|\\.)*+"'
+)
+_TO_NEXT_COMMENT = re.compile(  # runs of other characters and whole strings (a lone quote alone), then a comment
+    rf"(?:[^'\"#]++|{_STRING}|['\"])*+(#[^\n]*)", re.S
 )
 
 
 def comments(text: str) -> str:
     "The comments of (valid) Python source, one per line (not shebangs or coding cookies)."
-    lines = []
-    for match in _STRING_OR_COMMENT.finditer(text):
-        comment = match.group()
-        if comment.startswith("#"):
-            comment = comment.lstrip("#").strip()
-            if comment and not comment.startswith(("!", "-*-", "type:", "noqa", "pragma")):
-                lines.append(comment)
+    lines, position = [], 0
+    while match := _TO_NEXT_COMMENT.match(text, position):  # anchored: after the last comment, one scan and done
+        comment = match.group(1).lstrip("#").strip()
+        if comment and not comment.startswith(("!", "-*-", "type:", "noqa", "pragma")):
+            lines.append(comment)
+        position = match.end()
     return "\n".join(lines)
 
 # %% ../nbs/02_data.ipynb #7fb27b941602401d91542211134fc71a
@@ -1704,6 +1704,12 @@ SECRET_MARKERS = (  # for each of SECRET_FORMATS, the strings one of which each 
 _SECRET_FORMATS = [re.compile(secret_format) for secret_format in SECRET_FORMATS]
 _ASSIGNED_SECRET_LOWER = re.compile(PII_PATTERNS["ASSIGNED_SECRET"].pattern.removeprefix("(?i)\\b\\w*?"))
 _ASSIGNED_VALUE = re.compile(r"[:=]\s*[\"'][A-Za-z0-9/+_\-=.!@#$%^&*]{12,}[\"']", re.I)  # in every ASSIGNED_SECRET
+_NOT_ASSIGNED = "(),;[{}<>?|~`\\"  # characters no ASSIGNED_SECRET match holds
+_ONE_NOT_ASSIGNED = re.compile("[" + re.escape(_NOT_ASSIGNED) + "]")
+PII_LINE_TRIGGERS = {  # kinds whose matches lie in one line, and what each match holds: only lines holding it are read
+    "EMAIL": re.compile("@"),
+    "PHONE": re.compile(r"\d[ .-]\d\d"),
+}
 
 
 def secret_matches(text: str) -> Iterator[re.Match]:
@@ -1716,27 +1722,40 @@ def secret_matches(text: str) -> Iterator[re.Match]:
         position = first.end()
 
 
-def lines_holding(text: str, marker: str) -> Iterator[tuple[int, int]]:
-    "(start, end) of each line of `text` that holds `marker`, in order."
-    at = text.find(marker)
-    while at >= 0:
-        end = text.find("\n", at)
+def lines_holding(text: str, trigger: re.Pattern) -> Iterator[tuple[int, int]]:
+    "(start, end) of each line of `text` holding a match of `trigger` (a pattern that never crosses a line), in order."
+    position = 0
+    while hit := trigger.search(text, position):
+        end = text.find("\n", hit.end())
         end = len(text) if end < 0 else end
-        yield text.rfind("\n", 0, at) + 1, end
-        at = text.find(marker, end)
+        yield text.rfind("\n", 0, hit.start()) + 1, end
+        position = end + 1
+
+
+def assigned_secret_matches(text: str) -> Iterator[re.Match]:
+    """The matches of `PII_PATTERNS['ASSIGNED_SECRET']` (their values, at the same places), searched only between
+    the two characters no match holds around each value assigned (`name = '…'`)."""
+    pattern = PII_PATTERNS["ASSIGNED_SECRET"]
+    if text.isascii():  # lower-cased ASCII keeps every place; no (?i), no word scan
+        text, pattern = text.lower(), _ASSIGNED_SECRET_LOWER
+    position = 0  # the start of the text, or a character no match holds
+    while value := _ASSIGNED_VALUE.search(text, position):
+        start = max(text.rfind(c, position, value.start()) for c in _NOT_ASSIGNED) + 1
+        after = _ONE_NOT_ASSIGNED.search(text, value.end())
+        end = after.start() if after else len(text)
+        yield from pattern.finditer(text, start, end)
+        position = end
 
 
 def pii_matches(kind: str, text: str) -> Iterator[re.Match]:
     "The matches of one kind's pattern, by the fastest way that finds the same values at the same places."
     if kind == "SECRET":
         return secret_matches(text)
-    if kind == "EMAIL":  # an address holds an @ and no line break, and a line break is no [\w.+-]: its lines suffice
-        lines = lines_holding(text, "@")
+    if kind == "ASSIGNED_SECRET":
+        return assigned_secret_matches(text)
+    if kind in PII_LINE_TRIGGERS:  # no match holds a line break, and around one a line break is a non-word character
+        lines = lines_holding(text, PII_LINE_TRIGGERS[kind])
         return itertools.chain.from_iterable(PII_PATTERNS[kind].finditer(text, start, end) for start, end in lines)
-    if kind == "ASSIGNED_SECRET" and not _ASSIGNED_VALUE.search(text):
-        return iter(())
-    if kind == "ASSIGNED_SECRET" and text.isascii():  # lower-cased ASCII keeps every place; no (?i), no word scan
-        return _ASSIGNED_SECRET_LOWER.finditer(text.lower())
     return PII_PATTERNS[kind].finditer(text)
 
 # %% ../nbs/02_data.ipynb #dde80823
@@ -2295,6 +2314,34 @@ def unigram_model(counts: collections.Counter) -> Callable[[str], float]:
 
     return bits_per_word
 
+
+def word_ids(texts: Iterable[str], path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Each text's (lower-cased) words read once, written to `path` as ids (int32): the words in id order, each
+    text's end in the ids, and how often each id occurs."""
+    vocabulary = collections.defaultdict()
+    vocabulary.default_factory = vocabulary.__len__  # a new word's id: the number of words seen before it
+    ends, end = [], 0
+    with open(path, "wb") as sink:
+        for text in texts:
+            words = _WORDS.findall(text.lower())
+            np.fromiter(map(vocabulary.__getitem__, words), np.int32, len(words)).tofile(sink)
+            end += len(words)
+            ends.append(end)
+    return list(vocabulary), np.array(ends, np.int64), np.bincount(stored_ids(path), minlength=len(vocabulary))
+
+
+def stored_ids(path: Path) -> np.ndarray:
+    "The ids `word_ids` wrote, memory-mapped (read from the file as they are used)."
+    return np.memmap(path, np.int32, "r") if path.stat().st_size else np.zeros(0, np.int32)
+
+
+def bits_of_counts(counts: np.ndarray) -> np.ndarray:
+    "`unigram_model`'s bits per word of each word counted `counts` times in the training split (0: unseen there)."
+    total, vocabulary = int(counts.sum()), int(np.count_nonzero(counts)) + 1
+    values, inverse = np.unique(counts, return_inverse=True)  # the same float per count as unigram_model's
+    bits = [-math.log2((n + 1) / (total + vocabulary)) if n else -math.log2(1 / (total + vocabulary)) for n in values]
+    return np.array(bits, float)[inverse]
+
 # %% ../nbs/02_data.ipynb #5e84ad94
 DOMAIN_WEIGHTS = {"code": 0.6, "prose": 0.4}
 
@@ -2351,21 +2398,39 @@ def document_table(corpus):
     )
 
 # %% ../nbs/02_data.ipynb #c54e92f3
-def scored_and_ordered(parts: dict, num_proc: int = 1):
-    "The parts as a DatasetDict with a `difficulty` column (bits per word), the training split in curriculum order."
+def scored_and_ordered(parts: dict, num_proc: int = 1, scratch: Path | None = None):
+    """The parts as a DatasetDict with a `difficulty` column (`unigram_model`'s bits per word), the training split in
+    curriculum order; `scratch`: where the words' ids wait between counting and scoring (a temporary directory)."""
     import datasets
 
-    train = worker_parts(parts["train"], num_proc)
-    counts = in_processes(lambda part: word_counts(texts_of(part[1])), train, num_proc)
-    score = unigram_model(sum(counts, collections.Counter()))
-    scores = lambda part: np.fromiter(map(score, texts_of(part[1])), np.float32, len(part[1]))
+    tasks = [(name, piece) for name, part in parts.items() if len(part) for _, piece in worker_parts(part, num_proc)]
+    with tempfile.TemporaryDirectory(prefix="words-", dir=scratch) as directory:  # each word is read once
+        paths = [Path(directory) / f"{i:04d}.int32" for i in range(len(tasks))]
+        tokenized = in_processes(lambda i: word_ids(texts_of(tasks[i][1]), paths[i]), range(len(tasks)), num_proc)
+        vocabulary = collections.defaultdict()
+        vocabulary.default_factory = vocabulary.__len__
+        to_global = [np.fromiter(map(vocabulary.__getitem__, words), np.int64) for words, _, _ in tokenized]
+        counts = np.zeros(len(vocabulary), np.int64)
+        for (name, _), ids, (_, _, part_counts) in zip(tasks, to_global, tokenized):
+            if name == "train":  # the unigram model counts the training split's words
+                np.add.at(counts, ids, part_counts)
+        bits = bits_of_counts(counts)
+
+        def scores(i: int) -> np.ndarray:
+            ids, ends, to_global_ids = stored_ids(paths[i]), tokenized[i][1], to_global[i]
+            difficulty = np.zeros(len(ends), np.float32)
+            for row, (start, end) in enumerate(zip(np.r_[0, ends[:-1]], ends)):
+                difficulty[row] = np.mean(bits[to_global_ids[ids[start:end]]]) if end > start else 0.0
+            return difficulty
+
+        difficulties = in_processes(scores, range(len(tasks)), num_proc)
     result = {}
     for name, part in parts.items():
         if not len(part):  # datasets cannot add a column to an empty selection: an empty split with the column
             features = datasets.Features({**part.features, "difficulty": datasets.Value("float64")})
             result[name] = datasets.Dataset.from_dict({column: [] for column in features}, features=features)
             continue
-        difficulty = np.concatenate(in_processes(scores, worker_parts(part, num_proc), num_proc))
+        difficulty = np.concatenate([d for (task_name, _), d in zip(tasks, difficulties) if task_name == name])
         order = curriculum_order(column(part, "id"), difficulty) if name == "train" else np.arange(len(part))
         result[name] = part.add_column("difficulty", difficulty.tolist()).select(order)
     return datasets.DatasetDict(result)
@@ -2376,7 +2441,7 @@ def write_corpus(ds, out: Path, num_proc: int = 1) -> dict:
     import datasets
 
     datasets.disable_progress_bars()  # the chapter's own output says what happened
-    corpus = scored_and_ordered(split_parts(ds), num_proc)
+    corpus = scored_and_ordered(split_parts(ds), num_proc, scratch=Path(out).parent)
     with atomic_path(out) as tmp:
         corpus.save_to_disk(str(tmp), max_shard_size="64MB")
     table = document_table(corpus)

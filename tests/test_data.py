@@ -202,6 +202,9 @@ def test_the_fast_pii_paths_find_what_the_patterns_find():
         "passwd\n=\n'Ab3dEf5hIj7lMn9zz'",  # a name, a line break, then the value
         "ſecret = 'Ab3dEf5hIj7lMn9'",  # the long s: the same letter as s once case is ignored
         "é token: 'Ab3dEf5hIj7lMn9'",
+        "call(password='Ab3dEf5hIj7lMn9zz', token=\"Zz9yX8wV7uT6sR5q\"); d = {'api_key': 'Qw3eRt5yUi7oPa9s'}",
+        "é call(password='Ab3dEf5hIj7lMn9zz', token=\"Zz9yX8wV7uT6sR5q\"); d = {'api_key': 'Qw3eRt5yUi7oPa9s'}",
+        "+49 6221 54 2000\n(030) 1234 5678\n1.25 2.50\n",  # phones on their lines, and decimals that are not
     ]
     kinds_found = set()
     for text in planted + stdlib + tricky:
