@@ -5,18 +5,19 @@
 # %% auto #0
 __all__ = ['MAX_METADATA_BYTES', 'MAX_SPDX_CHARS', 'MAX_LICENSE_TEXT_CHARS', 'LICENSE_ALIASES', 'LICENSE_TEXT_MARKERS',
            'CLASSIFIER_LICENSES', 'SUFFIX_KINDS', 'HELDOUT_MODULES', 'MAX_FILE_BYTES', 'PYPI_JURISDICTION',
-           'HF_BUILDERS', 'PROSE_KINDS', 'CODE_KINDS', 'FEATURE_TYPES', 'PARTS_PER_PROCESS', 'WINDOW_BYTES', 'U64',
-           'NUM_PERM', 'BANDS', 'ROWS', 'SHINGLE_WORDS', 'PERM_A', 'PERM_B', 'PLANTED_SIMILARITIES', 'THRESHOLD',
-           'MARGIN', 'SECRET_FORMATS', 'PII_PATTERNS', 'SECRET_MARKERS', 'PII_LINE_TRIGGERS', 'PII_CHECKS',
-           'INDEXED_TYPES', 'ENGINE_STEPS', 'CANARY_WORDS', 'CANARIES_PER_COUNT', 'SECRET_DIGITS', 'VAL_PERMILLE',
-           'DOMAIN_VAL_PERMILLE', 'SPLITS', 'DOMAIN_WEIGHTS', 'Ledger', 'metadata_directory', 'metadata_file_bytes',
-           'problem', 'read_metadata', 'spdx_expression', 'normalize_license', 'distribution_license', 'Item', 'Source',
-           'Unreadable', 'unreadable_item', 'printable_path', 'read_regular_file', 'walk_files', 'relative_path',
-           'path_suffix', 'tree_items', 'stdlib_items', 'recorded_paths', 'distribution_files',
-           'one_distribution_items', 'distribution_items', 'installation_source', 'directory_source', 'hf_loads',
-           'hf_items', 'hf_spec', 'hf_source', 'random_expression', 'expression_heldout', 'expression_source',
-           'domain_names', 'domain_label', 'domain_entry', 'domain_source', 'catalog', 'document_id', 'module_name',
-           'is_heldout', 'reading_order', 'read_item', 'decode', 'normalize_text', 'api_documentation', 'comments',
+           'HF_BUILDERS', 'OPERATIONS', 'PROSE_KINDS', 'CODE_KINDS', 'FEATURE_TYPES', 'PARTS_PER_PROCESS',
+           'WINDOW_BYTES', 'U64', 'NUM_PERM', 'BANDS', 'ROWS', 'SHINGLE_WORDS', 'PERM_A', 'PERM_B',
+           'PLANTED_SIMILARITIES', 'THRESHOLD', 'MARGIN', 'SECRET_FORMATS', 'PII_PATTERNS', 'SECRET_MARKERS',
+           'PII_LINE_TRIGGERS', 'PII_CHECKS', 'INDEXED_TYPES', 'ENGINE_STEPS', 'CANARY_WORDS', 'CANARIES_PER_COUNT',
+           'SECRET_DIGITS', 'VAL_PERMILLE', 'DOMAIN_VAL_PERMILLE', 'SPLITS', 'DOMAIN_WEIGHTS', 'Ledger',
+           'metadata_directory', 'metadata_file_bytes', 'problem', 'read_metadata', 'spdx_expression',
+           'normalize_license', 'distribution_license', 'Item', 'Source', 'Unreadable', 'unreadable_item',
+           'printable_path', 'read_regular_file', 'walk_files', 'relative_path', 'path_suffix', 'tree_items',
+           'stdlib_items', 'recorded_paths', 'distribution_files', 'one_distribution_items', 'distribution_items',
+           'installation_source', 'directory_source', 'hf_loads', 'hf_items', 'hf_spec', 'hf_source',
+           'expression_and_value', 'random_expression', 'expression_heldout', 'expression_source', 'domain_names',
+           'domain_label', 'domain_entry', 'domain_source', 'catalog', 'document_id', 'module_name', 'is_heldout',
+           'reading_order', 'read_item', 'decode', 'normalize_text', 'api_documentation', 'comments',
            'garbage_collection_paused', 'python_documents', 'domain_of', 'documents_of', 'features', 'ShardWriter',
            'open_shards', 'column', 'started_in_processes', 'in_processes', 'each_in_processes', 'consecutive_parts',
            'worker_parts', 'rows_of', 'texts_of', 'merged_ledger', 'step_in_parts', 'acquire', 'parse', 'ingest_text',
@@ -27,14 +28,15 @@ __all__ = ['MAX_METADATA_BYTES', 'MAX_SPDX_CHARS', 'MAX_LICENSE_TEXT_CHARS', 'LI
            'minhash_signatures', 'shingle_set', 'jaccard', 'replace_words', 'dissimilar_bases', 'lsh_buckets',
            'near_duplicate_clusters', 'candidate_probability', 'variant_at', 'planted_near_duplicates',
            'true_duplicate_pairs', 'candidate_pairs', 'pair_quality', 'corpus_signatures', 'near_duplicate_reasons',
-           'near_dedup_step', 'secret_matches', 'lines_holding', 'assigned_secret_matches', 'pii_matches',
-           'shannon_entropy', 'luhn_valid', 'PiiMatch', 'find_pii', 'scrub', 'pii_scores', 'shipped_jsonl',
-           'load_blocklist', 'unsafe_reason', 'protect', 'privacy_step', 'stage_shards', 'read_shard', 'ArrowRows',
-           'ArrowShards', 'LedgerFilter', 'ProtectFilter', 'DedupKeys', 'DedupDecision', 'DedupFilter', 'SourcesCheck',
-           'exact_keys', 'exact_decision', 'datatrove_pipeline', 'canary_repeats', 'make_canaries', 'canary_text',
-           'plant_canaries', 'split_of', 'word_counts', 'unigram_model', 'word_ids', 'stored_ids', 'bits_of_counts',
-           'mixture', 'curriculum_order', 'split_parts', 'document_table', 'scored_and_ordered', 'write_corpus',
-           'load_corpus', 'heldout_leaks', 'check_chain', 'write_heldout', 'write_data_report']
+           'near_dedup_step', 'needle_finder', 'needles_in', 'secret_matches', 'lines_holding',
+           'assigned_secret_matches', 'pii_matches', 'shannon_entropy', 'luhn_valid', 'PiiMatch', 'find_pii', 'scrub',
+           'pii_scores', 'shipped_jsonl', 'load_blocklist', 'phrase_finder', 'unsafe_reason', 'protect', 'privacy_step',
+           'stage_shards', 'read_shard', 'ArrowRows', 'ArrowShards', 'LedgerFilter', 'ProtectFilter', 'DedupKeys',
+           'DedupDecision', 'DedupFilter', 'SourcesCheck', 'exact_keys', 'exact_decision', 'datatrove_pipeline',
+           'canary_repeats', 'make_canaries', 'canary_text', 'plant_canaries', 'split_of', 'word_counts',
+           'unigram_model', 'word_ids', 'stored_ids', 'bits_of_counts', 'mixture', 'curriculum_order', 'split_labels',
+           'split_parts', 'document_table', 'scored_and_ordered', 'write_corpus', 'load_corpus', 'heldout_leaks',
+           'check_chain', 'write_heldout', 'write_data_report']
 
 # %% ../nbs/02_data.ipynb #bb2d92b2
 import ast
@@ -50,6 +52,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import operator
 import os
 import platform
 import random
@@ -64,6 +67,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import ahocorasick
 import numpy as np
 from datatrove.data import Document
 from datatrove.executor import LocalPipelineExecutor
@@ -554,15 +558,25 @@ def hf_source(spec: str) -> Source:
     return Source(f"hf:{name}", license, description, lambda: hf_items(spec, stated), jurisdiction=jurisdiction)
 
 # %% ../nbs/02_data.ipynb #46539418
+OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "//": operator.floordiv, "%": operator.mod}
+
+
+def expression_and_value(rng: random.Random, depth: int = 2, top: bool = True) -> tuple[str, int]:
+    "A small arithmetic expression over integers (no division by zero), and its value (what `eval` says)."
+    if depth == 0 or (not top and rng.random() < 0.3):
+        number = rng.randint(0, 99)
+        return str(number), number
+    op = rng.choice(list(OPERATIONS))
+    (left, a), (right, b) = expression_and_value(rng, depth - 1, False), expression_and_value(rng, depth - 1, False)
+    if op in ("//", "%") and b == 0:
+        b = rng.randint(1, 9)
+        right = str(b)
+    return (f"{left} {op} {right}" if top else f"({left} {op} {right})"), OPERATIONS[op](a, b)
+
+
 def random_expression(rng: random.Random, depth: int = 2, top: bool = True) -> str:
     "A small arithmetic expression over integers (no division by zero)."
-    if depth == 0 or (not top and rng.random() < 0.3):
-        return str(rng.randint(0, 99))
-    op = rng.choice(["+", "-", "*", "//", "%"])
-    left, right = random_expression(rng, depth - 1, False), random_expression(rng, depth - 1, False)
-    if op in ("//", "%") and eval(right) == 0:
-        right = str(rng.randint(1, 9))
-    return f"{left} {op} {right}" if top else f"({left} {op} {right})"
+    return expression_and_value(rng, depth, top)[0]
 
 # %% ../nbs/02_data.ipynb #5d79c2f0
 def expression_heldout(expression: str) -> bool:
@@ -578,9 +592,9 @@ def expression_source(n_docs: int, seed: int = 0, per_doc: int = 16) -> Source:
         for d in range(n_docs):
             lines = []
             while len(lines) < 2 * per_doc:
-                e = random_expression(rng, rng.randint(1, 3))
+                e, value = expression_and_value(rng, rng.randint(1, 3))
                 if not expression_heldout(e):
-                    lines += [f">>> {e}", str(eval(e))]
+                    lines += [f">>> {e}", str(value)]
             data = ("\n".join(lines) + "\n").encode()
             yield Item(
                 "synthetic:expressions",
@@ -708,10 +722,15 @@ def decode(data: bytes, kind: str) -> tuple[str | None, str]:
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
+_ASCII_CONTROLS = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])  # _CONTROL's ASCII characters
+
+
 def normalize_text(text: str) -> str:
     "NFC, \\n newlines, no control characters but tab and newline."
-    text = unicodedata.normalize("NFC", _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n")))
-    return text
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if text.isascii():  # NFC already, and the controls are bytes: bytes.translate drops them, 6× faster than re
+        return text.encode("ascii").translate(None, _ASCII_CONTROLS).decode("ascii")
+    return unicodedata.normalize("NFC", _CONTROL.sub("", text))
 
 # %% ../nbs/02_data.ipynb #330ae8d9
 def _signature(node) -> str:
@@ -854,12 +873,12 @@ def features(schema):
 class ShardWriter:
     "Write rows to Arrow shards of about `shard_bytes` each; `finish()` opens them as one Dataset."
 
-    def __init__(self, directory: Path, shard_bytes: int = 32 << 20, types: dict = FEATURE_TYPES):
+    def __init__(self, directory: Path, shard_bytes: int = 32 << 20, types: dict = FEATURE_TYPES, schema=None):
         import pyarrow as pa
 
         self.directory, self.shard_bytes, self.files, self.size = Path(directory), shard_bytes, [], 0
         self.rows, self.tables = [], []  # held: rows written one by one, after Arrow tables written whole
-        self.schema = pa.schema([(k, getattr(pa, v)()) for k, v in types.items()])
+        self.schema = schema or pa.schema([(k, getattr(pa, v)()) for k, v in types.items()])
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def write(self, row: dict):
@@ -1291,31 +1310,35 @@ def character_counts(text: str) -> tuple[int, int, int, int, int]:
     return *map(int, counts), alpha_words, int(np.count_nonzero(in_word))
 
 
-def quality_signals(text: str) -> dict:
-    "Cheap statistics of a document that the quality rules read."
+def quality_signals(text: str, domain: str | None = None) -> dict:
+    "Cheap statistics of a document that the quality rules read: those of `domain`'s rules, or every one."
     lines = [l for l in text.split("\n") if l.strip()]
     chars = max(1, len(text))
     alnum, digits, words, alpha_words, word_chars = character_counts(text)
-    return dict(
-        chars=len(text),
-        words=words,
-        lines=len(lines),
-        max_line=max((len(l) for l in lines), default=0),
-        mean_line=sum(map(len, lines)) / max(1, len(lines)),
-        alpha_words=alpha_words / max(1, words),
-        alnum=alnum / chars,
-        digits=digits / chars,
-        data_lines=sum(bool(_DATA_LINE.match(l)) and not l.lstrip().startswith("#") for l in lines)
-        / max(1, len(lines)),
-        repeated_lines=1 - len(set(lines)) / max(1, len(lines)),
-        mean_word=word_chars / max(1, words),
-        generated=any(l.lstrip().startswith("#") and _GENERATED.search(l) for l in text.split("\n", 10)[:10]),
-    )
+    signals = dict(chars=len(text), lines=len(lines))
+    if domain != "prose":  # what the code rules read
+        signals.update(
+            max_line=max((len(l) for l in lines), default=0),
+            mean_line=sum(map(len, lines)) / max(1, len(lines)),
+            alnum=alnum / chars,
+            digits=digits / chars,
+            data_lines=sum(bool(_DATA_LINE.match(l)) and not l.lstrip().startswith("#") for l in lines)
+            / max(1, len(lines)),
+            generated=any(l.lstrip().startswith("#") and _GENERATED.search(l) for l in text.split("\n", 10)[:10]),
+        )
+    if domain != "code":  # what the prose rules read
+        signals.update(
+            words=words,
+            alpha_words=alpha_words / max(1, words),
+            repeated_lines=1 - len(set(lines)) / max(1, len(lines)),
+            mean_word=word_chars / max(1, words),
+        )
+    return signals
 
 # %% ../nbs/02_data.ipynb #787f4270
 def quality_reason(text: str, domain: str) -> str | None:
     "The first quality rule a document fails, or None."
-    q = quality_signals(text)
+    q = quality_signals(text, domain)
     if domain == "code":
         if q["chars"] < 100 or q["lines"] < 3:
             return "code: too short"
@@ -1712,9 +1735,27 @@ PII_LINE_TRIGGERS = {  # kinds whose matches lie in one line, and what each matc
 }
 
 
+def needle_finder(needles: Iterable[str]) -> "ahocorasick.Automaton":
+    "An Aho–Corasick automaton (pyahocorasick) over `needles`: one pass over a text finds every one it holds."
+    automaton = ahocorasick.Automaton()
+    for needle in needles:
+        automaton.add_word(needle, needle)
+    automaton.make_automaton()
+    return automaton
+
+
+def needles_in(text: str, finder: "ahocorasick.Automaton") -> set[str]:
+    "The needles of `finder` that `text` holds (`needle in text` for each, in one pass)."
+    return {needle for _, needle in finder.iter(text)} if len(finder) else set()
+
+
+_SECRET_MARKER_FINDER = needle_finder(itertools.chain.from_iterable(SECRET_MARKERS))
+
+
 def secret_matches(text: str) -> Iterator[re.Match]:
     "The matches of `PII_PATTERNS['SECRET']` (the formats' alternation), searching the formats whose marker is there."
-    formats = [f for f, markers in zip(_SECRET_FORMATS, SECRET_MARKERS) if any(marker in text for marker in markers)]
+    present = needles_in(text, _SECRET_MARKER_FINDER)
+    formats = [f for f, markers in zip(_SECRET_FORMATS, SECRET_MARKERS) if not present.isdisjoint(markers)]
     position = 0
     while formats and (found := [m for f in formats if (m := f.search(text, position))]):
         first = min(found, key=re.Match.start)  # the leftmost; at one place the earlier format, as in the alternation
@@ -1927,10 +1968,17 @@ def load_blocklist(name: str = "unsafe_blocklist.txt") -> dict:
     return {phrase.strip().lower(): category.strip() for phrase, category in rows}
 
 # %% ../nbs/02_data.ipynb #9acbcda1
+@functools.lru_cache(maxsize=8)
+def phrase_finder(phrases: tuple[str, ...]) -> "ahocorasick.Automaton":
+    "The needle finder of a blocklist's phrases, made once."
+    return needle_finder(phrases)
+
+
 def unsafe_reason(text: str, blocklist: dict) -> str | None:
     "The category that flags the text as unsafe, or None."
     lowered = text.lower()
-    hits = {p: c for p, c in blocklist.items() if p in lowered and re.search(rf"(?<!\w){re.escape(p)}(?!\w)", lowered)}
+    present = needles_in(lowered, phrase_finder(tuple(blocklist)))  # then whole words only
+    hits = {p: c for p, c in blocklist.items() if p in present and re.search(rf"(?<!\w){re.escape(p)}(?!\w)", lowered)}
     severe = [c for c in hits.values() if c.startswith("severe")]
     if severe:
         return f"unsafe: {severe[0]}"
@@ -2315,19 +2363,23 @@ def unigram_model(counts: collections.Counter) -> Callable[[str], float]:
     return bits_per_word
 
 
-def word_ids(texts: Iterable[str], path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+def word_ids(texts: Iterable[str], counted: Sequence[bool], path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Each text's (lower-cased) words read once, written to `path` as ids (int32): the words in id order, each
-    text's end in the ids, and how often each id occurs."""
+    text's end in the ids, and how often each id occurs in the texts `counted`."""
     vocabulary = collections.defaultdict()
     vocabulary.default_factory = vocabulary.__len__  # a new word's id: the number of words seen before it
     ends, end = [], 0
-    with open(path, "wb") as sink:
-        for text in texts:
+    with open(path, "wb") as sink, open(path.with_suffix(".counted"), "wb") as counted_sink:
+        for text, is_counted in zip(texts, counted, strict=True):
             words = _WORDS.findall(text.lower())
-            np.fromiter(map(vocabulary.__getitem__, words), np.int32, len(words)).tofile(sink)
+            ids = np.fromiter(map(vocabulary.__getitem__, words), np.int32, len(words))
+            ids.tofile(sink)
+            if is_counted:
+                ids.tofile(counted_sink)
             end += len(words)
             ends.append(end)
-    return list(vocabulary), np.array(ends, np.int64), np.bincount(stored_ids(path), minlength=len(vocabulary))
+    counts = np.bincount(stored_ids(path.with_suffix(".counted")), minlength=len(vocabulary))
+    return list(vocabulary), np.array(ends, np.int64), counts
 
 
 def stored_ids(path: Path) -> np.ndarray:
@@ -2365,55 +2417,51 @@ def curriculum_order(ids: list[str], difficulty: np.ndarray, buckets: int = 4) -
     return np.lexsort((np.asarray(ids), quartile))
 
 # %% ../nbs/02_data.ipynb #7150acc1
+def split_labels(ds) -> np.ndarray:
+    "The split (`split_of`) of each row of a dataset."
+    columns = zip(*(column(ds, name) for name in ("heldout", "source", "distribution", "path")))
+    return np.array([split_of(dict(heldout=h, source=s, distribution=d, path=p)) for h, s, d, p in columns])
+
+
 def split_parts(ds) -> dict:
     "The subsets of a dataset by `split_of` (every one of SPLITS, empty or not)."
-    columns = zip(*(column(ds, name) for name in ("heldout", "source", "distribution", "path")))
-    splits = np.array([split_of(dict(heldout=h, source=s, distribution=d, path=p)) for h, s, d, p in columns])
+    splits = split_labels(ds)
     return {name: ds.select(np.flatnonzero(splits == name)) for name in SPLITS}
 
 # %% ../nbs/02_data.ipynb #f7d7c44b
 def document_table(corpus):
     "One row per document of a DatasetDict — split, domain, kind, license, distribution, bytes — without the texts."
     import pandas as pd
+    import pyarrow.compute as pc
 
-    rows = []
+    names = ["domain", "kind", "license", "distribution"]
+    tables = []
     for split, part in corpus.items():
-        for batch in part.iter(batch_size=1024):
-            rows.append(
-                pd.DataFrame(
-                    dict(
-                        split=split,
-                        domain=batch["domain"],
-                        kind=batch["kind"],
-                        license=batch["license"],
-                        distribution=batch["distribution"],
-                        bytes=[len(t.encode()) for t in batch["text"]],
-                    )
-                )
-            )
-    return (
-        pd.concat(rows, ignore_index=True)
-        if rows
-        else pd.DataFrame(columns=["split", "domain", "kind", "license", "distribution", "bytes"])
-    )
+        table = part.select_columns([*names, "text"]).with_format("arrow")[:]  # columns in one go, texts not decoded
+        columns = {name: table[name].to_pylist() for name in names}
+        sizes = pc.binary_length(table["text"]).to_numpy().astype(np.int64)
+        tables.append(pd.DataFrame(dict(split=split, **columns, bytes=sizes)))
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["split", *names, "bytes"])
 
 # %% ../nbs/02_data.ipynb #c54e92f3
-def scored_and_ordered(parts: dict, num_proc: int = 1, scratch: Path | None = None):
-    """The parts as a DatasetDict with a `difficulty` column (`unigram_model`'s bits per word), the training split in
-    curriculum order; `scratch`: where the words' ids wait between counting and scoring (a temporary directory)."""
+def scored_and_ordered(ds, scratch: Path, num_proc: int = 1):
+    """A dataset's documents by split (`split_of`) as a DatasetDict with a `difficulty` column (`unigram_model`'s bits
+    per word), the training split in curriculum order: Arrow shards under `scratch`, which back the datasets."""
     import datasets
+    import pyarrow as pa
 
-    tasks = [(name, piece) for name, part in parts.items() if len(part) for _, piece in worker_parts(part, num_proc)]
+    splits, tasks = split_labels(ds), worker_parts(ds, num_proc)
+    counted = lambda first, part: splits[first : first + len(part)] == "train"  # the unigram model's words
     with tempfile.TemporaryDirectory(prefix="words-", dir=scratch) as directory:  # each word is read once
         paths = [Path(directory) / f"{i:04d}.int32" for i in range(len(tasks))]
-        tokenized = in_processes(lambda i: word_ids(texts_of(tasks[i][1]), paths[i]), range(len(tasks)), num_proc)
+        tokenize = lambda i: word_ids(texts_of(tasks[i][1]), counted(*tasks[i]), paths[i])
+        tokenized = in_processes(tokenize, range(len(tasks)), num_proc)
         vocabulary = collections.defaultdict()
         vocabulary.default_factory = vocabulary.__len__
         to_global = [np.fromiter(map(vocabulary.__getitem__, words), np.int64) for words, _, _ in tokenized]
         counts = np.zeros(len(vocabulary), np.int64)
-        for (name, _), ids, (_, _, part_counts) in zip(tasks, to_global, tokenized):
-            if name == "train":  # the unigram model counts the training split's words
-                np.add.at(counts, ids, part_counts)
+        for ids, (_, _, part_counts) in zip(to_global, tokenized):
+            np.add.at(counts, ids, part_counts)
         bits = bits_of_counts(counts)
 
         def scores(i: int) -> np.ndarray:
@@ -2423,16 +2471,16 @@ def scored_and_ordered(parts: dict, num_proc: int = 1, scratch: Path | None = No
                 difficulty[row] = np.mean(bits[to_global_ids[ids[start:end]]]) if end > start else 0.0
             return difficulty
 
-        difficulties = in_processes(scores, range(len(tasks)), num_proc)
-    result = {}
-    for name, part in parts.items():
-        if not len(part):  # datasets cannot add a column to an empty selection: an empty split with the column
-            features = datasets.Features({**part.features, "difficulty": datasets.Value("float64")})
-            result[name] = datasets.Dataset.from_dict({column: [] for column in features}, features=features)
-            continue
-        difficulty = np.concatenate([d for (task_name, _), d in zip(tasks, difficulties) if task_name == name])
-        order = curriculum_order(column(part, "id"), difficulty) if name == "train" else np.arange(len(part))
-        result[name] = part.add_column("difficulty", difficulty.tolist()).select(order)
+        difficulty = np.concatenate([np.zeros(0, np.float32), *in_processes(scores, range(len(tasks)), num_proc)])
+    table, ids, result = ds.with_format("arrow")[:], np.asarray(column(ds, "id")), {}  # the table: memory-mapped
+    for name in SPLITS:
+        rows = np.flatnonzero(splits == name)
+        rows = rows[curriculum_order(ids[rows], difficulty[rows])] if name == "train" else rows
+        schema = table.schema.remove_metadata().append(pa.field("difficulty", pa.float64()))
+        writer = ShardWriter(Path(scratch) / name, schema=schema)
+        for chunk in np.array_split(rows, max(1, len(rows) // 4096)):  # rows copied by Arrow's take, in C
+            writer.write_table(table.take(chunk).append_column("difficulty", pa.array(difficulty[chunk], pa.float64())))
+        result[name] = writer.finish()
     return datasets.DatasetDict(result)
 
 # %% ../nbs/02_data.ipynb #004b0212
@@ -2441,10 +2489,11 @@ def write_corpus(ds, out: Path, num_proc: int = 1) -> dict:
     import datasets
 
     datasets.disable_progress_bars()  # the chapter's own output says what happened
-    corpus = scored_and_ordered(split_parts(ds), num_proc, scratch=Path(out).parent)
-    with atomic_path(out) as tmp:
-        corpus.save_to_disk(str(tmp), max_shard_size="64MB")
-    table = document_table(corpus)
+    with tempfile.TemporaryDirectory(prefix="splits-", dir=Path(out).parent) as scratch:
+        corpus = scored_and_ordered(ds, Path(scratch), num_proc)
+        with atomic_path(out) as tmp:
+            corpus.save_to_disk(str(tmp), max_shard_size="64MB")
+        table = document_table(corpus)
     return {
         name: dict(
             documents=len(part), bytes=int(part["bytes"].sum()), by_domain=part["domain"].value_counts().to_dict()
