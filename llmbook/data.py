@@ -959,10 +959,12 @@ def started_in_processes(function: Callable, tasks: Sequence, num_proc: int = 1)
     if num_proc <= 1 or len(tasks) <= 1:
         return lambda: [function(task) for task in tasks]
     _FORKED = (function, tasks)
+    gc.freeze()  # the workers' collector leaves what they inherit alone: those pages stay shared, never copied
     try:  # the workers are forked here, each with its own copy of `_FORKED`
         pool = multiprocessing.get_context("fork").Pool(min(num_proc, len(tasks)))
     finally:
         _FORKED = None
+        gc.unfreeze()
     chunks = max(1, len(tasks) // (8 * num_proc))  # tasks handed out 8 times per worker: few messages, balanced
     pending = pool.map_async(_call_forked, range(len(tasks)), chunks)
 
