@@ -965,7 +965,7 @@ def started_in_processes(function: Callable, tasks: Sequence, num_proc: int = 1)
     finally:
         _FORKED = None
         gc.unfreeze()
-    chunks = max(1, len(tasks) // (8 * num_proc))  # tasks handed out 8 times per worker: few messages, balanced
+    chunks = max(1, len(tasks) // (32 * num_proc))  # handed out 32 times per worker: balanced when tasks differ
     pending = pool.map_async(_call_forked, range(len(tasks)), chunks)
 
     def results() -> list:
@@ -2474,16 +2474,24 @@ def scored_and_ordered(ds, scratch: Path, num_proc: int = 1):
             return difficulty
 
         difficulty = np.concatenate([np.zeros(0, np.float32), *in_processes(scores, range(len(tasks)), num_proc)])
-    table, ids, result = ds.with_format("arrow")[:], np.asarray(column(ds, "id")), {}  # the table: memory-mapped
+    table, ids = ds.with_format("arrow")[:], np.asarray(column(ds, "id"))  # the table: memory-mapped
+    schema = table.schema.remove_metadata().append(pa.field("difficulty", pa.float64()))
+    chunks = []  # (split, rows): each split's rows in their order, a few thousand at a time
     for name in SPLITS:
         rows = np.flatnonzero(splits == name)
         rows = rows[curriculum_order(ids[rows], difficulty[rows])] if name == "train" else rows
-        schema = table.schema.remove_metadata().append(pa.field("difficulty", pa.float64()))
-        writer = ShardWriter(Path(scratch) / name, schema=schema)
-        for chunk in np.array_split(rows, max(1, len(rows) // 4096)):  # rows copied by Arrow's take, in C
-            writer.write_table(table.take(chunk).append_column("difficulty", pa.array(difficulty[chunk], pa.float64())))
-        result[name] = writer.finish()
-    return datasets.DatasetDict(result)
+        chunks += [(name, chunk) for chunk in np.array_split(rows, max(1, len(rows) // 4096))]
+
+    def write_chunk(i: int) -> list[Path]:  # the rows copied by Arrow's take, in C
+        name, rows = chunks[i]
+        writer = ShardWriter(Path(scratch) / name / f"{i:05d}", schema=schema)
+        writer.write_table(table.take(rows).append_column("difficulty", pa.array(difficulty[rows], pa.float64())))
+        writer.finish()
+        return writer.files
+
+    files = in_processes(write_chunk, range(len(chunks)), num_proc)
+    by_split = {name: [f for (split, _), fs in zip(chunks, files) if split == name for f in fs] for name in SPLITS}
+    return datasets.DatasetDict({name: open_shards(by_split[name], schema) for name in SPLITS})
 
 # %% ../nbs/02_data.ipynb #004b0212
 def write_corpus(ds, out: Path, num_proc: int = 1) -> dict:
