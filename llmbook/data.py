@@ -35,8 +35,8 @@ __all__ = ['MAX_METADATA_BYTES', 'MAX_SPDX_CHARS', 'MAX_LICENSE_TEXT_CHARS', 'LI
            'DedupDecision', 'DedupFilter', 'SourcesCheck', 'exact_keys', 'exact_decision', 'datatrove_pipeline',
            'canary_repeats', 'make_canaries', 'canary_text', 'plant_canaries', 'split_of', 'word_counts',
            'unigram_model', 'word_ids', 'stored_ids', 'bits_of_counts', 'mixture', 'curriculum_order', 'split_labels',
-           'split_parts', 'document_table', 'scored_and_ordered', 'write_corpus', 'load_corpus', 'heldout_leaks',
-           'check_chain', 'write_heldout', 'write_data_report']
+           'split_parts', 'document_table', 'taken_rows', 'scored_and_ordered', 'write_corpus', 'load_corpus',
+           'heldout_leaks', 'check_chain', 'write_heldout', 'write_data_report']
 
 # %% ../nbs/02_data.ipynb #bb2d92b2
 import ast
@@ -2446,6 +2446,24 @@ def document_table(corpus):
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["split", *names, "bytes"])
 
 # %% ../nbs/02_data.ipynb #c54e92f3
+def taken_rows(table, rows: np.ndarray):
+    """`table.take(rows)`, taken from each of the table's chunks in turn: Arrow's own take on a chunked column joins
+    its chunks first — the whole corpus in memory for a few thousand rows."""
+    import pyarrow as pa
+
+    batches = table.to_batches()
+    ends = np.cumsum([batch.num_rows for batch in batches])
+    order = np.argsort(rows, kind="stable")
+    ascending = rows[order]
+    batch_of = np.searchsorted(ends, ascending, side="right")
+    pieces = [
+        batches[b].take(pa.array(ascending[batch_of == b] - (ends[b] - batches[b].num_rows)))
+        for b in np.unique(batch_of)
+    ]
+    gathered = pa.Table.from_batches(pieces, schema=table.schema)  # the rows in ascending order: a small table
+    return gathered.take(pa.array(np.argsort(order)))  # then in the order asked
+
+
 def scored_and_ordered(ds, scratch: Path, num_proc: int = 1):
     """A dataset's documents by split (`split_of`) as a DatasetDict with a `difficulty` column (`unigram_model`'s bits
     per word), the training split in curriculum order: Arrow shards under `scratch`, which back the datasets."""
@@ -2485,7 +2503,9 @@ def scored_and_ordered(ds, scratch: Path, num_proc: int = 1):
     def write_chunk(i: int) -> list[Path]:  # the rows copied by Arrow's take, in C
         name, rows = chunks[i]
         writer = ShardWriter(Path(scratch) / name / f"{i:05d}", schema=schema)
-        writer.write_table(table.take(rows).append_column("difficulty", pa.array(difficulty[rows], pa.float64())))
+        writer.write_table(
+            taken_rows(table, rows).append_column("difficulty", pa.array(difficulty[rows], pa.float64()))
+        )
         writer.finish()
         return writer.files
 

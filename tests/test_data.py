@@ -542,3 +542,14 @@ def test_two_processes_and_datatrove_keep_what_one_process_keeps(tmp_path):
         assert reason in reasons
     assert {"near duplicate", "near duplicate of a held-out document"} <= reasons
     assert any(r.startswith("unsafe") for r in reasons) and len(one[1][4]["counts"]["replaced"]) >= 4
+
+
+def test_taken_rows_is_take_chunk_by_chunk():
+    "The same rows as Arrow's take, in the order asked, from a table of many chunks (without joining them first)."
+    import pyarrow as pa
+
+    table = pa.concat_tables([pa.table({"n": np.arange(c * 100, c * 100 + 100)}) for c in range(30)])
+    rows = np.random.default_rng(0).choice(len(table), 500, replace=False)
+    assert D.taken_rows(table, rows).equals(table.take(rows))
+    assert D.taken_rows(table, rows)["n"].to_pylist() == rows.tolist()
+    assert D.taken_rows(table, np.zeros(0, np.int64)).num_rows == 0
