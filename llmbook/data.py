@@ -34,9 +34,9 @@ __all__ = ['MAX_METADATA_BYTES', 'MAX_SPDX_CHARS', 'MAX_LICENSE_TEXT_CHARS', 'LI
            'stage_shards', 'read_shard', 'ArrowRows', 'ArrowShards', 'LedgerFilter', 'ProtectFilter', 'DedupKeys',
            'DedupDecision', 'DedupFilter', 'SourcesCheck', 'exact_keys', 'exact_decision', 'datatrove_pipeline',
            'canary_repeats', 'make_canaries', 'canary_text', 'plant_canaries', 'split_of', 'word_counts',
-           'unigram_model', 'word_ids', 'stored_ids', 'bits_of_counts', 'mixture', 'curriculum_order', 'split_labels',
-           'split_parts', 'document_table', 'taken_rows', 'scored_and_ordered', 'write_corpus', 'load_corpus',
-           'heldout_leaks', 'check_chain', 'write_heldout', 'write_data_report']
+           'unigram_model', 'id_vocabulary', 'word_ids', 'stored_ids', 'bits_of_counts', 'mixture', 'curriculum_order',
+           'split_labels', 'split_parts', 'document_table', 'taken_rows', 'difficulties', 'scored_and_ordered',
+           'write_corpus', 'load_corpus', 'heldout_leaks', 'check_chain', 'write_heldout', 'write_data_report']
 
 # %% ../nbs/02_data.ipynb #bb2d92b2
 import ast
@@ -892,7 +892,9 @@ class ShardWriter:
         "Add the rows of an Arrow table with this writer's columns, as they are (nothing goes through Python)."
         import pyarrow.compute as pc
 
-        self.tables += [self._rows_table(), table.select(self.schema.names).cast(self.schema)]
+        if self.rows:  # rows written one by one before this table keep their place
+            self.tables.append(self._rows_table())
+        self.tables.append(table.select(self.schema.names).cast(self.schema))
         self.size += pc.sum(pc.binary_length(table["text"])).as_py() or 0
         if self.size >= self.shard_bytes:
             self._flush()
@@ -1283,9 +1285,7 @@ def _character_class(c: str) -> int:
     return c.isalnum() | c.isdigit() << 1 | c.isalpha() << 2 | c.isspace() << 3
 
 
-_CHARACTER_CLASSES = np.array(
-    [_character_class(chr(c)) for c in range(0x10000)], np.uint8
-)  # alnum, digit, alpha, space
+_CHARACTER_CLASSES = np.array([_character_class(chr(c)) for c in range(0x10000)], np.uint8)
 
 
 def character_classes(text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -1304,9 +1304,8 @@ def character_counts(text: str) -> tuple[int, int, int, int, int]:
     in_word = classes < 8  # not a space
     starts = in_word.copy()
     starts[1:] &= ~in_word[:-1]
-    word_of_letter = np.cumsum(starts, dtype=np.int32)[
-        (classes & 4) > 0
-    ]  # words are numbered by the word starts up to them
+    letters = (classes & 4) > 0
+    word_of_letter = np.cumsum(starts, dtype=np.int32)[letters]  # words numbered by the word starts up to them
     alpha_words = int(word_of_letter.size > 0) + int(np.count_nonzero(np.diff(word_of_letter)))
     counts = np.count_nonzero(classes & 1), np.count_nonzero(classes & 2), np.count_nonzero(starts)
     return *map(int, counts), alpha_words, int(np.count_nonzero(in_word))
@@ -2365,11 +2364,17 @@ def unigram_model(counts: collections.Counter) -> Callable[[str], float]:
     return bits_per_word
 
 
-def word_ids(texts: Iterable[str], counted: Sequence[bool], path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Each text's (lower-cased) words read once, written to `path` as ids (int32): the words in id order, each
-    text's end in the ids, and how often each id occurs in the texts `counted`."""
+def id_vocabulary() -> dict:
+    "A dict that gives each new word it is asked for the next id: the number of words it holds."
     vocabulary = collections.defaultdict()
-    vocabulary.default_factory = vocabulary.__len__  # a new word's id: the number of words seen before it
+    vocabulary.default_factory = vocabulary.__len__
+    return vocabulary
+
+
+def word_ids(texts: Iterable[str], counted: Sequence[bool], path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Each text's (lower-cased) words read once, written to `path` as ids (int32; those of the texts `counted` to
+    `path`.counted too): the words in id order, each text's end in the ids, how often the counted texts hold each."""
+    vocabulary = id_vocabulary()
     ends, end = [], 0
     with open(path, "wb") as sink, open(path.with_suffix(".counted"), "wb") as counted_sink:
         for text, is_counted in zip(texts, counted, strict=True):
@@ -2464,20 +2469,16 @@ def taken_rows(table, rows: np.ndarray):
     return gathered.take(pa.array(np.argsort(order)))  # then in the order asked
 
 
-def scored_and_ordered(ds, scratch: Path, num_proc: int = 1):
-    """A dataset's documents by split (`split_of`) as a DatasetDict with a `difficulty` column (`unigram_model`'s bits
-    per word), the training split in curriculum order: Arrow shards under `scratch`, which back the datasets."""
-    import datasets
-    import pyarrow as pa
-
-    splits, tasks = split_labels(ds), worker_parts(ds, num_proc)
+def difficulties(ds, splits: np.ndarray, scratch: Path, num_proc: int = 1) -> np.ndarray:
+    """`unigram_model`'s bits per word of each row, the model counting the rows of the training split: each word read
+    once, its id waiting in a file under `scratch` between the counting and the scoring."""
+    tasks = worker_parts(ds, num_proc)
     counted = lambda first, part: splits[first : first + len(part)] == "train"  # the unigram model's words
-    with tempfile.TemporaryDirectory(prefix="words-", dir=scratch) as directory:  # each word is read once
+    with tempfile.TemporaryDirectory(prefix="words-", dir=scratch) as directory:
         paths = [Path(directory) / f"{i:04d}.int32" for i in range(len(tasks))]
         tokenize = lambda i: word_ids(texts_of(tasks[i][1]), counted(*tasks[i]), paths[i])
         tokenized = in_processes(tokenize, range(len(tasks)), num_proc)
-        vocabulary = collections.defaultdict()
-        vocabulary.default_factory = vocabulary.__len__
+        vocabulary = id_vocabulary()
         to_global = [np.fromiter(map(vocabulary.__getitem__, words), np.int64) for words, _, _ in tokenized]
         counts = np.zeros(len(vocabulary), np.int64)
         for ids, (_, _, part_counts) in zip(to_global, tokenized):
@@ -2491,7 +2492,17 @@ def scored_and_ordered(ds, scratch: Path, num_proc: int = 1):
                 difficulty[row] = np.mean(bits[to_global_ids[ids[start:end]]]) if end > start else 0.0
             return difficulty
 
-        difficulty = np.concatenate([np.zeros(0, np.float32), *in_processes(scores, range(len(tasks)), num_proc)])
+        return np.concatenate([np.zeros(0, np.float32), *in_processes(scores, range(len(tasks)), num_proc)])
+
+
+def scored_and_ordered(ds, scratch: Path, num_proc: int = 1):
+    """A dataset's documents by split (`split_of`) as a DatasetDict with a `difficulty` column (`difficulties`), the
+    training split in curriculum order: Arrow shards under `scratch`, which back the datasets."""
+    import datasets
+    import pyarrow as pa
+
+    splits = split_labels(ds)
+    difficulty = difficulties(ds, splits, scratch, num_proc)
     table, ids = ds.with_format("arrow")[:], np.asarray(column(ds, "id"))  # the table: memory-mapped
     schema = table.schema.remove_metadata().append(pa.field("difficulty", pa.float64()))
     chunks = []  # (split, rows): each split's rows in their order, a few thousand at a time
