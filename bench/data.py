@@ -1,16 +1,19 @@
 """Chapter 2's pipeline, step by step: MB/s per core of today's code against a baseline commit, in one run.
 
 Each pipeline runs in a fresh process, one after the other, on the same catalog (the preset's installation at
-its `data_mb`): the baseline's module (`git show BASELINE:llmbook/data.py`, one process), this checkout's on one
-process, and this checkout's on `--procs` processes. Prints each step's seconds and MB/s per core (the step's
-input bytes / seconds / processes), the ratios the issue asks for, the peak memory of each run, and whether
-the three runs kept the same documents with the same ledgers.
+its `data_mb`): the baseline's module (`git show BASELINE:llmbook/data.py`, one process), then this checkout's on
+one process and on `--procs` processes, in turn, `--repeat` times each. Prints each step's seconds and MB/s per
+core (the step's input bytes / seconds / processes) of each configuration's median run, the ratios the issue asks
+for (of the median totals), the peak memory of each run, and whether every run kept the same documents with the
+same ledgers. The repeats are there because a core of this kind of machine is not always as fast as itself: the
+same work measured twice differs by up to 10%, and a ratio of two single runs by as much.
+`TMPDIR=/dev/shm` keeps the disk's write-back (hundreds of MB of shards per run) out of the timings.
 
 `--mb N` reads N MB instead: the installation again and again, each copy with its long words renamed (a different
 text to every filter, still valid Python), to measure throughput and memory at scale (this checkout's code, on
 `--procs` processes only).
 
-    .venv/bin/python bench/data.py [--preset cpu] [--procs 2] [--baseline c6d3eb8]
+    .venv/bin/python bench/data.py [--preset cpu] [--procs 2] [--repeat 3] [--baseline c6d3eb8]
     .venv/bin/python bench/data.py --mb 2000 --procs 2
 """
 
@@ -20,12 +23,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import json
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,6 +63,11 @@ def baseline_module(commit: str):
 _LONG_WORD = re.compile(rb"\b([A-Za-z]{9,})\b")
 
 
+def renamed(read, k: int) -> bytes:
+    "What `read()` gives, with every word of 9 letters or more renamed (word + k): picklable, for the workers."
+    return _LONG_WORD.sub(rb"\g<1>" + str(k).encode(), read())
+
+
 def varied_catalog(D, cfg, copies: int = 1000):
     """The preset's catalog with its installation read again and again: copy k > 0 renames every word of 9 letters
     or more (word + k)."""
@@ -66,7 +76,7 @@ def varied_catalog(D, cfg, copies: int = 1000):
     items = D.reading_order(installation.items())
 
     def copy_of(item, k):
-        read = item.read if k == 0 else lambda: _LONG_WORD.sub(rb"\g<1>" + str(k).encode(), item.read())
+        read = item.read if k == 0 else functools.partial(renamed, item.read, k)
         return replace(item, path=f"copy-{k}/{item.path}", read=read)
 
     copied = lambda: (copy_of(item, k) for k in range(copies) for item in items)
@@ -87,7 +97,8 @@ def acquisition_seconds(D, sources, budget: float) -> float:
 
 class AnonymousMemory(threading.Thread):
     """Peak anonymous memory (not the memory-mapped shards, which the kernel can drop) of this process, and of this
-    process with its workers (Pss_Anon: a page shared by forked processes is counted once), sampled every 0.2 s."""
+    process with its workers (Pss_Anon: a page shared by forked processes is counted once), sampled every second:
+    a sample takes the kernel ~25 ms of a core (it walks every mapping), and every 0.2 s it took 12% of one."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -108,7 +119,7 @@ class AnonymousMemory(threading.Thread):
             main = self.pss_anon(me.pid)
             workers = sum(self.pss_anon(child.pid) for child in me.children(recursive=True))
             self.main, self.total = max(self.main, main), max(self.total, main + workers)
-            time.sleep(0.2)
+            time.sleep(1.0)
 
 
 def fingerprint(ds) -> str:
@@ -220,16 +231,24 @@ def main():
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--mb", type=float, default=0.0)
     parser.add_argument("--baseline", default=BASELINE)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of this checkout on 1 and on --procs processes")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(pipeline(args.one, args.preset, args.procs, args.mb, args.baseline)))
         return
-    runs = [] if args.skip_baseline or args.mb else [run_fresh("baseline", args)]
-    runs += [] if args.mb else [run_fresh("new", argparse.Namespace(**{**vars(args), "procs": 1}))]
-    runs += [run_fresh("new", args)]
-    one, many = runs[-2:] if len(runs) > 1 else (None, runs[-1])
+    if args.mb:
+        one, many = None, run_fresh("new", args)
+        runs, every = [many], [many]
+    else:
+        runs = [] if args.skip_baseline else [run_fresh("baseline", args)]
+        one_process = argparse.Namespace(**{**vars(args), "procs": 1})
+        repeats = [(run_fresh("new", one_process), run_fresh("new", args)) for _ in range(args.repeat)]
+        totals = [[sum(run["seconds"].values()) for run in runs] for runs in zip(*repeats)]  # ×1's, then ×procs'
+        one, many = (runs[t.index(statistics.median_low(t))] for runs, t in zip(zip(*repeats), totals))
+        every = runs + [run for pair in repeats for run in pair]  # to check that they all kept the same
+        runs += [one, many]
     corpus = f"{args.mb:g} MB of the varied installation" if args.mb else f"the {args.preset} preset's catalog"
     print(f"Chapter 2 on {corpus}: {many['raw_bytes'] / 1e6:,.0f} MB of raw text, {many['documents']:,} documents kept")
     names = [f"{r['which']} ×{r['procs']}" for r in runs]
@@ -246,14 +265,17 @@ def main():
     per_document = many["peak_anonymous_mb"] * 1e6 / max(1, many["documents"])
     print(f"\npeak anonymous memory of the main process per document kept: {per_document / 1e3:.1f} kB")
     if one:
+        seconds = [[round(t, 2) for t in ts] for ts in totals]
+        print(f"whole pipeline, each repeat: ×1 {seconds[0]} s, ×{args.procs} {seconds[1]} s")
         speedup = sum(one["seconds"].values()) / sum(many["seconds"].values())
-        print(f"{args.procs} processes: {speedup:.2f}× one process (parallel efficiency {speedup / args.procs:.0%})")
+        efficiency = speedup / args.procs
+        print(f"{args.procs} processes: {speedup:.2f}× one process (median runs; parallel efficiency {efficiency:.0%})")
     if runs[0]["which"] == "baseline":
         print(
             f"one process: {total_rate(one) / total_rate(runs[0]):.2f}× the baseline's MB/s per core ({args.baseline})"
         )
-    same = {(r["kept"], r["ledgers"], r["documents"]) for r in runs}
-    print("same documents kept and same ledgers in every run:", len(same) == 1, [r["kept"] for r in runs])
+    same = {(r["kept"], r["ledgers"], r["documents"]) for r in every}
+    print("same documents kept and same ledgers in every run:", len(same) == 1, sorted({r["kept"] for r in every}))
     per_core = total_rate(many)
     gpu_minutes = 2_000 / (per_core * 8) / 60
     print(

@@ -5,24 +5,26 @@
 # %% auto #0
 __all__ = ['MAX_METADATA_BYTES', 'MAX_SPDX_CHARS', 'MAX_LICENSE_TEXT_CHARS', 'LICENSE_ALIASES', 'LICENSE_TEXT_MARKERS',
            'CLASSIFIER_LICENSES', 'SUFFIX_KINDS', 'HELDOUT_MODULES', 'MAX_FILE_BYTES', 'PYPI_JURISDICTION',
-           'HF_BUILDERS', 'OPERATIONS', 'PROSE_KINDS', 'CODE_KINDS', 'FEATURE_TYPES', 'PARTS_PER_PROCESS',
-           'WINDOW_BYTES', 'U64', 'NUM_PERM', 'BANDS', 'ROWS', 'SHINGLE_WORDS', 'PERM_A', 'PERM_B',
-           'PLANTED_SIMILARITIES', 'THRESHOLD', 'MARGIN', 'SECRET_FORMATS', 'PII_PATTERNS', 'SECRET_MARKERS',
-           'PII_LINE_TRIGGERS', 'PII_CHECKS', 'INDEXED_TYPES', 'ENGINE_STEPS', 'CANARY_WORDS', 'CANARIES_PER_COUNT',
-           'SECRET_DIGITS', 'VAL_PERMILLE', 'DOMAIN_VAL_PERMILLE', 'SPLITS', 'DOMAIN_WEIGHTS', 'Ledger',
-           'metadata_directory', 'metadata_file_bytes', 'problem', 'read_metadata', 'spdx_expression',
-           'normalize_license', 'distribution_license', 'Item', 'Source', 'Unreadable', 'unreadable_item',
-           'printable_path', 'read_regular_file', 'walk_files', 'relative_path', 'path_suffix', 'tree_items',
-           'stdlib_items', 'recorded_paths', 'distribution_files', 'one_distribution_items', 'distribution_items',
-           'installation_source', 'directory_source', 'hf_loads', 'hf_items', 'hf_spec', 'hf_source',
-           'expression_and_value', 'random_expression', 'expression_heldout', 'expression_source', 'domain_names',
-           'domain_label', 'domain_entry', 'domain_source', 'catalog', 'document_id', 'module_name', 'is_heldout',
-           'reading_order', 'read_item', 'decode', 'normalize_text', 'api_documentation', 'comments',
-           'garbage_collection_paused', 'python_documents', 'domain_of', 'documents_of', 'features', 'ShardWriter',
-           'open_shards', 'column', 'started_in_processes', 'in_processes', 'each_in_processes', 'consecutive_parts',
-           'worker_parts', 'rows_of', 'texts_of', 'merged_ledger', 'step_in_parts', 'acquire', 'parse', 'ingest_text',
-           'worker_processes', 'jurisdiction_allowed', 'allowed_jurisdictions', 'read_and_parse', 'item_windows',
-           'ingest', 'excerpt', 'filter_step', 'license_reason', 'require_every_source', 'license_step', 'exact_key',
+           'HF_BUILDERS', 'OPERATIONS', 'PROSE_KINDS', 'CODE_KINDS', 'FEATURE_TYPES', 'ROWS_HELD_BYTES',
+           'PARTS_PER_PROCESS', 'CHUNK_BYTES', 'AHEAD_BYTES', 'COPY_BYTES_PER_PROCESS', 'U64', 'NUM_PERM', 'BANDS',
+           'ROWS', 'SHINGLE_WORDS', 'PERM_A', 'PERM_B', 'PLANTED_SIMILARITIES', 'THRESHOLD', 'MARGIN', 'SECRET_FORMATS',
+           'PII_PATTERNS', 'SECRET_MARKERS', 'PII_LINE_TRIGGERS', 'PII_CHECKS', 'INDEXED_TYPES', 'ENGINE_STEPS',
+           'CANARY_WORDS', 'CANARIES_PER_COUNT', 'SECRET_DIGITS', 'VAL_PERMILLE', 'DOMAIN_VAL_PERMILLE', 'SPLITS',
+           'DOMAIN_WEIGHTS', 'Ledger', 'metadata_directory', 'metadata_file_bytes', 'problem', 'read_metadata',
+           'spdx_expression', 'normalize_license', 'distribution_license', 'Item', 'Source', 'Unreadable',
+           'unreadable_item', 'raise_unreadable', 'printable_path', 'read_regular_file', 'walk_files', 'relative_path',
+           'path_suffix', 'tree_items', 'stdlib_items', 'recorded_paths', 'distribution_files',
+           'one_distribution_items', 'distribution_items', 'installation_source', 'installation_items',
+           'installation_listings', 'directory_source', 'hf_loads', 'hf_items', 'hf_spec', 'hf_source',
+           'expression_and_value', 'random_expression', 'expression_heldout', 'expression_source', 'expression_items',
+           'domain_names', 'domain_label', 'domain_entry', 'domain_source', 'each_items', 'catalog', 'document_id',
+           'module_name', 'is_heldout', 'reading_key', 'reading_order', 'read_item', 'decode', 'normalize_text',
+           'api_documentation', 'comments', 'garbage_collection_paused', 'python_documents', 'domain_of',
+           'documents_of', 'features', 'ShardWriter', 'open_shards', 'column', 'forked_pool', 'in_processes',
+           'in_order', 'consecutive_parts', 'worker_parts', 'rows_of', 'texts_of', 'merged_ledger', 'step_in_parts',
+           'acquire', 'parse', 'ingest_text', 'worker_processes', 'jurisdiction_allowed', 'allowed_jurisdictions',
+           'listed_items', 'keyed_items', 'listed_in_parallel', 'read_and_parse', 'item_chunks', 'ingest', 'excerpt',
+           'filter_step', 'license_reason', 'require_every_source', 'license_step', 'exact_key',
            'exact_duplicate_reasons', 'exact_dedup_step', 'character_classes', 'character_counts', 'quality_signals',
            'quality_reason', 'quality_drop_reason', 'quality_step', 'word_bytes', 'word_hashes', 'shingle_hashes',
            'minhash_signatures', 'shingle_set', 'jaccard', 'replace_words', 'dissimilar_bases', 'lsh_buckets',
@@ -272,7 +274,10 @@ class Item:
     license: str  # SPDX expression
     kind: str  # py, pyi, rst, md, txt, readme, text, expressions
     size: int  # bytes, as far as known before reading
-    read: Callable[[], bytes]
+    read: Callable[[], bytes]  # picklable (a module's function, or a partial of one): worker processes read items
+
+    def __reduce__(self):  # pickled as its fields, in order: loaded 2× faster than a dataclass's state
+        return Item, tuple(vars(self).values())
 
 
 @dataclass
@@ -282,9 +287,10 @@ class Source:
     name: str
     license: str
     description: str
-    items: Callable[[], Iterator[Item]]
+    items: Callable[[], Iterator[Item]]  # picklable, like `Item.read`: a worker lists a shuffled source
     budget_bytes: float | None = None  # raw text kept from this source alone; None: the catalog's shared budget
     shuffled: bool = False  # read in `reading_order` (held-out modules first, then by provenance)
+    listings: Callable[[int], list[Callable[[], Iterator[Item]]]] | None = None  # `items` as n listings, side by side
     jurisdiction: str = "unknown"  # where the data comes from, in law: ISO 3166 codes (comma-separated), "generated"
 
 # %% ../nbs/02_data.ipynb #f4895b7f
@@ -300,10 +306,14 @@ class Unreadable(OSError):
 def unreadable_item(source: str, distribution: str, version: str, path: str, license: str, reason: str, size=0) -> Item:
     "An item that is counted, and dropped for `reason` when it is read."
 
-    def fail():
-        raise Unreadable(reason)
+    return Item(
+        source, distribution, version, path, license, "unreadable", size, functools.partial(raise_unreadable, reason)
+    )
 
-    return Item(source, distribution, version, path, license, "unreadable", size, fail)
+
+def raise_unreadable(reason: str) -> bytes:
+    "What reading an unreadable item does."
+    raise Unreadable(reason)
 
 # %% ../nbs/02_data.ipynb #4623adca
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -370,7 +380,7 @@ def _file_item(source, distribution, version, path: str, inside: str, license: s
         size = os.lstat(path).st_size
     except OSError:
         size = 0
-    read = lambda: read_regular_file(path, MAX_FILE_BYTES)
+    read = functools.partial(read_regular_file, path, MAX_FILE_BYTES)
     return Item(source, distribution, version, printable_path(inside), license, kind, size, read)
 
 
@@ -398,9 +408,8 @@ def _metadata_item(metadata, name: str, version: str, license: str, source: str 
     if not body.strip():
         return None
     data = body.encode("utf-8", "surrogatepass")
-    return Item(
-        source, name, version, f"{name}.dist-info/METADATA#description", license, "readme", len(data), lambda: data
-    )
+    path = f"{name}.dist-info/METADATA#description"
+    return Item(source, name, version, path, license, "readme", len(data), functools.partial(bytes, data))
 
 
 def recorded_paths(dist) -> list[str]:
@@ -447,22 +456,23 @@ def one_distribution_items(name: str, dist, source: str = "python") -> Iterator[
 
 # %% ../nbs/02_data.ipynb #3fd220e8
 def distribution_items(
-    paths: Iterable[str | Path] | None = None, exclude: Iterable[str] = ("llmbook",)
+    paths: Iterable[str | Path] | None = None, exclude: Iterable[str] = ("llmbook",), share: tuple[int, int] = (0, 1)
 ) -> Iterator[Item]:
-    "Every distribution's README and text files; `paths`: where to find distributions (default: sys.path)."
+    """Every distribution's README and text files; `paths`: where to find distributions (default: sys.path).
+    `share` (k, n): the k-th of n listings that together give these items: every n-th distribution from the k-th."""
     found = importlib.metadata.distributions(**({} if paths is None else dict(path=[str(p) for p in paths])))
     by_name = {}
     for dist in found:
         metadata, reason, size = read_metadata(dist)
-        if reason:
+        if reason and share[0] == 0:
             directory = metadata_directory(dist)
             label = printable_path(directory.name) if directory else "unknown distribution"
             yield unreadable_item("python", label, "", f"{label}/METADATA", "NOASSERTION", reason, size)
-        elif metadata["Name"]:
+        elif not reason and metadata["Name"]:
             by_name[metadata["Name"]] = dist
-    for name in sorted(by_name, key=str.lower):
-        if name.lower() not in exclude:
-            yield from one_distribution_items(name, by_name[name])
+    names = [name for name in sorted(by_name, key=str.lower) if name.lower() not in exclude]
+    for name in names[share[0] :: share[1]]:
+        yield from one_distribution_items(name, by_name[name])
 
 # %% ../nbs/02_data.ipynb #3eb59205
 PYPI_JURISDICTION = "US"  # python.org and PyPI, where an installation's code comes from: the Python Software Foundation
@@ -477,10 +487,23 @@ def installation_source(
         "python",
         "per distribution (SPDX from its metadata)",
         "standard library and installed distributions: source, docs, READMEs",
-        lambda: itertools.chain(stdlib_items(stdlib_root), distribution_items(distribution_paths, skipped)),
+        functools.partial(installation_items, stdlib_root, distribution_paths, skipped),
         shuffled=True,
         jurisdiction=PYPI_JURISDICTION,
+        listings=functools.partial(installation_listings, stdlib_root, distribution_paths, skipped),
     )
+
+
+def installation_items(stdlib_root, distribution_paths, skipped: Sequence[str], share=(0, 1)) -> Iterator[Item]:
+    "The standard library's items, then the distributions' (but those `skipped`); `share`: see `distribution_items`."
+    if share[0] == 0:
+        yield from stdlib_items(stdlib_root)
+    yield from distribution_items(distribution_paths, skipped, share)
+
+
+def installation_listings(stdlib_root, distribution_paths, skipped: Sequence[str], n: int) -> list[Callable]:
+    "The installation's items as `n` listings: the standard library and every n-th distribution, then the others'."
+    return [functools.partial(installation_items, stdlib_root, distribution_paths, skipped, (k, n)) for k in range(n)]
 
 # %% ../nbs/02_data.ipynb #93a163fa
 def directory_source(
@@ -493,7 +516,7 @@ def directory_source(
         f"dir:{label}",
         license,
         f"text files under {root}",
-        lambda: tree_items(f"dir:{label}", label, "", root, license),
+        functools.partial(tree_items, f"dir:{label}", label, "", root, license),
         jurisdiction=jurisdiction,
     )
 
@@ -531,7 +554,7 @@ def hf_items(spec: str, stated: str, source: str | None = None) -> Iterator[Item
         try:
             for row in _hf_rows(builder, config, data_files):
                 data = str(row.get("text") or row.get("content") or "").encode("utf-8", "surrogatepass")
-                read = lambda data=data: data
+                read = functools.partial(bytes, data)  # `bytes(data)` is `data` itself
                 yield Item(source, name, version, f"{label}#{rows_read}", license, "text", len(data), read)
                 rows_read += 1
         except Exception as e:
@@ -555,7 +578,8 @@ def hf_source(spec: str) -> Source:
     name = hf_loads(spec)[0]
     description = f"Hugging Face dataset {spec}"
     license = stated or "from the dataset card"
-    return Source(f"hf:{name}", license, description, lambda: hf_items(spec, stated), jurisdiction=jurisdiction)
+    items = functools.partial(hf_items, spec, stated)
+    return Source(f"hf:{name}", license, description, items, jurisdiction=jurisdiction)
 
 # %% ../nbs/02_data.ipynb #46539418
 OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "//": operator.floordiv, "%": operator.mod}
@@ -586,29 +610,32 @@ def expression_heldout(expression: str) -> bool:
 # %% ../nbs/02_data.ipynb #f50b5fb0
 def expression_source(n_docs: int, seed: int = 0, per_doc: int = 16) -> Source:
     "Python sessions evaluating expressions (CC0-1.0, written by this book)."
-
-    def items():
-        rng = random.Random(seed)
-        for d in range(n_docs):
-            lines = []
-            while len(lines) < 2 * per_doc:
-                e, value = expression_and_value(rng, rng.randint(1, 3))
-                if not expression_heldout(e):
-                    lines += [f">>> {e}", str(value)]
-            data = ("\n".join(lines) + "\n").encode()
-            yield Item(
-                "synthetic:expressions",
-                "llmbook-expressions",
-                "1",
-                f"session-{d:05d}",
-                "CC0-1.0",
-                "expressions",
-                len(data),
-                lambda data=data: data,
-            )
-
     description = "Python sessions evaluating arithmetic expressions"
+    items = functools.partial(expression_items, n_docs, seed, per_doc)
     return Source("synthetic:expressions", "CC0-1.0", description, items, jurisdiction="generated")
+
+
+def expression_items(n_docs: int, seed: int, per_doc: int) -> Iterator[Item]:
+    "`n_docs` sessions of `per_doc` expressions and their values (none held out), the same for the same seed."
+    rng = random.Random(seed)
+    for d in range(n_docs):
+        lines = []
+        while len(lines) < 2 * per_doc:
+            e, value = expression_and_value(rng, rng.randint(1, 3))
+            if not expression_heldout(e):
+                lines += [f">>> {e}", str(value)]
+        data = ("\n".join(lines) + "\n").encode()
+        read = functools.partial(bytes, data)
+        yield Item(
+            "synthetic:expressions",
+            "llmbook-expressions",
+            "1",
+            f"session-{d:05d}",
+            "CC0-1.0",
+            "expressions",
+            len(data),
+            read,
+        )
 
 # %% ../nbs/02_data.ipynb #b8f20f9c
 def domain_names(cfg) -> tuple[str, ...]:
@@ -625,13 +652,13 @@ def domain_entry(name: str, source: str) -> tuple[str, str, Callable[[], Iterato
     "(license, jurisdiction, items) of an entry of `domain`: an installed distribution, or `hf:name[:config]|SPDX`."
     if name.startswith("hf:"):
         spec, stated, jurisdiction = hf_spec(name.removeprefix("hf:"))
-        return stated or "from the dataset card", jurisdiction, lambda: hf_items(spec, stated, source)
+        return stated or "from the dataset card", jurisdiction, functools.partial(hf_items, spec, stated, source)
     try:
         dist = importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError:
         raise ValueError(f"preset field domain: distribution {name!r} is not installed") from None
     license = "per distribution (SPDX from its metadata)"
-    return license, PYPI_JURISDICTION, lambda: one_distribution_items(name, dist, source)
+    return license, PYPI_JURISDICTION, functools.partial(one_distribution_items, name, dist, source)
 
 
 def domain_source(names: Sequence[str], budget_bytes: float) -> Source:
@@ -642,11 +669,17 @@ def domain_source(names: Sequence[str], budget_bytes: float) -> Source:
         source,
         ", ".join(dict.fromkeys(license for license, _, _ in entries)),
         f"the new domain of Chapter 6, kept out of pretraining: {source.removeprefix('domain:')}",
-        lambda: itertools.chain.from_iterable(items() for _, _, items in entries),
+        functools.partial(each_items, [items for _, _, items in entries]),
         budget_bytes=budget_bytes,
         shuffled=not any(n.startswith("hf:") for n in names),  # a dataset is a stream, read in its own order
         jurisdiction=",".join(sorted({jurisdiction for _, jurisdiction, _ in entries})),
     )
+
+
+def each_items(listings: Sequence[Callable[[], Iterator[Item]]]) -> Iterator[Item]:
+    "The items of each listing in turn."
+    for items in listings:
+        yield from items()
 
 
 def catalog(cfg) -> list[Source]:
@@ -682,9 +715,14 @@ def is_heldout(item: Item) -> bool:
     )
 
 # %% ../nbs/02_data.ipynb #5e33818c
+def reading_key(item: Item) -> tuple[bool, str]:
+    "Where an item comes in `reading_order`."
+    return not is_heldout(item), document_id(item.source, item.distribution, item.path)
+
+
 def reading_order(items: Iterable[Item]) -> list[Item]:
     "Held-out modules first, then a deterministic shuffle by provenance."
-    return sorted(items, key=lambda i: (not is_heldout(i), document_id(i.source, i.distribution, i.path)))
+    return sorted(items, key=reading_key)
 
 # %% ../nbs/02_data.ipynb #60f9d9a0
 def read_item(item: Item) -> tuple[bytes | None, str]:
@@ -870,6 +908,10 @@ def features(schema):
     return datasets.Features.from_arrow_schema(schema)
 
 # %% ../nbs/02_data.ipynb #1ad7fd72
+ROWS_HELD_BYTES = 4 << 20  # rows written one by one become an Arrow table this often: compact, and converted in short
+# stretches (each holds the interpreter's lock, which the threads that feed worker processes wait for)
+
+
 class ShardWriter:
     "Write rows to Arrow shards of about `shard_bytes` each; `finish()` opens them as one Dataset."
 
@@ -878,6 +920,7 @@ class ShardWriter:
 
         self.directory, self.shard_bytes, self.files, self.size = Path(directory), shard_bytes, [], 0
         self.rows, self.tables = [], []  # held: rows written one by one, after Arrow tables written whole
+        self.rows_size = 0  # the text of the rows held one by one
         self.schema = schema or pa.schema([(k, getattr(pa, v)()) for k, v in types.items()])
         self.directory.mkdir(parents=True, exist_ok=True)
 
@@ -885,8 +928,11 @@ class ShardWriter:
         "Add a row; a shard is written once the rows held reach `shard_bytes` of text."
         self.rows.append(row)
         self.size += len(row["text"])
+        self.rows_size += len(row["text"])
         if self.size >= self.shard_bytes:
             self._flush()
+        elif self.rows_size >= ROWS_HELD_BYTES:
+            self.tables.append(self._rows_table())
 
     def write_table(self, table):
         "Add the rows of an Arrow table with this writer's columns, as they are (nothing goes through Python)."
@@ -922,7 +968,7 @@ def _rows_table(self: ShardWriter):
     import pyarrow as pa
 
     columns = {name: [row[name] for row in self.rows] for name in self.schema.names}
-    self.rows = []
+    self.rows, self.rows_size = [], 0
     return pa.Table.from_pydict(columns, schema=self.schema)
 
 
@@ -955,51 +1001,45 @@ def _call_forked(index: int):
     return function(tasks[index])
 
 
-def started_in_processes(function: Callable, tasks: Sequence, num_proc: int = 1) -> Callable[[], list]:
-    "Start `in_processes(function, tasks, num_proc)` now (in one process: when asked); call the result to wait for it."
-    global _FORKED
-    if num_proc <= 1 or len(tasks) <= 1:
-        return lambda: [function(task) for task in tasks]
-    _FORKED = (function, tasks)
+def forked_pool(num_proc: int) -> "multiprocessing.pool.Pool":
+    "`num_proc` worker processes forked from this one: what it holds now, they hold too, without pickling."
     gc.freeze()  # the workers' collector leaves what they inherit alone: those pages stay shared, never copied
-    try:  # the workers are forked here, each with its own copy of `_FORKED`
-        pool = multiprocessing.get_context("fork").Pool(min(num_proc, len(tasks)))
+    try:
+        return multiprocessing.get_context("fork").Pool(num_proc)
     finally:
-        _FORKED = None
         gc.unfreeze()
-    chunks = max(1, len(tasks) // (32 * num_proc))  # handed out 32 times per worker: balanced when tasks differ
-    pending = pool.map_async(_call_forked, range(len(tasks)), chunks)
-
-    def results() -> list:
-        try:
-            return pending.get()
-        finally:
-            pool.terminate()
-
-    results.pool = pool
-    return results
 
 
 def in_processes(function: Callable, tasks: Sequence, num_proc: int = 1) -> list:
     "`[function(task) for task in tasks]` in `num_proc` forked processes: closures work, only results are pickled."
-    return started_in_processes(function, tasks, num_proc)()
+    global _FORKED
+    if num_proc <= 1 or len(tasks) <= 1:
+        return [function(task) for task in tasks]
+    _FORKED = (function, tasks)
+    try:  # the workers are forked here, each with its own copy of `_FORKED`
+        pool = forked_pool(min(num_proc, len(tasks)))
+    finally:
+        _FORKED = None
+    chunks = max(1, len(tasks) // (32 * num_proc))  # handed out 32 times per worker: balanced when tasks differ
+    with pool:  # leaving it terminates the workers
+        return pool.map(_call_forked, range(len(tasks)), chunks)
 
 
-def each_in_processes(function: Callable, task_lists: Iterable[Sequence], num_proc: int = 1) -> Iterator[tuple]:
-    "Each list of tasks with `[function(t) for t in tasks]`; the next list is at work while this one is used."
-    ahead = None
-    try:
-        for tasks in task_lists:
-            started = (tasks, started_in_processes(function, tasks, num_proc))
-            if ahead:
-                yield ahead[0], ahead[1]()
-            ahead = started
-        if ahead:
-            yield ahead[0], ahead[1]()
-            ahead = None
-    finally:  # the consumer stopped early: the work ahead is not needed
-        if ahead and hasattr(ahead[1], "pool"):
-            ahead[1].pool.terminate()
+def in_order(function: Callable, tasks: Iterable, pool=None, ahead: int = 1) -> Iterator[tuple]:
+    """`(task, function(task))` for each task, in order, as the caller asks for them: here, or in `pool` (tasks and
+    results pickled), where up to `ahead` tasks are at work while the caller uses a result."""
+    if pool is None:
+        yield from ((task, function(task)) for task in tasks)
+        return
+    sent = collections.deque()
+    for task in tasks:
+        sent.append((task, pool.apply_async(function, (task,))))
+        if len(sent) >= ahead:
+            task, result = sent.popleft()
+            yield task, result.get()
+    while sent:
+        task, result = sent.popleft()
+        yield task, result.get()
 
 
 PARTS_PER_PROCESS = 2  # a worker that finishes its part early takes the next one
@@ -1126,26 +1166,47 @@ def allowed_jurisdictions(cfg) -> tuple[str, ...]:
     return tuple(part.strip() for part in cfg.jurisdictions.split(",") if part.strip())
 
 
-WINDOW_BYTES = 8 << 20  # items read and parsed together, per process
+def listed_items(source: Source) -> Iterable[Item]:
+    "A source's items in the order ingestion reads them: listed in full and in `reading_order` if it is shuffled."
+    return reading_order(source.items()) if source.shuffled else source.items()
 
 
-def read_and_parse(item: Item) -> tuple:
-    "What a worker does with an item: its bytes (or None) and status, then their parse (or None)."
-    data, status = read_item(item)
-    return (data, status), (parse(item, data) if data is not None else None)
+def keyed_items(listing: Callable[[], Iterable[Item]]) -> list[tuple]:
+    "A listing's items, each after its `reading_key`: what a worker that lists part of a shuffled source sends back."
+    return [(reading_key(item), item) for item in listing()]
 
 
-def item_windows(items: Iterable[Item], room: Callable[[], float], most: float) -> Iterator[list[Item]]:
-    "Consecutive lists of items whose sizes fill the room left in the budget (at most `most` bytes; one item if none)."
-    window, size = [], 0
+def listed_in_parallel(source: Source, pool, num_proc: int) -> Callable[[], list[Item]]:
+    "Start listing a shuffled source in `pool` (in `num_proc` listings if it has them); call the result for its items."
+    listings = source.listings(num_proc) if source.listings else [source.items]
+    listed = [pool.apply_async(keyed_items, (listing,)) for listing in listings]
+    return lambda: [item for _, item in sorted(itertools.chain(*(part.get() for part in listed)), key=lambda ki: ki[0])]
+
+
+CHUNK_BYTES = 1 << 20  # consecutive items one worker reads and parses in one task
+AHEAD_BYTES = 8 << 20  # per process: items at work in the workers while this process counts and writes
+
+
+def read_and_parse(items: list[Item]) -> list[tuple]:
+    "What a worker does with consecutive items: each one's bytes (or None) and status, then their parse (or None)."
+    results = []
     for item in items:
-        window.append(item)
+        data, status = read_item(item)
+        results.append(((data, status), parse(item, data) if data is not None else None))
+    return results
+
+
+def item_chunks(items: Iterable[Item], most: Callable[[], float]) -> Iterator[list[Item]]:
+    "Consecutive lists of items, each closed once their sizes reach `most()` bytes (asked anew; ≤ 0: one item each)."
+    chunk, size = [], 0
+    for item in items:
+        chunk.append(item)
         size += item.size
-        if size >= min(room(), most):  # `room()` is asked again once the caller has read the previous window
-            yield window
-            window, size = [], 0
-    if window:
-        yield window
+        if size >= most():
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 def ingest(
@@ -1161,9 +1222,17 @@ def ingest(
     writer = ShardWriter(work / "ingested")
     kept = collections.Counter()  # raw bytes kept against each budget: "" the shared one, else a source's own
     refused = acquisition.counts.setdefault("refused sources", {})  # name → jurisdiction: not even listed
-    with atomic_path(manifest_path) as tmp, open(tmp, "w", encoding="utf-8") as manifest:
-        for source in sources:
-            if not jurisdiction_allowed(source.jurisdiction, jurisdictions):
+    workers = forked_pool(num_proc) if num_proc > 1 else contextlib.nullcontext()
+    paused = garbage_collection_paused()  # what the workers send back is many objects and no cycle
+    with workers as pool, paused, atomic_path(manifest_path) as tmp, open(tmp, "w", encoding="utf-8") as manifest:
+        sources = list(sources)
+        allowed = [jurisdiction_allowed(source.jurisdiction, jurisdictions) for source in sources]
+        listing = [  # a shuffled source is listed in full by the workers now, while the sources before it are read
+            listed_in_parallel(source, pool, num_proc) if pool and source.shuffled and ok else None
+            for source, ok in zip(sources, allowed)
+        ]
+        for source, ok, listed_ahead in zip(sources, allowed, listing):
+            if not ok:
                 refused[source.name] = source.jurisdiction
                 status = f"refused: jurisdiction {source.jurisdiction} is not one of {', '.join(jurisdictions)}"
                 manifest.write(json.dumps(dict(source=source.name, jurisdiction=source.jurisdiction, status=status)))
@@ -1171,30 +1240,31 @@ def ingest(
                 continue
             budget = "" if source.budget_bytes is None else source.name
             limit = budget_bytes if source.budget_bytes is None else source.budget_bytes
-            items = reading_order(source.items()) if source.shuffled else source.items()
-            listed = []  # the bytes of each window handed to the workers and not counted yet
+            items = listed_ahead() if listed_ahead else listed_items(source)
+            listed = collections.deque()  # the bytes of each chunk handed to the workers and not counted yet
             room = lambda: limit - kept[budget] - sum(listed)
 
-            def listed_windows():
-                for window in item_windows(items, room, WINDOW_BYTES * max(1, num_proc)):
-                    listed.append(sum(item.size for item in window))
-                    yield window
+            def listed_chunks():  # smaller as the budget runs out, so that the workers finish together
+                for chunk in item_chunks(items, lambda: min(CHUNK_BYTES, room() / (4 * num_proc))):
+                    listed.append(sum(item.size for item in chunk))
+                    yield chunk
 
-            with contextlib.closing(each_in_processes(read_and_parse, listed_windows(), num_proc)) as parsed_windows:
-                for window, results in parsed_windows:
-                    listed.pop(0)
-                    for item, (read, parsed) in zip(window, results):
-                        if kept[budget] >= limit and not is_heldout(item):
-                            break
-                        before = acquisition.kept_bytes
-                        data, entry = acquire(item, acquisition, read)
-                        kept[budget] += acquisition.kept_bytes - before
-                        if data is not None:
-                            ingest_text(item, data, entry, ingestion, writer, parsed)
-                        manifest.write(json.dumps(dict(entry, jurisdiction=source.jurisdiction)) + "\n")
-                    else:
-                        continue
-                    break
+            for chunk, results in in_order(
+                read_and_parse, listed_chunks(), pool, AHEAD_BYTES * num_proc // CHUNK_BYTES
+            ):
+                listed.popleft()
+                for item, (read, parsed) in zip(chunk, results):
+                    if kept[budget] >= limit and not is_heldout(item):
+                        break
+                    before = acquisition.kept_bytes
+                    data, entry = acquire(item, acquisition, read)
+                    kept[budget] += acquisition.kept_bytes - before
+                    if data is not None:
+                        ingest_text(item, data, entry, ingestion, writer, parsed)
+                    manifest.write(json.dumps(dict(entry, jurisdiction=source.jurisdiction)) + "\n")
+                else:
+                    continue
+                break  # the chunks still at work in the workers are not needed
     return writer.finish(), acquisition.check(), ingestion.check()
 
 # %% ../nbs/02_data.ipynb #e1da44aa
@@ -1203,20 +1273,34 @@ def excerpt(text: str, n: int = 300) -> str:
     return " ".join(text[:n].split())
 
 # %% ../nbs/02_data.ipynb #b4916c0d
+COPY_BYTES_PER_PROCESS = 64 << 20  # below this, starting a worker costs more than the copy it would share
+
+
 def filter_step(
-    ds, work: Path, step: str, reason_to_drop: Callable[[dict, int], str | None], num_proc: int = 1
+    ds,
+    work: Path,
+    step: str,
+    reason_to_drop: Callable[[dict, int], str | None],
+    num_proc: int = 1,
+    reads: Sequence[str] | None = None,
 ) -> tuple:
-    "Stream `ds` through a filter: rows for which `reason_to_drop(row, index)` gives a reason are dropped and counted."
+    """Stream `ds` through a filter: rows for which `reason_to_drop(row, index)` gives a reason are dropped and counted.
+    `reads`: the columns it reads (None: all); the rows it sees hold only those, the texts of the others stay in Arrow.
+    A filter that does not read the texts is a copy: it starts workers only for `COPY_BYTES_PER_PROCESS` each."""
     import pyarrow as pa
     import pyarrow.compute as pc
+
+    if reads is not None and "text" not in reads:
+        num_proc = min(num_proc, max(1, ds.data.nbytes // COPY_BYTES_PER_PROCESS))
 
     def filter_part(part, first: int, ledger: Ledger, writer: ShardWriter):
         index = first
         for batch in part.with_format("arrow").iter(batch_size=1024):  # the rows kept are copied, not rebuilt
+            rows = (batch if reads is None else batch.select(list(reads))).to_pylist()
             kept = []
-            for row, size in zip(batch.to_pylist(), pc.binary_length(batch["text"]).to_pylist()):
+            for i, (row, size) in enumerate(zip(rows, pc.binary_length(batch["text"]).to_pylist())):
                 if reason := reason_to_drop(row, index):
-                    ledger.drop(reason, size, f"{row['path']}: {excerpt(row['text'])}")
+                    ledger.drop(reason, size, f"{batch['path'][i]}: {excerpt(batch['text'][i].as_py())}")
                 else:
                     ledger.keep(size)
                 kept.append(not reason)
@@ -1242,7 +1326,10 @@ def require_every_source(before: set, after: set):
 
 def license_step(ds, work: Path, policy: dict, num_proc: int = 1):
     "Drop documents whose license the policy forbids; a source that loses everything is an error."
-    result, ledger = filter_step(ds, work, "license", lambda row, index: license_reason(row, policy), num_proc)
+    verdicts = {name: license_reason(dict(license=name), policy) for name in set(column(ds, "license"))}  # a few dozen
+    result, ledger = filter_step(
+        ds, work, "license", lambda row, index: verdicts[row["license"]], num_proc, ["license"]
+    )
     require_every_source(set(column(ds, "source")), set(column(result, "source")))
     return result, ledger
 
@@ -1268,7 +1355,7 @@ def exact_dedup_step(ds, work: Path, num_proc: int = 1):
     "Keep the first of each set of documents that are equal up to whitespace (keys in parallel, the choice global)."
     keys = in_processes(lambda part: [exact_key(t) for t in texts_of(part[1])], worker_parts(ds, num_proc), num_proc)
     reasons = exact_duplicate_reasons(itertools.chain.from_iterable(keys), column(ds, "heldout"))
-    return filter_step(ds, work, "exact dedup", lambda row, index: reasons[index], num_proc)
+    return filter_step(ds, work, "exact dedup", lambda row, index: reasons[index], num_proc, reads=[])
 
 # %% ../nbs/02_data.ipynb #5353be94
 _GENERATED = re.compile(
@@ -1547,10 +1634,10 @@ def lsh_buckets(signatures: np.ndarray, bands: int = BANDS, rows: int = ROWS) ->
         order = np.argsort(keys, kind="stable")
         order = order[has_words[order]]
         sorted_keys = keys[order]
-        cuts = np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1
-        for group in np.split(order, cuts):
-            if len(group) > 1:
-                yield group
+        bounds = np.r_[0, np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1, len(order)]
+        shared = np.diff(bounds) > 1  # most documents share their key with no other: those are not groups
+        for start, end in zip(bounds[:-1][shared], bounds[1:][shared]):
+            yield order[start:end]
 
 # %% ../nbs/02_data.ipynb #919a54c7
 def near_duplicate_clusters(signatures: np.ndarray, bands: int = BANDS, rows: int = ROWS) -> np.ndarray:
@@ -1673,7 +1760,7 @@ def near_duplicate_reasons(signatures: np.ndarray, heldout: Sequence[bool]) -> l
 def near_dedup_step(ds, work: Path, num_proc: int = 1):
     "Keep one document per near-duplicate cluster (held-out documents always): signatures in parallel, clusters global."
     reasons = near_duplicate_reasons(corpus_signatures(ds, num_proc=num_proc), column(ds, "heldout"))
-    return filter_step(ds, work, "near dedup", lambda row, index: reasons[index], num_proc)
+    return filter_step(ds, work, "near dedup", lambda row, index: reasons[index], num_proc, reads=[])
 
 # %% ../nbs/02_data.ipynb #09112520
 _TLDS = (
@@ -2371,9 +2458,12 @@ def id_vocabulary() -> dict:
     return vocabulary
 
 
-def word_ids(texts: Iterable[str], counted: Sequence[bool], path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+def word_ids(texts: Iterable[str], counted: Sequence[bool], path: Path) -> tuple["pa.Array", np.ndarray, np.ndarray]:
     """Each text's (lower-cased) words read once, written to `path` as ids (int32; those of the texts `counted` to
-    `path`.counted too): the words in id order, each text's end in the ids, how often the counted texts hold each."""
+    `path`.counted too): the words in id order (an Arrow array: it travels between processes as one buffer), each
+    text's end in the ids, how often the counted texts hold each."""
+    import pyarrow as pa
+
     vocabulary = id_vocabulary()
     ends, end = [], 0
     with open(path, "wb") as sink, open(path.with_suffix(".counted"), "wb") as counted_sink:
@@ -2386,7 +2476,7 @@ def word_ids(texts: Iterable[str], counted: Sequence[bool], path: Path) -> tuple
             end += len(words)
             ends.append(end)
     counts = np.bincount(stored_ids(path.with_suffix(".counted")), minlength=len(vocabulary))
-    return list(vocabulary), np.array(ends, np.int64), counts
+    return pa.array(list(vocabulary), pa.string()), np.array(ends, np.int64), counts
 
 
 def stored_ids(path: Path) -> np.ndarray:
@@ -2472,15 +2562,19 @@ def taken_rows(table, rows: np.ndarray):
 def difficulties(ds, splits: np.ndarray, scratch: Path, num_proc: int = 1) -> np.ndarray:
     """`unigram_model`'s bits per word of each row, the model counting the rows of the training split: each word read
     once, its id waiting in a file under `scratch` between the counting and the scoring."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     tasks = worker_parts(ds, num_proc)
     counted = lambda first, part: splits[first : first + len(part)] == "train"  # the unigram model's words
     with tempfile.TemporaryDirectory(prefix="words-", dir=scratch) as directory:
         paths = [Path(directory) / f"{i:04d}.int32" for i in range(len(tasks))]
         tokenize = lambda i: word_ids(texts_of(tasks[i][1]), counted(*tasks[i]), paths[i])
         tokenized = in_processes(tokenize, range(len(tasks)), num_proc)
-        vocabulary = id_vocabulary()
-        to_global = [np.fromiter(map(vocabulary.__getitem__, words), np.int64) for words, _, _ in tokenized]
-        counts = np.zeros(len(vocabulary), np.int64)
+        every_word = pc.dictionary_encode(pa.concat_arrays([words for words, _, _ in tokenized]))  # one id per word
+        ends = np.cumsum([len(words) for words, _, _ in tokenized])
+        to_global = np.split(every_word.indices.to_numpy(), ends[:-1])  # each part's ids → the ids of every part
+        counts = np.zeros(len(every_word.dictionary), np.int64)
         for ids, (_, _, part_counts) in zip(to_global, tokenized):
             np.add.at(counts, ids, part_counts)
         bits = bits_of_counts(counts)
@@ -2509,7 +2603,7 @@ def scored_and_ordered(ds, scratch: Path, num_proc: int = 1):
     for name in SPLITS:
         rows = np.flatnonzero(splits == name)
         rows = rows[curriculum_order(ids[rows], difficulty[rows])] if name == "train" else rows
-        chunks += [(name, chunk) for chunk in np.array_split(rows, max(1, len(rows) // 4096))]
+        chunks += [(name, chunk) for chunk in np.array_split(rows, max(1, len(rows) // 2048))]
 
     def write_chunk(i: int) -> list[Path]:  # the rows copied by Arrow's take, in C
         name, rows = chunks[i]

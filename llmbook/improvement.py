@@ -13,6 +13,7 @@ __all__ = ['UPGRADED_FUNCTION', 'DRIFT_ALPHA', 'KS_CRITICAL', 'SURPRISE_BYTES', 
 # %% ../nbs/09_continuous_improvement.ipynb #9a63283cbaf04dbcab1f6479b197f3a8
 import asyncio
 import collections
+import functools
 import importlib.metadata
 import json
 import math
@@ -41,6 +42,7 @@ from llmbook.book import (
 )
 from .foundations import binomial_tail
 from llmbook.data import (
+    PYPI_JURISDICTION,
     SPLITS,
     Ledger,
     ShardWriter,
@@ -51,11 +53,13 @@ from llmbook.data import (
     exact_key,
     filter_step,
     ingest_text,
+    listed_items,
     near_duplicate_clusters,
-    reading_order,
     split_parts,
+    tree_items,
 )
 from .modeling import BPETokenizer, load_tokenizer, open_tokens, write_tokens
+from .training import final_weights, largest_difference, pretrain
 from .governance import FeedbackStore, Registry, directory_digests, streamed_chat, text_nll
 from .deployment import load_served
 
@@ -79,7 +83,7 @@ def incremental_ingest(sources: Sequence[Source], state: dict, work: Path, manif
     with atomic_path(manifest) as tmp, open(tmp, "w", encoding="utf-8") as out:
         for source in sources:
             offered = 0  # bytes of the snapshot so far: the same items, in the same order, every time
-            for item in reading_order(source.items()) if source.shuffled else source.items():
+            for item in listed_items(source):
                 if source.budget_bytes is not None and offered >= source.budget_bytes:
                     break
                 offered += item.size
@@ -129,7 +133,7 @@ def upgraded_distribution(entries: Sequence[dict], directory: Path) -> Source:
         "python",
         license,
         f"{chosen} {version}: an upgrade of the installation",
-        lambda: tree_items("python", chosen, version, directory, license),
+        functools.partial(tree_items, "python", chosen, version, directory, license),
         jurisdiction=PYPI_JURISDICTION,
     )
 

@@ -449,6 +449,26 @@ def test_a_hostile_installation_is_counted_not_crashed(tmp_path):
     assert result["rss_peak_mb"] - result["rss_before_mb"] < 256, result  # nothing large was read whole
 
 
+def test_a_hostile_installation_listed_and_read_on_three_processes_is_the_same(tmp_path):
+    stdlib, site = tmp_path / "lib" / "python3", tmp_path / "site-packages"
+    _build_hostile_stdlib(stdlib)
+    _build_hostile_site_packages(site, tmp_path / "outside" / "x.py")
+    source = D.installation_source(stdlib_root=stdlib, distribution_paths=[site])
+    where = lambda items: [(item.distribution, item.path, item.size) for item in items]
+    listed = sorted((pair for listing in source.listings(3) for pair in D.keyed_items(listing)), key=lambda p: p[0])
+    assert where(item for _, item in listed) == where(D.reading_order(source.items()))
+    for budget in (1e12, 2000):  # everything; and a budget the first items fill, the workers at work past it
+        runs = []
+        for n in (1, 3):
+            work = tmp_path / f"w{n}-{budget:g}"
+            runs.append(D.ingest([D.expression_source(2), source], budget, work, work / "m.jsonl", num_proc=n))
+        (one, *one_ledgers), (three, *three_ledgers) = runs
+        assert one.to_list() == three.to_list() and len(one)
+        assert [asdict(ledger) for ledger in one_ledgers] == [asdict(ledger) for ledger in three_ledgers]
+        manifests = [(tmp_path / f"w{n}-{budget:g}" / "m.jsonl").read_bytes() for n in (1, 3)]
+        assert manifests[0] == manifests[1]
+
+
 def test_canaries_are_planted_in_the_training_split_and_counted(tmp_path):
     raw, _, _ = D.ingest([D.expression_source(2)], 1e6, tmp_path, tmp_path / "manifest.jsonl")
     canaries = D.make_canaries((1, 4), seed=3)
