@@ -464,12 +464,12 @@ def distribution_items(
     by_name = {}
     for dist in found:
         metadata, reason, size = read_metadata(dist)
-        if reason and share[0] == 0:
+        if not reason and metadata["Name"]:
+            by_name[metadata["Name"]] = dist
+        elif reason and share[0] == 0:  # counted once: by the first of the listings
             directory = metadata_directory(dist)
             label = printable_path(directory.name) if directory else "unknown distribution"
             yield unreadable_item("python", label, "", f"{label}/METADATA", "NOASSERTION", reason, size)
-        elif not reason and metadata["Name"]:
-            by_name[metadata["Name"]] = dist
     names = [name for name in sorted(by_name, key=str.lower) if name.lower() not in exclude]
     for name in names[share[0] :: share[1]]:
         yield from one_distribution_items(name, by_name[name])
@@ -1180,7 +1180,12 @@ def listed_in_parallel(source: Source, pool, num_proc: int) -> Callable[[], list
     "Start listing a shuffled source in `pool` (in `num_proc` listings if it has them); call the result for its items."
     listings = source.listings(num_proc) if source.listings else [source.items]
     listed = [pool.apply_async(keyed_items, (listing,)) for listing in listings]
-    return lambda: [item for _, item in sorted(itertools.chain(*(part.get() for part in listed)), key=lambda ki: ki[0])]
+
+    def items() -> list[Item]:
+        keyed = itertools.chain.from_iterable(part.get() for part in listed)
+        return [item for _, item in sorted(keyed, key=operator.itemgetter(0))]
+
+    return items
 
 
 CHUNK_BYTES = 1 << 20  # consecutive items one worker reads and parses in one task
