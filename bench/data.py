@@ -9,6 +9,12 @@ same ledgers. The repeats are there because a core of this kind of machine is no
 loop of pure Python measured 0.57 s in one hour and 0.58 to 0.83 s in the next, and up to 0.97 s beside a twin.
 `TMPDIR=/dev/shm` keeps the disk's write-back (hundreds of MB of shards per run) out of the timings.
 
+So that a ratio can be read against the machine it was measured on, the host is measured too, before and after
+each pair of runs: a fixed load of Python (parsing, regular expressions, a loop) alone and as `--procs` copies at
+once. Its ratio (copies × alone / together) is what this host gives `--procs` processes that share nothing, at that
+moment: 2.0 on two free cores; measured here, from 1.56 to 1.98 within ten minutes, and 1.42 in a slow hour (25
+parses of Chapter 2's module: 0.81 s alone, 1.14 s as two at once). The pipeline's ratio is read next to it.
+
 `--mb N` reads N MB instead: the installation again and again, each copy with its long words renamed (a different
 text to every filter, still valid Python), to measure throughput and memory at scale (this checkout's code, on
 `--procs` processes only).
@@ -23,10 +29,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
+import ast
 import functools
 import hashlib
 import importlib.util
 import json
+import multiprocessing
 import re
 import resource
 import shutil
@@ -205,6 +213,27 @@ def pipeline(which: str, preset: str, procs: int, mb: float, baseline: str) -> d
         shutil.rmtree(work, ignore_errors=True)
 
 
+def fixed_load(_=None) -> float:
+    "Seconds of a fixed load of Python on one core: parsing this file, a regular expression over it, a loop."
+    source = Path(__file__).read_text() * 4
+    started = time.perf_counter()
+    for _ in range(20):
+        ast.parse(source)
+        re.findall(r"\w+", source.lower())
+    total = 0
+    for i in range(5_000_000):
+        total += i
+    return time.perf_counter() - started
+
+
+def host_ratio(procs: int) -> float:
+    "What this host gives `procs` processes now: `procs` × the fixed load alone / the same load as `procs` at once."
+    alone = fixed_load()
+    with multiprocessing.get_context("fork").Pool(procs) as pool:
+        together = max(pool.map(fixed_load, range(procs)))
+    return procs * alone / together
+
+
 def run_fresh(which: str, args) -> dict:
     "One pipeline in a fresh Python process (its own peak memory, no warm caches but the file system's)."
     command = [sys.executable, __file__, "--one", which, "--preset", args.preset, "--procs", str(args.procs)]
@@ -244,7 +273,11 @@ def main():
     else:
         runs = [] if args.skip_baseline else [run_fresh("baseline", args)]
         one_process = argparse.Namespace(**{**vars(args), "procs": 1})
-        repeats = [(run_fresh("new", one_process), run_fresh("new", args)) for _ in range(args.repeat)]
+        repeats, hosts = [], []
+        for _ in range(args.repeat):  # the host measured before and after each pair of runs
+            before = host_ratio(args.procs)
+            repeats.append((run_fresh("new", one_process), run_fresh("new", args)))
+            hosts.append((before + host_ratio(args.procs)) / 2)
         configurations = list(zip(*repeats))  # the runs on one process, then those on --procs
         totals = [[sum(run["seconds"].values()) for run in config] for config in configurations]
         one, many = (config[t.index(statistics.median_low(t))] for config, t in zip(configurations, totals))
@@ -268,9 +301,17 @@ def main():
     if one:
         seconds = [[round(t, 2) for t in ts] for ts in totals]
         print(f"whole pipeline, each repeat: ×1 {seconds[0]} s, ×{args.procs} {seconds[1]} s")
+        pairs = [a / b for a, b in zip(*totals)]
+        print(
+            f"each pair: {', '.join(f'{r:.2f}×' for r in pairs)}; the host's fixed load at the same moments: ", end=""
+        )
+        print(", ".join(f"{r:.2f}×" for r in hosts))
         speedup = sum(one["seconds"].values()) / sum(many["seconds"].values())
         efficiency = speedup / args.procs
         print(f"{args.procs} processes: {speedup:.2f}× one process (median runs; parallel efficiency {efficiency:.0%})")
+        host = statistics.median(hosts)
+        print(f"the host gave the fixed load {host:.2f}× on {args.procs} processes (median): the pipeline got ", end="")
+        print(f"{statistics.median(pairs) / host:.0%} of that (median pair)")
     if runs[0]["which"] == "baseline":
         print(
             f"one process: {total_rate(one) / total_rate(runs[0]):.2f}× the baseline's MB/s per core ({args.baseline})"

@@ -1236,6 +1236,9 @@ def ingest(
             listed_in_parallel(source, pool, num_proc) if pool and source.shuffled and ok else None
             for source, ok in zip(sources, allowed)
         ]
+        # `finish` opens the shards with `datasets`: imported now, while the workers list, not at the end as they wait
+        import datasets  # noqa: F401
+
         for source, ok, listed_ahead in zip(sources, allowed, listing):
             if not ok:
                 refused[source.name] = source.jurisdiction
