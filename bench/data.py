@@ -302,16 +302,13 @@ def main():
         seconds = [[round(t, 2) for t in ts] for ts in totals]
         print(f"whole pipeline, each repeat: ×1 {seconds[0]} s, ×{args.procs} {seconds[1]} s")
         pairs = [a / b for a, b in zip(*totals)]
-        print(
-            f"each pair: {', '.join(f'{r:.2f}×' for r in pairs)}; the host's fixed load at the same moments: ", end=""
-        )
-        print(", ".join(f"{r:.2f}×" for r in hosts))
+        ratios = lambda values: ", ".join(f"{r:.2f}×" for r in values)
+        print(f"each pair: {ratios(pairs)}; the host's fixed load at the same moments: {ratios(hosts)}")
         speedup = sum(one["seconds"].values()) / sum(many["seconds"].values())
         efficiency = speedup / args.procs
         print(f"{args.procs} processes: {speedup:.2f}× one process (median runs; parallel efficiency {efficiency:.0%})")
-        host = statistics.median(hosts)
-        print(f"the host gave the fixed load {host:.2f}× on {args.procs} processes (median): the pipeline got ", end="")
-        print(f"{statistics.median(pairs) / host:.0%} of that (median pair)")
+        host, share = statistics.median(hosts), statistics.median(pairs) / statistics.median(hosts)
+        print(f"the host's fixed load: {host:.2f}× (median); the pipeline got {share:.0%} of that")
     if runs[0]["which"] == "baseline":
         print(
             f"one process: {total_rate(one) / total_rate(runs[0]):.2f}× the baseline's MB/s per core ({args.baseline})"

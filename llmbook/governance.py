@@ -49,6 +49,8 @@ from llmbook.book import (
     load_json,
     package_dir,
     sha256_file,
+    TARGET_SIGNS,
+    report_value,
     spec_metrics,
     target_status,
 )
@@ -681,8 +683,8 @@ def target_gate(evaluation: dict, metrics: dict, preset: str, chapters: Sequence
         if m["chapter"] not in chapters or target is None:
             continue
         if target_status(evaluation.get(metric), target, m["direction"]) != "met":
-            sign = "≥" if m["direction"] == "at_least" else "≤"
-            failures.append(f"{metric}: {evaluation.get(metric)} (target {sign} {target})")
+            value, sign = report_value(evaluation.get(metric)), TARGET_SIGNS[m["direction"]]
+            failures.append(f"{metric}: {value} (target {sign} {report_value(target)})")
     return failures
 
 
