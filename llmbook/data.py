@@ -20,15 +20,15 @@ __all__ = ['MAX_METADATA_BYTES', 'MAX_SPDX_CHARS', 'MAX_LICENSE_TEXT_CHARS', 'LI
            'domain_names', 'domain_label', 'domain_entry', 'domain_source', 'each_items', 'catalog', 'document_id',
            'module_name', 'is_heldout', 'reading_key', 'reading_order', 'read_item', 'decode', 'normalize_text',
            'api_documentation', 'comments', 'garbage_collection_paused', 'python_documents', 'domain_of',
-           'documents_of', 'features', 'ShardWriter', 'open_shards', 'column', 'forked_pool', 'in_processes',
-           'in_order', 'consecutive_parts', 'worker_parts', 'rows_of', 'texts_of', 'merged_ledger', 'step_in_parts',
-           'acquire', 'parse', 'ingest_text', 'worker_processes', 'jurisdiction_allowed', 'allowed_jurisdictions',
-           'listed_items', 'keyed_items', 'listed_in_parallel', 'read_and_parse', 'item_chunks', 'ingest', 'excerpt',
-           'filter_step', 'license_reason', 'require_every_source', 'license_step', 'exact_key',
-           'exact_duplicate_reasons', 'exact_dedup_step', 'character_classes', 'character_counts', 'quality_signals',
-           'quality_reason', 'quality_drop_reason', 'quality_step', 'word_bytes', 'word_hashes', 'shingle_hashes',
-           'minhash_signatures', 'shingle_set', 'jaccard', 'replace_words', 'dissimilar_bases', 'lsh_buckets',
-           'near_duplicate_clusters', 'candidate_probability', 'variant_at', 'planted_near_duplicates',
+           'documents_of', 'features', 'ShardWriter', 'open_shards', 'column', 'WaitingPool', 'forked_pool',
+           'in_processes', 'in_order', 'consecutive_parts', 'worker_parts', 'rows_of', 'texts_of', 'merged_ledger',
+           'step_in_parts', 'acquire', 'parse', 'ingest_text', 'worker_processes', 'jurisdiction_allowed',
+           'allowed_jurisdictions', 'listed_items', 'keyed_items', 'listed_in_parallel', 'read_and_parse',
+           'item_chunks', 'ingest', 'excerpt', 'filter_step', 'license_reason', 'require_every_source', 'license_step',
+           'exact_key', 'exact_duplicate_reasons', 'exact_dedup_step', 'character_classes', 'character_counts',
+           'quality_signals', 'quality_reason', 'quality_drop_reason', 'quality_step', 'word_bytes', 'word_hashes',
+           'shingle_hashes', 'minhash_signatures', 'shingle_set', 'jaccard', 'replace_words', 'dissimilar_bases',
+           'lsh_buckets', 'near_duplicate_clusters', 'candidate_probability', 'variant_at', 'planted_near_duplicates',
            'true_duplicate_pairs', 'candidate_pairs', 'pair_quality', 'corpus_signatures', 'near_duplicate_reasons',
            'near_dedup_step', 'needle_finder', 'needles_in', 'secret_matches', 'lines_holding',
            'assigned_secret_matches', 'pii_matches', 'shannon_entropy', 'luhn_valid', 'PiiMatch', 'find_pii', 'scrub',
@@ -53,7 +53,7 @@ import io
 import itertools
 import json
 import math
-import multiprocessing
+import multiprocessing.pool
 import operator
 import os
 import platform
@@ -1001,11 +1001,21 @@ def _call_forked(index: int):
     return function(tasks[index])
 
 
-def forked_pool(num_proc: int) -> "multiprocessing.pool.Pool":
+class WaitingPool(multiprocessing.pool.Pool):
+    """A pool that, when its `with` block is left, waits for the tasks still at work and lets its workers exit. A
+    pool's own exit terminates them, and one terminated while it sends a result back dies holding the lock of the
+    results' queue: the pool then hangs for ever (one exit in three, leaving while 8 MB results were on their way)."""
+
+    def __exit__(self, *exc):
+        self.close()
+        self.join()
+
+
+def forked_pool(num_proc: int) -> WaitingPool:
     "`num_proc` worker processes forked from this one: what it holds now, they hold too, without pickling."
     gc.freeze()  # the workers' collector leaves what they inherit alone: those pages stay shared, never copied
     try:
-        return multiprocessing.get_context("fork").Pool(num_proc)
+        return WaitingPool(num_proc, context=multiprocessing.get_context("fork"))
     finally:
         gc.unfreeze()
 
@@ -1021,7 +1031,7 @@ def in_processes(function: Callable, tasks: Sequence, num_proc: int = 1) -> list
     finally:
         _FORKED = None
     chunks = max(1, len(tasks) // (32 * num_proc))  # handed out 32 times per worker: balanced when tasks differ
-    with pool:  # leaving it terminates the workers
+    with pool:  # leaving it lets the workers exit
         return pool.map(_call_forked, range(len(tasks)), chunks)
 
 

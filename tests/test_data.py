@@ -510,6 +510,22 @@ def test_ingestion_on_two_processes_is_the_same(messy_corpus, tmp_path):
     assert (tmp_path / "m1.jsonl").read_bytes() == (tmp_path / "m2.jsonl").read_bytes()
 
 
+STOPPED_EARLY = """
+from llmbook.data import forked_pool, in_order
+for attempt in range(8):
+    with forked_pool(2) as pool:  # left as ingestion leaves it once its budget is spent
+        for task, result in in_order(bytes, [8 << 20] * 20, pool, ahead=8):
+            break
+"""
+
+
+def test_a_pool_left_while_results_are_on_their_way_does_not_hang():
+    # a pool's own exit terminated the workers, one of them while it sent 8 MB back holding the results queue's lock:
+    # one exit in three hung for ever, before `forked_pool` made a `WaitingPool`
+    child = subprocess.run([sys.executable, "-c", STOPPED_EARLY], capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0, child.stderr[-4000:]
+
+
 def planted_cases(rows: list[dict], seed: int = 0) -> list[dict]:
     "Rows with cases that reach every branch of the five steps scattered through them."
     rng = random.Random(seed)
