@@ -1004,9 +1004,12 @@ def _call_forked(index: int):
 class WaitingPool(multiprocessing.pool.Pool):
     """A pool that, when its `with` block is left, waits for the tasks still at work and lets its workers exit. A
     pool's own exit terminates them, and one terminated while it sends a result back dies holding the lock of the
-    results' queue: the pool then hangs for ever (one exit in three, leaving while 8 MB results were on their way)."""
+    results' queue: the pool then hangs for ever (one exit in three, leaving while 8 MB results were on their way).
+    An error or an interrupt still stops them at once: the reader is not kept waiting for work nobody will use."""
 
-    def __exit__(self, *exc):
+    def __exit__(self, error_type, error, traceback):
+        if error_type is not None:
+            return super().__exit__(error_type, error, traceback)
         self.close()
         self.join()
 

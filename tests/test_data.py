@@ -9,6 +9,7 @@ import random
 import smtplib
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -524,6 +525,11 @@ def test_a_pool_left_while_results_are_on_their_way_does_not_hang():
     # one exit in three hung for ever, before `forked_pool` made a `WaitingPool`
     child = subprocess.run([sys.executable, "-c", STOPPED_EARLY], capture_output=True, text=True, timeout=60)
     assert child.returncode == 0, child.stderr[-4000:]
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt), D.forked_pool(2) as pool:  # an interrupt does not wait for the work
+        pool.apply_async(time.sleep, (60,))
+        raise KeyboardInterrupt
+    assert time.perf_counter() - started < 30
 
 
 def planted_cases(rows: list[dict], seed: int = 0) -> list[dict]:
