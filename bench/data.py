@@ -230,6 +230,7 @@ def fixed_load(_=None) -> float:
 def host_ratio(procs: int) -> float:
     "What this host gives `procs` processes now: `procs` × the fixed load alone / the same load as `procs` at once."
     alone = fixed_load()
+    # a plain pool, in this process that has not imported the book: the host is measured, not Chapter 2's workers
     with multiprocessing.get_context("fork").Pool(procs) as pool:
         together = max(pool.map(fixed_load, range(procs)))
     return procs * alone / together

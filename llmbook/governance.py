@@ -41,6 +41,7 @@ import torch
 from fastcore.basics import patch
 
 from llmbook.book import (
+    TARGET_SIGNS,
     ArtifactError,
     Run,
     atomic_path,
@@ -48,9 +49,8 @@ from llmbook.book import (
     atomic_write_text,
     load_json,
     package_dir,
-    sha256_file,
-    TARGET_SIGNS,
     report_value,
+    sha256_file,
     spec_metrics,
     target_status,
 )
