@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['MAX_METADATA_BYTES', 'MAX_SPDX_CHARS', 'MAX_LICENSE_TEXT_CHARS', 'LICENSE_ALIASES', 'LICENSE_TEXT_MARKERS',
            'CLASSIFIER_LICENSES', 'SUFFIX_KINDS', 'HELDOUT_MODULES', 'MAX_FILE_BYTES', 'PYPI_JURISDICTION',
-           'HF_BUILDERS', 'OPERATIONS', 'PROSE_KINDS', 'CODE_KINDS', 'FEATURE_TYPES', 'ROWS_HELD_BYTES',
+           'HF_BUILDERS', 'OPERATIONS', 'PROSE_KINDS', 'CODE_KINDS', 'FEATURE_TYPES', 'ROWS_HELD_BYTES', 'STOP_SECONDS',
            'PARTS_PER_PROCESS', 'CHUNK_BYTES', 'AHEAD_BYTES', 'COPY_BYTES_PER_PROCESS', 'U64', 'NUM_PERM', 'BANDS',
            'ROWS', 'SHINGLE_WORDS', 'PERM_A', 'PERM_B', 'PLANTED_SIMILARITIES', 'THRESHOLD', 'MARGIN', 'SECRET_FORMATS',
            'PII_PATTERNS', 'SECRET_MARKERS', 'PII_LINE_TRIGGERS', 'PII_CHECKS', 'INDEXED_TYPES', 'ENGINE_STEPS',
@@ -63,6 +63,7 @@ import shutil
 import stat
 import sysconfig
 import tempfile
+import threading
 import tokenize
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -1001,17 +1002,29 @@ def _call_forked(index: int):
     return function(tasks[index])
 
 
+STOP_SECONDS = 1.0  # how long an error's exit lets a pool's own `terminate` work before it kills the workers
+
+
 class WaitingPool(multiprocessing.pool.Pool):
-    """A pool that, when its `with` block is left, waits for the tasks still at work and lets its workers exit. A
-    pool's own exit terminates them, and one terminated while it sends a result back dies holding the lock of the
-    results' queue: the pool then hangs for ever (one exit in three, leaving while 8 MB results were on their way).
-    An error or an interrupt still stops them at once: the reader is not kept waiting for work nobody will use."""
+    """A pool that, when its `with` block is left, waits for the tasks still at work and lets its workers exit.
+    `Pool`'s own exit terminates them, and hangs for ever if a worker is sending a result back: that worker holds the
+    lock of the results' queue, which `terminate` waits for (one exit in three, leaving while 8 MB results were on
+    their way; 12 in 30, leaving on an error). An error or an interrupt still stops the workers at once, so that
+    nobody waits for work nobody will use: `terminate` has `STOP_SECONDS`, then the workers are killed and the error
+    goes on (a `terminate` stuck on the lock stays stuck, in a thread of its own)."""
 
     def __exit__(self, error_type, error, traceback):
-        if error_type is not None:
-            return super().__exit__(error_type, error, traceback)
-        self.close()
-        self.join()
+        if error_type is None:
+            self.close()
+            self.join()
+            return
+        stopping = threading.Thread(target=self.terminate, daemon=True)
+        stopping.start()
+        stopping.join(STOP_SECONDS)
+        if stopping.is_alive():  # waiting for a lock a worker holds: only the worker's end lets the error go on
+            for worker in self._pool:
+                worker.kill()
+                worker.join(STOP_SECONDS)
 
 
 def forked_pool(num_proc: int) -> WaitingPool:
