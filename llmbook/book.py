@@ -1049,9 +1049,11 @@ def _target_rows(run: Run, targets: list[dict], measured: dict) -> list[list]:
     return rows
 
 # %% ../nbs/00_book.ipynb #b806839e
-def measured_metrics(run: Run) -> dict:
-    "Everything the run's chapters recorded, and the whole book's time once every chapter has finished."
-    results = {c.number: load_json(p) for c in run.book if (p := run.results_dir / f"{c.notebook}.json").exists()}
+def measured_metrics(run: Run, through: int | None = None) -> dict:
+    """Everything the run's chapters recorded (up to Chapter `through`: a later chapter's results may be an earlier
+    run's), and the whole book's time once every chapter has finished."""
+    chapters = [c for c in run.book if through is None or c.number <= through]
+    results = {c.number: load_json(p) for c in chapters if (p := run.results_dir / f"{c.notebook}.json").exists()}
     _, total, all_finished = _chapter_rows(run, results)
     measured = {k: v for r in results.values() for k, v in r["metrics"].items()}
     if all_finished:

@@ -1743,7 +1743,7 @@ def canary(url: str, model: str, cases_file: str | Path, api_key: str | None = N
     # pass: every answer is the release's own (the served model is the release, served right); with `min_right`
     # (another model, Chapter 8's candidate): at least that many are right
     canaries = json.loads(Path(cases_file).read_text(encoding="utf-8"))
-    results = run_canaries(url, model, canaries["cases"], api_key)
+    results = run_canaries(url, model, canaries["cases"], api_key, canaries.get("max_tokens", 32))
     released = canaries["baseline"]["answers"]
     print("| kind | question | expected | answer | right | as released |")
     print("|---|---|---|---|---|---|")

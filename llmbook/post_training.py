@@ -7,20 +7,20 @@ __all__ = ['REFUSAL', 'QUESTIONS', 'OUT_OF_SCOPE', 'OUT_OF_SCOPE_TOPICS', 'TRL_I
            'OPERATORS', 'HOSTILE_EXPRESSIONS', 'REDUCE_QUESTION', 'TOOLS', 'WORDS', 'RAG_KINDS', 'RAG_PASSAGES',
            'PostTrainingRecipe', 'chat', 'trained_batch', 'chat_batch', 'sampled_batches', 'optimizer_step', 'optimize',
            'first_stop', 'complete', 'accuracy_by_kind', 'instruction_entries', 'instruction_tasks', 'is_eval_task',
-           'evaluation_sample', 'sft', 'fine_tuned', 'trl_sft_trainer', 'sft_parity', 'answers', 'exact_match',
-           'paired_outcomes', 'right_answers', 'sign_test_verdict', 'steps_per_second', 'sft_speed', 'preference_pairs',
-           'token_logps', 'sequence_logps', 'dpo_loss', 'completion_nll', 'pair_batches', 'preferred',
-           'preference_accuracy', 'dpo_parity', 'dpo', 'kl_divergence', 'kind_changes', 'RewardModel', 'reward_inputs',
-           'pair_rewards', 'reward_classifier', 'reward_model_parity', 'train_reward_model', 'reward_wins',
-           'sample_group', 'completion_reward', 'group_advantages', 'sequences_batch', 'grpo_loss', 'trl_gradients',
-           'relative_difference', 'grpo_comparison', 'grpo_parity', 'grpo', 'sampled_rewards', 'SandboxLimits',
-           'SandboxError', 'evaluate_expression', 'serve_sandbox', 'sandbox_worker_source', 'SandboxWorker',
-           'sandbox_worker', 'sandbox_eval_many', 'sandbox_eval', 'extreme_expressions', 'sweep_sandbox',
-           'sandbox_escapes', 'reasoning_problem', 'reduce_once', 'reduction_steps', 'step_labels', 'label_steps',
-           'reasoning_problems', 'worked_solutions', 'newline_tokens', 'step_ends', 'final_answer', 'reasoning_prompt',
-           'sample_solutions', 'solution_steps', 'labelled_solutions', 'labelled_solution', 'step_batch',
-           'train_process_reward_model', 'step_probabilities', 'auc', 'process_reward_model', 'majority_vote',
-           'weighted_vote', 'step_search', 'calculator', 'call_tool', 'tool_problem', 'tool_problems',
+           'evaluation_sample', 'sft', 'fine_tuned', 'trl_sft_trainer', 'sft_parity', 'answers', 'answer_budget',
+           'exact_match', 'paired_outcomes', 'right_answers', 'sign_test_verdict', 'steps_per_second', 'sft_speed',
+           'preference_pairs', 'token_logps', 'sequence_logps', 'dpo_loss', 'completion_nll', 'pair_batches',
+           'preferred', 'preference_accuracy', 'dpo_parity', 'dpo', 'kl_divergence', 'kind_changes', 'RewardModel',
+           'reward_inputs', 'pair_rewards', 'reward_classifier', 'reward_model_parity', 'train_reward_model',
+           'reward_wins', 'sample_group', 'completion_reward', 'group_advantages', 'sequences_batch', 'grpo_loss',
+           'trl_gradients', 'relative_difference', 'grpo_comparison', 'grpo_parity', 'grpo', 'sampled_rewards',
+           'SandboxLimits', 'SandboxError', 'evaluate_expression', 'serve_sandbox', 'sandbox_worker_source',
+           'SandboxWorker', 'sandbox_worker', 'sandbox_eval_many', 'sandbox_eval', 'extreme_expressions',
+           'sweep_sandbox', 'sandbox_escapes', 'reasoning_problem', 'reduce_once', 'reduction_steps', 'step_labels',
+           'label_steps', 'reasoning_problems', 'worked_solutions', 'newline_tokens', 'step_ends', 'final_answer',
+           'reasoning_prompt', 'sample_solutions', 'solution_steps', 'labelled_solutions', 'labelled_solution',
+           'step_batch', 'train_process_reward_model', 'step_probabilities', 'auc', 'process_reward_model',
+           'majority_vote', 'weighted_vote', 'step_search', 'calculator', 'call_tool', 'tool_problem', 'tool_problems',
            'multiplication_problems', 'tool_trace', 'tool_conversations', 'run_with_tools', 'tool_accuracy', 'words',
            'BM25', 'passage', 'bm25_parity', 'retrieval_corpus', 'retrieval_prompt', 'raft_conversations', 'cited',
            'cites_right', 'save_reward_model', 'load_reward_model', 'save_second_half']
@@ -431,9 +431,15 @@ def answers(
     return [tok.decode(ids).strip() for ids in complete(model, tok, prompts, max_new_tokens, device=device)]
 
 
+def answer_budget(tok: BPETokenizer, tasks: Sequence[dict], least: int = 32) -> int:
+    """New tokens to answer `tasks`: the longest expected answer's and 8 more, so that an answer going on past it is
+    seen to (at least `least`). A fixed 32 cut `REFUSAL`, 33 tokens with the `tiny` tokenizer: never right there."""
+    return max(least, max((len(tok.encode_ordinary(t["answer"])) for t in tasks), default=0) + 8)
+
+
 def exact_match(model, tok: BPETokenizer, tasks: list[dict], shots: Sequence[dict] = (), device: str = "cpu") -> dict:
     "Exact-match accuracy, overall and by kind of question, and the answers given."
-    said = answers(model, tok, [t["question"] for t in tasks], shots, device=device)
+    said = answers(model, tok, [t["question"] for t in tasks], shots, answer_budget(tok, tasks), device=device)
     return dict(accuracy_by_kind(tasks, [s == t["answer"] for t, s in zip(tasks, said)]), answers=said)
 
 # %% ../nbs/05_post_training.ipynb #784d9b9d
