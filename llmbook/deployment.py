@@ -1715,13 +1715,14 @@ def canary_cases(tasks: Sequence[dict], per_kind: int = CANARIES_PER_KIND) -> li
     return [case for cases in by_kind.values() for case in cases]
 
 
-def run_canaries(url: str, model: str, cases: Sequence[dict], api_key: str | None = None, max_tokens: int = 32):
-    "Ask each canary of the live server at `url` (greedy); what it said, whether that is right, or the error."
+def run_canaries(url: str, model: str, canaries: dict, api_key: str | None = None):
+    """Ask each canary of `canaries` (what a canaries file holds: `cases`, and the `max_tokens` they may take, 32 in a
+    file written before it said) of the live server at `url` (greedy); what it said, whether right, or the error."""
     from openai import OpenAI, OpenAIError
 
     client = OpenAI(base_url=f"{url.rstrip('/')}/v1", api_key=api_key or "none", max_retries=0, timeout=120)
-    results = []
-    for case in cases:
+    max_tokens, results = canaries.get("max_tokens", 32), []
+    for case in canaries["cases"]:
         started = time.perf_counter()
         try:
             reply = client.chat.completions.create(
@@ -1743,7 +1744,7 @@ def canary(url: str, model: str, cases_file: str | Path, api_key: str | None = N
     # pass: every answer is the release's own (the served model is the release, served right); with `min_right`
     # (another model, Chapter 8's candidate): at least that many are right
     canaries = json.loads(Path(cases_file).read_text(encoding="utf-8"))
-    results = run_canaries(url, model, canaries["cases"], api_key, canaries.get("max_tokens", 32))
+    results = run_canaries(url, model, canaries, api_key)
     released = canaries["baseline"]["answers"]
     print("| kind | question | expected | answer | right | as released |")
     print("|---|---|---|---|---|---|")

@@ -690,7 +690,7 @@ def target_gate(evaluation: dict, metrics: dict, preset: str, chapters: Sequence
 
 def canary_gate(url: str, model: str, canaries: dict, api_key: str | None = None, release: bool = True) -> tuple:
     "(failures, answers) of Chapter 7's canaries on a live server: the release's own answers, or no worse than it."
-    results = run_canaries(url, model, canaries["cases"], api_key, canaries.get("max_tokens", 32))
+    results = run_canaries(url, model, canaries, api_key)
     answers = [r["said"] or "" for r in results]
     errors = [f"{r['question']}: {r['error']}" for r in results if r["error"]]
     if release:

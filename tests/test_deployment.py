@@ -575,7 +575,7 @@ def test_canaries_pass_at_the_bar_and_fail_below_it(model_and_tokenizer, serving
     tasks = [dict(kind=k, question=f"{k} question {i}?", answer="x") for k in ("a", "b") for i in range(6)]
     cases = canary_cases(tasks, per_kind=2)
     assert [c["kind"] for c in cases] == ["a", "a", "b", "b"]
-    said = [r["said"] for r in run_canaries(url, "toy", cases, "secret")]
+    said = [r["said"] for r in run_canaries(url, "toy", dict(cases=cases), "secret")]
     cases[0]["answer"] = said[0]  # one canary the model gets right
     path = tmp_path / "canaries.json"
     path.write_text(json.dumps(dict(cases=cases, baseline=dict(model="toy", right=1, answers=said))))
