@@ -1089,5 +1089,5 @@ def feedback_command(run: Run, out: str | Path) -> int:
     store = FeedbackStore(run.artifact("registry/feedback.db"))
     modules = run.read_json("data/heldout.json")["modules"]
     counts = export_feedback(store, Path(out), heldout_questions(run), modules)
-    print(f"{counts['sft']} SFT rows, {counts['preferences']} preference rows in {out}; dropped {counts['dropped']}")
+    print(f"{out}: SFT rows {counts['sft']}, preference rows {counts['preferences']}; dropped {counts['dropped']}")
     return 0
