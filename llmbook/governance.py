@@ -8,10 +8,10 @@ __all__ = ['INJECTION_PATTERNS', 'REGURGITATION_TOKENS', 'DISTINCT_TOKENS', 'MIN
            'FEEDBACK_FIELDS', 'MAX_FEEDBACK_CHARS', 'FEEDBACK_PER_MINUTE', 'injection_flags', 'flag_quality',
            'pii_leaks', 'streamed_through', 'window_hashes', 'spaced_tokens', 'protected_documents', 'TrainingIndex',
            'document_stretches', 'Scanners', 'run_guard', 'call_latencies', 'text_nll', 'exposure',
-           'continuation_match', 'license_manifest', 'software_manifest', 'policy_verdict', 'threshold_checks',
-           'training_data_summary', 'utc_now', 'directory_digests', 'Registry', 'changelog', 'version_evaluation',
-           'training_data', 'registry_loader', 'PromotionRefused', 'target_gate', 'canary_gate', 'scanner_gate',
-           'promote', 'switch_server', 'wait_until_serving', 'promote_through_gates', 'streamed_chat',
+           'chance_of_exposures', 'continuation_match', 'license_manifest', 'software_manifest', 'policy_verdict',
+           'threshold_checks', 'training_data_summary', 'utc_now', 'directory_digests', 'Registry', 'changelog',
+           'version_evaluation', 'training_data', 'registry_loader', 'PromotionRefused', 'target_gate', 'canary_gate',
+           'scanner_gate', 'promote', 'switch_server', 'wait_until_serving', 'promote_through_gates', 'streamed_chat',
            'switch_under_load', 'rollback_server', 'scrubbed_messages', 'FeedbackStore', 'feedback_fields',
            'RateLimiter', 'attach_feedback', 'heldout_question', 'feedback_rows', 'export_feedback',
            'heldout_questions', 'registry_command', 'feedback_command']
@@ -344,6 +344,13 @@ def exposure(
         extrapolated=min(math.log2(space), -math.log2(max(tail, 1 / space))),
         rank=more_likely + 1,
     )
+
+
+def chance_of_exposures(exposures: Sequence[float]) -> float:
+    """How often secrets the model knows nothing about reach at least this total exposure. Each one's rank is uniform,
+    so 2^-exposure is too, and the sum of -ln of uniforms is Gamma(n, 1) (Fisher's method)."""
+    total, n = math.log(2) * sum(exposures), len(exposures)
+    return math.exp(-total) * sum(total**k / math.factorial(k) for k in range(n)) if n else 1.0
 
 # %% ../nbs/08_governance.ipynb #a50416e276a0479cbe66534ed1713a40
 @torch.no_grad()

@@ -586,6 +586,7 @@ def fit(self: Trainer, progress: bool = True, log=print, on_step: Callable | Non
 
     log = log if self.rank == 0 else (lambda message: None)
     resumed = self.load_latest(log)
+    started_at = self.step  # 0, or the step of the checkpoint resumed
     if self.rank == 0:
         self._start_logging()
     if self.step == 0:
@@ -608,7 +609,13 @@ def fit(self: Trainer, progress: bool = True, log=print, on_step: Callable | Non
     bar.close()
     if self._writer is not None:
         self._writer.close()
-    return dict(resumed=resumed, steps=self.step, rollbacks=self.rollbacks, events=self.monitor.events)
+    return dict(
+        resumed=resumed,
+        started_at=started_at,
+        steps=self.step,
+        rollbacks=self.rollbacks,
+        events=self.monitor.events,
+    )
 
 # %% ../nbs/04_training.ipynb #13ef4ca4
 def pretraining_spec(
