@@ -4,17 +4,17 @@
 
 # %% auto #0
 __all__ = ['SCHEDULE_POINTS', 'ABLATION_TIME_TOLERANCE', 'PROGRESS_PREFIX', 'DOMAIN_NAMES', 'FILLER', 'PASSKEY_QUESTION',
-           'MIDTRAINING_KINDS', 'GPT2', 'gpt2_like', 'bits_per_byte', 'timed_run', 'equal_time_run', 'paired_gap',
-           'StabilityMonitor', 'flatten_optimizer_state', 'unflatten_optimizer_state', 'save_checkpoint',
-           'CorruptCheckpoint', 'verify_checkpoint', 'checkpoints', 'load_model_state', 'full_state', 'load_full_state',
-           'rank_and_world', 'gather_objects', 'from_rank_zero', 'mean_over_ranks', 'barrier', 'parallelize', 'Trainer',
-           'pretraining_spec', 'write_spec', 'pretrain', 'load_trained', 'torchrun_processes', 'pretraining_command',
-           'start_pretraining', 'launch_pretraining', 'final_weights', 'largest_difference', 'kill_and_resume',
-           'exact_resume_check', 'document_scores', 'bits_per_byte_by_domain', 'ngram_baselines', 'api_entries',
-           'continuation_logprob', 'multiple_choice', 'greedy_line', 'signature_completion', 'heldout_expressions',
-           'expression_values', 'passkey_document', 'copy_document', 'lookup_passages', 'lookup_question',
-           'lookup_prompt', 'midtraining_document', 'midtraining_mixture', 'passkey_accuracy', 'lookup_accuracy',
-           'reading_scores', 'write_eval']
+           'MIDTRAINING_KINDS', 'READING_VAL_BATCHES', 'GPT2', 'gpt2_like', 'bits_per_byte', 'timed_run',
+           'equal_time_run', 'paired_gap', 'StabilityMonitor', 'flatten_optimizer_state', 'unflatten_optimizer_state',
+           'save_checkpoint', 'CorruptCheckpoint', 'verify_checkpoint', 'checkpoints', 'load_model_state', 'full_state',
+           'load_full_state', 'rank_and_world', 'gather_objects', 'from_rank_zero', 'mean_over_ranks', 'barrier',
+           'parallelize', 'Trainer', 'pretraining_spec', 'write_spec', 'pretrain', 'load_trained', 'torchrun_processes',
+           'pretraining_command', 'start_pretraining', 'launch_pretraining', 'final_weights', 'largest_difference',
+           'kill_and_resume', 'exact_resume_check', 'document_scores', 'bits_per_byte_by_domain', 'ngram_baselines',
+           'api_entries', 'continuation_logprob', 'multiple_choice', 'greedy_line', 'signature_completion',
+           'heldout_expressions', 'expression_values', 'passkey_document', 'copy_document', 'lookup_passages',
+           'lookup_question', 'lookup_prompt', 'midtraining_document', 'midtraining_mixture', 'passkey_accuracy',
+           'lookup_accuracy', 'reading_scores', 'write_eval']
 
 # %% ../nbs/04_training.ipynb #c6a2d81c
 import json
@@ -1150,12 +1150,15 @@ def lookup_accuracy(
     return dict(accuracy=float(np.mean(right)), correct=int(sum(right)), items=trials, right=right)
 
 # %% ../nbs/04_training.ipynb #96262016
+READING_VAL_BATCHES = 8  # packed validation batches behind `reading_scores`' bits per byte
+
+
 def reading_scores(
     model, tok: BPETokenizer, tokens_dir: Path, entries: list[dict], cfg, recipe: Recipe, device: str = "cpu"
 ) -> dict:
     "Validation bits per byte, and the three tests of reading the context: induction, pass keys, look-ups."
     val = PackedLoader(tokens_dir, "val", cfg.seq_len, cfg.batch_size, seed=cfg.seed)
-    loss = evaluate(model, val, 8, device, recipe)
+    loss = evaluate(model, val, READING_VAL_BATCHES, device, recipe)
     return dict(
         val_bpb=bits_per_byte(loss, val_tokens_per_byte(tokens_dir)),
         induction=induction(model, tok, device=device),
