@@ -396,7 +396,10 @@ def software_manifest(distribution: str = "llmbook") -> list[dict]:
 
 
 def policy_verdict(expression: str, policy: dict) -> str:
-    "allowed; review (allowed once the review list is: a person looks at it); or violation, by Chapter 1's policy."
+    """allowed; review (allowed once the review list is: a person looks at it); unrecognized (no SPDX license was read
+    from what was declared: a person reads it); or violation, by Chapter 1's policy."""
+    if expression == "NOASSERTION":
+        return "unrecognized"
     if license_allowed(expression, policy):
         return "allowed"
     reviewed = dict(policy, allowed=[*policy["allowed"], *policy.get("review", ())])
