@@ -456,14 +456,16 @@ def right_answers(tasks: Sequence[dict], said: Sequence[str]) -> list[bool]:
 
 def sign_test_verdict(wins: int, losses: int) -> str:
     "The sign test's reading of paired outcomes, in words, with its one-sided p-value."
-    counts = f"{wins} wins, {losses} losses; sign test"
+    counts = f"{wins} win{'s' if wins != 1 else ''}, {losses} loss{'es' if losses != 1 else ''}; sign test"
+    fewest = math.ceil(math.log2(1 / CHANCE_ALPHA))  # below this many differing items no split reaches the level
+    if wins + losses < fewest:
+        return f"too few differing items to tell ({counts}: it needs {fewest} at the {CHANCE_ALPHA:g} level)"
     if better_than(wins, losses):
         return f"better beyond chance ({counts}, p = {binomial_tail(wins, wins + losses, 0.5):.2g})"
     if better_than(losses, wins):
         return f"worse beyond chance ({counts}, p = {binomial_tail(losses, wins + losses, 0.5):.2g})"
-    direction = "better" if wins >= losses else "worse"
     p = binomial_tail(max(wins, losses), wins + losses, 0.5)
-    return f"not shown {direction} than chance at the {CHANCE_ALPHA:g} level ({counts}, p = {p:.2g})"
+    return f"no difference beyond chance at the {CHANCE_ALPHA:g} level ({counts}, p = {p:.2g})"
 
 # %% ../nbs/05_post_training.ipynb #5c477a8c
 def steps_per_second(train_one_step, steps: int) -> float:
