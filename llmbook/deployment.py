@@ -116,7 +116,8 @@ def model_card(info: dict):
     licenses = info["training_data"]["licenses"]
     total = sum(licenses.values())
     license_rows = "\n".join(
-        f"| {name} | {share / total:.1%} |" for name, share in sorted(licenses.items(), key=lambda x: -x[1])
+        f"| {name} | {f'{share / total:.1%}' if share >= total / 1000 else 'under 0.1%'} |"
+        for name, share in sorted(licenses.items(), key=lambda x: -x[1])
     )
     evaluation_rows = "\n".join(f"| {e['name']} | {e['value']:.4g} | {e['dataset_name']} |" for e in info["evaluation"])
     compute = info["compute"]
@@ -190,7 +191,8 @@ def notice_text(name: str, version: str, works: Sequence[dict]) -> str:
     ]
     for work in works:
         title = f"{work['distribution']} {work['version']}".strip()
-        lines.append(f"- {title} ({work['source']}): {work['license']}; {work['documents']:,} documents")
+        plural = "s" if work["documents"] != 1 else ""
+        lines.append(f"- {title} ({work['source']}): {work['license']}; {work['documents']:,} document{plural}")
     return "\n".join(lines) + "\n"
 
 
