@@ -1303,8 +1303,8 @@ def ingest(
 
 # %% ../nbs/02_data.ipynb #e1da44aa
 def excerpt(text: str, n: int = 300) -> str:
-    "The first `n` characters of a text, on one line (for a ledger's examples)."
-    return " ".join(text[:n].split())
+    "The first `n` characters of a text, on one line, with … where it was cut (for a ledger's examples, a table)."
+    return " ".join(text[:n].split()) + ("…" if len(text) > n else "")
 
 # %% ../nbs/02_data.ipynb #b4916c0d
 COPY_BYTES_PER_PROCESS = 64 << 20  # below this, starting a worker costs more than the copy it would share

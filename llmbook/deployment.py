@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 
 from .book import ArtifactError, Run, atomic_path, atomic_write_json, sha256_file, torch_device
-from .data import scrub, shipped_jsonl
+from .data import excerpt, scrub, shipped_jsonl
 from .modeling import END_OF_TURN, ENDOFTEXT, BPETokenizer, Transformer, from_hf, load_tokenizer, render_chat
 from .post_training import RAG_PASSAGES, TOOLS, BM25, call_tool, cited, retrieval_prompt
 from .specialization import from_hf_long
@@ -1753,7 +1753,8 @@ def canary(url: str, model: str, cases_file: str | Path, api_key: str | None = N
     for r, answer in zip(results, released):
         said = r["said"] if r["error"] is None else f"error: {r['error']}"
         verdict, same = ("yes" if r["right"] else "no"), ("yes" if r["said"] == answer else "no")
-        print(f"| {r['kind']} | {r['question'][:60]} | {r['answer'][:50]} | {said[:50]} | {verdict} | {same} |")
+        cells = [r["kind"], excerpt(r["question"], 60), excerpt(r["answer"], 50), excerpt(said, 50), verdict, same]
+        print("| " + " | ".join(cells) + " |")
     right, errors = sum(r["right"] for r in results), sum(r["error"] is not None for r in results)
     same = sum(r["said"] == answer for r, answer in zip(results, released))
     ok = errors == 0 and (same == len(results) if min_right is None else right >= min_right)
