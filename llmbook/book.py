@@ -7,9 +7,9 @@ __all__ = ['FINEWEB2_DE', 'PRESETS', 'CHAPTERS', 'TARGET_SIGNS', 'Preset', 'pars
            'ArtifactError', 'atomic_path', 'is_interrupted_write', 'sweep_interrupted_writes', 'atomic_write_bytes',
            'atomic_write_text', 'atomic_write_json', 'sha256_bytes', 'sha256_file', 'sha256_tree', 'sha256_json',
            'load_json', 'save_safetensors', 'load_safetensors', 'Chapter', 'find_chapter', 'package_dir',
-           'project_root', 'nbs_dir', 'present_chapters', 'Run', 'default_run_dir', 'open_run', 'say', 'target_status',
-           'target_margin', 'report_value', 'spec_metrics', 'target_sentence', 'code_digest', 'read_stamp',
-           'chapter_inputs', 'output_digests', 'chapter_status', 'start_chapter', 'manifest_digest',
+           'project_root', 'nbs_dir', 'present_chapters', 'Run', 'default_run_dir', 'open_run', 'say', 'counted',
+           'target_status', 'target_margin', 'report_value', 'spec_metrics', 'target_sentence', 'code_digest',
+           'read_stamp', 'chapter_inputs', 'output_digests', 'chapter_status', 'start_chapter', 'manifest_digest',
            'ensure_prerequisites', 'open_chapter', 'environment', 'measured_metrics', 'missed_targets',
            'targets_summary', 'write_report', 'kernel_for_this_python', 'ChapterFailed', 'failing_line',
            'execute_chapter', 'run_lock', 'run_book', 'chapter_notebook', 'render_chapter_page', 'write_site',
@@ -726,6 +726,11 @@ def say(text: str):
             display(Markdown(text))
             return
     print(text)
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    "A count and its noun, singular for one: `counted(1, 'loss', 'losses')` is '1 loss', `counted(3, 'win')` '3 wins'."
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
 
 # %% ../nbs/00_book.ipynb #d79080ff
 def target_status(value, target, direction: str) -> str:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
 
-from .book import ArtifactError, Run, atomic_path, atomic_write_json, sha256_file, torch_device
+from .book import ArtifactError, Run, atomic_path, atomic_write_json, counted, sha256_file, torch_device
 from .data import excerpt, scrub, shipped_jsonl
 from .modeling import END_OF_TURN, ENDOFTEXT, BPETokenizer, Transformer, from_hf, load_tokenizer, render_chat
 from .post_training import RAG_PASSAGES, TOOLS, BM25, call_tool, cited, retrieval_prompt
@@ -115,9 +115,9 @@ def model_card(info: dict):
     )
     licenses = info["training_data"]["licenses"]
     total = sum(licenses.values())
+    percent = lambda share: f"{share / total:.1%}" if share >= total / 1000 else "under 0.1%"
     license_rows = "\n".join(
-        f"| {name} | {f'{share / total:.1%}' if share >= total / 1000 else 'under 0.1%'} |"
-        for name, share in sorted(licenses.items(), key=lambda x: -x[1])
+        f"| {name} | {percent(share)} |" for name, share in sorted(licenses.items(), key=lambda x: -x[1])
     )
     evaluation_rows = "\n".join(f"| {e['name']} | {e['value']:.4g} | {e['dataset_name']} |" for e in info["evaluation"])
     compute = info["compute"]
@@ -191,8 +191,7 @@ def notice_text(name: str, version: str, works: Sequence[dict]) -> str:
     ]
     for work in works:
         title = f"{work['distribution']} {work['version']}".strip()
-        plural = "s" if work["documents"] != 1 else ""
-        lines.append(f"- {title} ({work['source']}): {work['license']}; {work['documents']:,} document{plural}")
+        lines.append(f"- {title} ({work['source']}): {work['license']}; {counted(work['documents'], 'document')}")
     return "\n".join(lines) + "\n"
 
 

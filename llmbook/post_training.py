@@ -56,6 +56,7 @@ from llmbook.book import (
     Run,
     atomic_path,
     atomic_write_json,
+    counted,
     load_json,
     load_safetensors,
     save_safetensors,
@@ -456,7 +457,7 @@ def right_answers(tasks: Sequence[dict], said: Sequence[str]) -> list[bool]:
 
 def sign_test_verdict(wins: int, losses: int) -> str:
     "The sign test's reading of paired outcomes, in words, with its one-sided p-value."
-    counts = f"{wins} win{'s' if wins != 1 else ''}, {losses} loss{'es' if losses != 1 else ''}; sign test"
+    counts = f"{counted(wins, 'win')}, {counted(losses, 'loss', 'losses')}; sign test"
     fewest = math.ceil(math.log2(1 / CHANCE_ALPHA))  # below this many differing items no split reaches the level
     if wins + losses < fewest:
         return f"too few differing items to tell ({counts}: it needs {fewest} at the {CHANCE_ALPHA:g} level)"
