@@ -1826,7 +1826,7 @@ PII_PATTERNS = {  # a pattern starts with a character it needs, its lookbehind n
     "IP_ADDRESS": re.compile(
         r"[0-9a-fA-F](?<![\w.:][0-9a-fA-F])"  # IPv4: four numbers; IPv6: 3 to 8 groups
         r"(?:(?<=\d)\d{0,2}\.(?:\d{1,3}\.){2}\d{1,3}|[0-9a-fA-F]{0,3}:(?:[0-9a-fA-F]{1,4}:){1,6}:?[0-9a-fA-F:]{0,39})"
-        r"(?![\w:]|\.\w)"
+        r"(?!\w|:(?!\d{1,5}(?!\d))|\.\w)"  # not inside a longer token; a port after it (:8080) is not one
     ),
     "PHONE": re.compile(
         r"[+(\d](?<![\w.+/-][+(\d])(?:(?<=\+)\d{1,3}[ .-]?\d{1,5}|(?<=\()\d{1,4}\)[ .-]?\d{2,5}|(?<=\d)\d{1,4})"
