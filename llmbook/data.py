@@ -19,26 +19,27 @@ __all__ = ['MAX_METADATA_BYTES', 'MAX_SPDX_CHARS', 'MAX_LICENSE_TEXT_CHARS', 'LI
            'expression_and_value', 'random_expression', 'expression_heldout', 'expression_source', 'expression_items',
            'domain_names', 'domain_label', 'domain_entry', 'domain_source', 'each_items', 'catalog', 'document_id',
            'module_name', 'is_heldout', 'reading_key', 'reading_order', 'read_item', 'decode', 'normalize_text',
-           'api_documentation', 'comments', 'garbage_collection_paused', 'python_documents', 'domain_of',
-           'documents_of', 'features', 'ShardWriter', 'open_shards', 'column', 'WaitingPool', 'forked_pool',
-           'in_processes', 'in_order', 'consecutive_parts', 'worker_parts', 'rows_of', 'texts_of', 'merged_ledger',
-           'step_in_parts', 'acquire', 'parse', 'ingest_text', 'worker_processes', 'jurisdiction_allowed',
-           'allowed_jurisdictions', 'listed_items', 'keyed_items', 'listed_in_parallel', 'read_and_parse',
-           'item_chunks', 'ingest', 'excerpt', 'filter_step', 'license_reason', 'require_every_source', 'license_step',
-           'exact_key', 'exact_duplicate_reasons', 'exact_dedup_step', 'character_classes', 'character_counts',
-           'quality_signals', 'quality_reason', 'quality_drop_reason', 'quality_step', 'word_bytes', 'word_hashes',
-           'shingle_hashes', 'minhash_signatures', 'shingle_set', 'jaccard', 'replace_words', 'dissimilar_bases',
-           'lsh_buckets', 'near_duplicate_clusters', 'candidate_probability', 'variant_at', 'planted_near_duplicates',
-           'true_duplicate_pairs', 'candidate_pairs', 'pair_quality', 'corpus_signatures', 'near_duplicate_reasons',
-           'near_dedup_step', 'needle_finder', 'needles_in', 'secret_matches', 'lines_holding',
-           'assigned_secret_matches', 'pii_matches', 'shannon_entropy', 'luhn_valid', 'PiiMatch', 'find_pii', 'scrub',
-           'pii_scores', 'shipped_jsonl', 'load_blocklist', 'phrase_finder', 'unsafe_reason', 'protect', 'privacy_step',
-           'stage_shards', 'read_shard', 'ArrowRows', 'ArrowShards', 'LedgerFilter', 'ProtectFilter', 'DedupKeys',
-           'DedupDecision', 'DedupFilter', 'SourcesCheck', 'exact_keys', 'exact_decision', 'datatrove_pipeline',
-           'canary_repeats', 'make_canaries', 'canary_text', 'plant_canaries', 'split_of', 'word_counts',
-           'unigram_model', 'id_vocabulary', 'word_ids', 'stored_ids', 'bits_of_counts', 'mixture', 'curriculum_order',
-           'split_labels', 'split_parts', 'document_table', 'taken_rows', 'difficulties', 'scored_and_ordered',
-           'write_corpus', 'load_corpus', 'heldout_leaks', 'check_chain', 'write_heldout', 'write_data_report']
+           'documented_definitions', 'api_documentation', 'comments', 'garbage_collection_paused', 'python_documents',
+           'domain_of', 'documents_of', 'features', 'ShardWriter', 'open_shards', 'column', 'WaitingPool',
+           'forked_pool', 'in_processes', 'in_order', 'consecutive_parts', 'worker_parts', 'rows_of', 'texts_of',
+           'merged_ledger', 'step_in_parts', 'acquire', 'parse', 'ingest_text', 'worker_processes',
+           'jurisdiction_allowed', 'allowed_jurisdictions', 'listed_items', 'keyed_items', 'listed_in_parallel',
+           'read_and_parse', 'item_chunks', 'ingest', 'excerpt', 'copy_processes', 'filter_step', 'license_reason',
+           'require_every_source', 'license_step', 'exact_key', 'exact_duplicate_reasons', 'exact_dedup_step',
+           'character_classes', 'character_counts', 'quality_signals', 'quality_reason', 'quality_drop_reason',
+           'quality_step', 'word_bytes', 'word_hashes', 'shingle_hashes', 'minhash_signatures', 'shingle_set',
+           'jaccard', 'replace_words', 'dissimilar_bases', 'lsh_buckets', 'near_duplicate_clusters',
+           'candidate_probability', 'variant_at', 'planted_near_duplicates', 'true_duplicate_pairs', 'candidate_pairs',
+           'pair_quality', 'corpus_signatures', 'near_duplicate_reasons', 'near_dedup_step', 'needle_finder',
+           'needles_in', 'secret_matches', 'lines_holding', 'assigned_secret_matches', 'pii_matches', 'shannon_entropy',
+           'luhn_valid', 'PiiMatch', 'find_pii', 'scrub', 'pii_scores', 'shipped_jsonl', 'load_blocklist',
+           'phrase_finder', 'unsafe_reason', 'protect', 'privacy_step', 'stage_shards', 'read_shard', 'ArrowRows',
+           'ArrowShards', 'LedgerFilter', 'ProtectFilter', 'DedupKeys', 'DedupDecision', 'DedupFilter', 'SourcesCheck',
+           'exact_keys', 'exact_decision', 'datatrove_pipeline', 'canary_repeats', 'make_canaries', 'canary_text',
+           'plant_canaries', 'split_of', 'word_counts', 'unigram_model', 'id_vocabulary', 'word_ids', 'stored_ids',
+           'bits_of_counts', 'mixture', 'curriculum_order', 'split_labels', 'split_parts', 'document_table',
+           'taken_rows', 'difficulties', 'scored_and_ordered', 'write_corpus', 'load_corpus', 'heldout_leaks',
+           'check_chain', 'write_heldout', 'write_data_report']
 
 # %% ../nbs/02_data.ipynb #bb2d92b2
 import ast
@@ -777,26 +778,22 @@ def _signature(node) -> str:
     return f"({args})" + (f" -> {ast.unparse(node.returns)}" if getattr(node, "returns", None) else "")
 
 # %% ../nbs/02_data.ipynb #672e67b0
+def documented_definitions(body: list, prefix: str) -> Iterator[str]:
+    "The docstrings of the public functions and classes in `body`, each under its qualified name and signature."
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            name = f"{prefix}.{node.name}"
+            signature = _signature(node) if not isinstance(node, ast.ClassDef) else ""
+            if doc := ast.get_docstring(node):
+                yield f"{name}{signature}\n{doc}"
+            if isinstance(node, ast.ClassDef):  # its methods, after it
+                yield from documented_definitions(node.body, name)
+
+
 def api_documentation(tree: ast.Module, module: str) -> str:
     "The module's public docstrings, each under the qualified name and signature it documents."
-    blocks = []
-    if doc := ast.get_docstring(tree):
-        blocks.append(f"{module}\n{doc}")
-
-    def visit(body, prefix):
-        for node in body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith(
-                "_"
-            ):
-                name = f"{prefix}.{node.name}"
-                signature = _signature(node) if not isinstance(node, ast.ClassDef) else ""
-                if doc := ast.get_docstring(node):
-                    blocks.append(f"{name}{signature}\n{doc}")
-                if isinstance(node, ast.ClassDef):
-                    visit(node.body, name)
-
-    visit(tree.body, module)
-    return "\n\n".join(blocks)
+    blocks = [f"{module}\n{doc}"] if (doc := ast.get_docstring(tree)) else []
+    return "\n\n".join(blocks + list(documented_definitions(tree.body, module)))
 
 # %% ../nbs/02_data.ipynb #378208f6
 _STRING = (  # a string literal from its quote: a prefix (rb, f, ...) does not move where it ends
@@ -1254,7 +1251,7 @@ def ingest(
     kept = collections.Counter()  # raw bytes kept against each budget: "" the shared one, else a source's own
     refused = acquisition.counts.setdefault("refused sources", {})  # name → jurisdiction: not even listed
     workers = forked_pool(num_proc) if num_proc > 1 else contextlib.nullcontext()
-    paused = garbage_collection_paused()  # what the workers send back is many objects and no cycle
+    paused = garbage_collection_paused()  # rows and syntax trees: many objects, no cycle (checked above)
     with workers as pool, paused, atomic_path(manifest_path) as tmp, open(tmp, "w", encoding="utf-8") as manifest:
         sources = list(sources)
         allowed = [jurisdiction_allowed(source.jurisdiction, jurisdictions) for source in sources]
@@ -1310,6 +1307,11 @@ def excerpt(text: str, n: int = 300) -> str:
 COPY_BYTES_PER_PROCESS = 64 << 20  # below this, starting a worker costs more than the copy it would share
 
 
+def copy_processes(ds, num_proc: int) -> int:
+    "The processes worth starting to copy a dataset's rows: one per `COPY_BYTES_PER_PROCESS`, `num_proc` at most."
+    return min(num_proc, max(1, ds.data.nbytes // COPY_BYTES_PER_PROCESS))
+
+
 def filter_step(
     ds,
     work: Path,
@@ -1325,7 +1327,7 @@ def filter_step(
     import pyarrow.compute as pc
 
     if reads is not None and "text" not in reads:
-        num_proc = min(num_proc, max(1, ds.data.nbytes // COPY_BYTES_PER_PROCESS))
+        num_proc = copy_processes(ds, num_proc)
 
     def filter_part(part, first: int, ledger: Ledger, writer: ShardWriter):
         index = first
@@ -2648,7 +2650,7 @@ def scored_and_ordered(ds, scratch: Path, num_proc: int = 1):
         writer.finish()
         return writer.files
 
-    files = in_processes(write_chunk, range(len(chunks)), num_proc)
+    files = in_processes(write_chunk, range(len(chunks)), copy_processes(ds, num_proc))
     by_split = {name: [f for (split, _), fs in zip(chunks, files) if split == name for f in fs] for name in SPLITS}
     return datasets.DatasetDict({name: open_shards(by_split[name], schema) for name in SPLITS})
 
