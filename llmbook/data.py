@@ -22,9 +22,10 @@ __all__ = ['MAX_METADATA_BYTES', 'MAX_SPDX_CHARS', 'MAX_LICENSE_TEXT_CHARS', 'LI
            'documented_definitions', 'api_documentation', 'comments', 'garbage_collection_paused', 'python_documents',
            'domain_of', 'documents_of', 'features', 'ShardWriter', 'open_shards', 'column', 'WaitingPool',
            'forked_pool', 'in_processes', 'in_order', 'consecutive_parts', 'worker_parts', 'rows_of', 'texts_of',
-           'merged_ledger', 'step_in_parts', 'acquire', 'parse', 'ingest_text', 'worker_processes',
-           'jurisdiction_allowed', 'allowed_jurisdictions', 'listed_items', 'keyed_items', 'listed_in_parallel',
-           'read_and_parse', 'item_chunks', 'ingest', 'excerpt', 'copy_processes', 'filter_step', 'license_reason',
+           'merged_ledger', 'step_in_parts', 'acquired', 'count_acquired', 'acquire', 'parse', 'parsed_outcome',
+           'count_ingested', 'write_documents', 'ingest_text', 'worker_processes', 'jurisdiction_allowed',
+           'allowed_jurisdictions', 'listed_items', 'keyed_items', 'listed_in_parallel', 'read_and_parse',
+           'item_chunks', 'ingest', 'excerpt', 'copy_processes', 'filter_step', 'license_reason',
            'require_every_source', 'license_step', 'exact_key', 'exact_duplicate_reasons', 'exact_dedup_step',
            'character_classes', 'character_counts', 'quality_signals', 'quality_reason', 'quality_drop_reason',
            'quality_step', 'word_bytes', 'word_hashes', 'shingle_hashes', 'minhash_signatures', 'shingle_set',
@@ -1131,10 +1132,9 @@ def step_in_parts(ds, work: Path, step: str, run_part: Callable, num_proc: int =
     return open_shards(files, ShardWriter(directory).schema), merged_ledger([ledger for _, ledger in parts]).check()
 
 # %% ../nbs/02_data.ipynb #a3352888
-def acquire(item: Item, acquisition: Ledger, read: tuple | None = None) -> tuple[bytes | None, dict]:
-    "Read an item (unless `read` has its bytes and status) and count it in the acquisition ledger; bytes and entry."
-    data, status = read or read_item(item)
-    entry = dict(
+def acquired(item: Item, data: bytes | None, status: str) -> dict:
+    "An item's entry in the raw manifest once read (`data`, or None and why not): where it came from, bytes, sha256."
+    return dict(
         source=item.source,
         distribution=item.distribution,
         version=item.version,
@@ -1144,34 +1144,59 @@ def acquire(item: Item, acquisition: Ledger, read: tuple | None = None) -> tuple
         sha256=sha256_bytes(data) if data is not None else None,
         status=status,
     )
-    if data is None:
-        acquisition.drop(status, entry["bytes"], item.path)
+
+
+def count_acquired(entry: dict, acquisition: Ledger):
+    "Count an item's entry in the acquisition ledger: kept if it was read (it has a digest), else dropped."
+    if entry["sha256"] is None:
+        acquisition.drop(entry["status"], entry["bytes"], entry["path"])
     else:
-        acquisition.keep(len(data), out_bytes=len(data))
+        acquisition.keep(entry["bytes"], out_bytes=entry["bytes"])
+
+
+def acquire(item: Item, acquisition: Ledger) -> tuple[bytes | None, dict]:
+    "Read an item and count it in the acquisition ledger; its bytes (None if unreadable) and its entry."
+    data, status = read_item(item)
+    entry = acquired(item, data, status)
+    count_acquired(entry, acquisition)
     return data, entry
 
 # %% ../nbs/02_data.ipynb #7ec4f69c
-def parse(item: Item, data: bytes) -> tuple[str, list[dict] | None]:
-    "Decode and normalize an item's bytes: 'ok' or 'repaired' and the documents, or the reason and None."
+def parse(item: Item, data: bytes, sha256: str | None = None) -> tuple[str, list[dict] | None]:
+    "Decode and normalize an item's bytes (digest `sha256`): 'ok' or 'repaired' and the documents, or why and None."
     text, status = decode(data, item.kind)
     text = normalize_text(text) if text is not None else None
     if text is None or not text.strip():
         return (status if text is None else "empty after normalization"), None
-    return status, documents_of(item, text, sha256_bytes(data))
+    return status, documents_of(item, text, sha256 or sha256_bytes(data))
 
 
-def ingest_text(item: Item, data: bytes, entry: dict, ingestion: Ledger, writer: ShardWriter, parsed=None):
-    "Write the documents an item's bytes yield (`parsed`, or parse them here); count it in the ingestion ledger."
-    status, rows = parsed or parse(item, data)
-    if rows is None:
+def parsed_outcome(status: str, rows: list[dict] | None) -> tuple[str, int | None, int]:
+    "What the ingestion ledger needs of a parse: its status, the documents (None: dropped), their UTF-8 bytes."
+    return status, None if rows is None else len(rows), sum(len(row["text"].encode()) for row in rows or ())
+
+
+def count_ingested(entry: dict, ingestion: Ledger, status: str, documents: int | None, out_bytes: int):
+    "Count a read item (its acquisition `entry`) in the ingestion ledger: its documents, or dropped for `status`."
+    if documents is None:
         entry["status"] = status
-        ingestion.drop(entry["status"], len(data), item.path)
+        ingestion.drop(status, entry["bytes"], entry["path"])
         return
-    for row in rows:
-        writer.write(row)
-    ingestion.keep(len(data), out_docs=len(rows), out_bytes=sum(len(r["text"].encode()) for r in rows))
+    ingestion.keep(entry["bytes"], out_docs=documents, out_bytes=out_bytes)
     if status == "repaired":
-        ingestion.examples.setdefault("repaired (kept)", []).append(item.path)
+        ingestion.examples.setdefault("repaired (kept)", []).append(entry["path"])
+
+
+def write_documents(entry: dict, ingestion: Ledger, writer: ShardWriter, status: str, rows: list[dict] | None):
+    "Write a parse's documents (`rows`; None: dropped for `status`); count the item (`entry`) in the ingestion ledger."
+    count_ingested(entry, ingestion, *parsed_outcome(status, rows))
+    for row in rows or ():
+        writer.write(row)
+
+
+def ingest_text(item: Item, data: bytes, entry: dict, ingestion: Ledger, writer: ShardWriter):
+    "Write the documents an item's bytes yield (`entry`: its acquisition's); count it in the ingestion ledger."
+    write_documents(entry, ingestion, writer, *parse(item, data, entry["sha256"]))
 
 # %% ../nbs/02_data.ipynb #72eea5119410473aa328ad9291626812
 def worker_processes(cfg) -> int:
@@ -1216,11 +1241,13 @@ AHEAD_BYTES = 8 << 20  # per process: items at work in the workers while this pr
 
 
 def read_and_parse(items: list[Item]) -> list[tuple]:
-    "What a worker does with consecutive items: each one's bytes (or None) and status, then their parse (or None)."
+    """What a worker does with consecutive items: each one's manifest entry (`acquired`: its digest taken here), then
+    its parse (None if unreadable). The bytes read stay in the worker."""
     results = []
     for item in items:
         data, status = read_item(item)
-        results.append(((data, status), parse(item, data) if data is not None else None))
+        entry = acquired(item, data, status)
+        results.append((entry, None if data is None else parse(item, data, entry["sha256"])))
     return results
 
 
@@ -1284,14 +1311,14 @@ def ingest(
                 read_and_parse, listed_chunks(), pool, AHEAD_BYTES * num_proc // CHUNK_BYTES
             ):
                 listed.popleft()
-                for item, (read, parsed) in zip(chunk, results):
+                for item, (entry, parsed) in zip(chunk, results):
                     if kept[budget] >= limit and not is_heldout(item):
                         break
                     before = acquisition.kept_bytes
-                    data, entry = acquire(item, acquisition, read)
+                    count_acquired(entry, acquisition)
                     kept[budget] += acquisition.kept_bytes - before
-                    if data is not None:
-                        ingest_text(item, data, entry, ingestion, writer, parsed)
+                    if parsed is not None:
+                        write_documents(entry, ingestion, writer, *parsed)
                     manifest.write(json.dumps(dict(entry, jurisdiction=source.jurisdiction)) + "\n")
                 else:
                     continue
