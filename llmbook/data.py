@@ -22,25 +22,24 @@ __all__ = ['MAX_METADATA_BYTES', 'MAX_SPDX_CHARS', 'MAX_LICENSE_TEXT_CHARS', 'LI
            'documented_definitions', 'api_documentation', 'comments', 'garbage_collection_paused', 'python_documents',
            'domain_of', 'documents_of', 'features', 'ShardWriter', 'open_shards', 'column', 'WaitingPool',
            'forked_pool', 'in_processes', 'in_order', 'consecutive_parts', 'worker_parts', 'rows_of', 'texts_of',
-           'merged_ledger', 'step_in_parts', 'acquired', 'count_acquired', 'acquire', 'parse', 'parsed_outcome',
-           'count_ingested', 'write_documents', 'ingest_text', 'worker_processes', 'jurisdiction_allowed',
-           'allowed_jurisdictions', 'listed_items', 'keyed_items', 'listed_in_parallel', 'read_and_parse',
-           'item_chunks', 'ingest', 'excerpt', 'copy_processes', 'filter_step', 'license_reason',
-           'require_every_source', 'license_step', 'exact_key', 'exact_duplicate_reasons', 'exact_dedup_step',
-           'character_classes', 'character_counts', 'quality_signals', 'quality_reason', 'quality_drop_reason',
-           'quality_step', 'word_bytes', 'word_hashes', 'shingle_hashes', 'minhash_signatures', 'shingle_set',
-           'jaccard', 'replace_words', 'dissimilar_bases', 'lsh_buckets', 'near_duplicate_clusters',
-           'candidate_probability', 'variant_at', 'planted_near_duplicates', 'true_duplicate_pairs', 'candidate_pairs',
-           'pair_quality', 'corpus_signatures', 'near_duplicate_reasons', 'near_dedup_step', 'needle_finder',
-           'needles_in', 'secret_matches', 'lines_holding', 'assigned_secret_matches', 'pii_matches', 'shannon_entropy',
-           'luhn_valid', 'PiiMatch', 'find_pii', 'scrub', 'pii_scores', 'shipped_jsonl', 'load_blocklist',
-           'phrase_finder', 'unsafe_reason', 'protect', 'privacy_step', 'stage_shards', 'read_shard', 'ArrowRows',
-           'ArrowShards', 'LedgerFilter', 'ProtectFilter', 'DedupKeys', 'DedupDecision', 'DedupFilter', 'SourcesCheck',
-           'exact_keys', 'exact_decision', 'datatrove_pipeline', 'canary_repeats', 'make_canaries', 'canary_text',
-           'plant_canaries', 'split_of', 'word_counts', 'unigram_model', 'id_vocabulary', 'word_ids', 'stored_ids',
-           'bits_of_counts', 'mixture', 'curriculum_order', 'split_labels', 'split_parts', 'document_table',
-           'taken_rows', 'difficulties', 'scored_and_ordered', 'write_corpus', 'load_corpus', 'heldout_leaks',
-           'check_chain', 'write_heldout', 'write_data_report']
+           'merged_ledger', 'step_in_parts', 'acquired', 'count_acquired', 'acquire', 'parse', 'write_documents',
+           'ingest_text', 'worker_processes', 'jurisdiction_allowed', 'allowed_jurisdictions', 'listed_items',
+           'keyed_items', 'listed_in_parallel', 'read_and_parse', 'item_chunks', 'ingest', 'excerpt', 'copy_processes',
+           'filter_step', 'license_reason', 'require_every_source', 'license_step', 'exact_key',
+           'exact_duplicate_reasons', 'exact_dedup_step', 'character_classes', 'character_counts', 'quality_signals',
+           'quality_reason', 'quality_drop_reason', 'quality_step', 'word_bytes', 'word_hashes', 'shingle_hashes',
+           'minhash_signatures', 'shingle_set', 'jaccard', 'replace_words', 'dissimilar_bases', 'lsh_buckets',
+           'near_duplicate_clusters', 'candidate_probability', 'variant_at', 'planted_near_duplicates',
+           'true_duplicate_pairs', 'candidate_pairs', 'pair_quality', 'corpus_signatures', 'near_duplicate_reasons',
+           'near_dedup_step', 'needle_finder', 'needles_in', 'secret_matches', 'lines_holding',
+           'assigned_secret_matches', 'pii_matches', 'shannon_entropy', 'luhn_valid', 'PiiMatch', 'find_pii', 'scrub',
+           'pii_scores', 'shipped_jsonl', 'load_blocklist', 'phrase_finder', 'unsafe_reason', 'protect', 'privacy_step',
+           'stage_shards', 'read_shard', 'ArrowRows', 'ArrowShards', 'LedgerFilter', 'ProtectFilter', 'DedupKeys',
+           'DedupDecision', 'DedupFilter', 'SourcesCheck', 'exact_keys', 'exact_decision', 'datatrove_pipeline',
+           'canary_repeats', 'make_canaries', 'canary_text', 'plant_canaries', 'split_of', 'word_counts',
+           'unigram_model', 'id_vocabulary', 'word_ids', 'stored_ids', 'bits_of_counts', 'mixture', 'curriculum_order',
+           'split_labels', 'split_parts', 'document_table', 'taken_rows', 'difficulties', 'scored_and_ordered',
+           'write_corpus', 'load_corpus', 'heldout_leaks', 'check_chain', 'write_heldout', 'write_data_report']
 
 # %% ../nbs/02_data.ipynb #bb2d92b2
 import ast
@@ -1171,27 +1170,17 @@ def parse(item: Item, data: bytes, sha256: str | None = None) -> tuple[str, list
     return status, documents_of(item, text, sha256 or sha256_bytes(data))
 
 
-def parsed_outcome(status: str, rows: list[dict] | None) -> tuple[str, int | None, int]:
-    "What the ingestion ledger needs of a parse: its status, the documents (None: dropped), their UTF-8 bytes."
-    return status, None if rows is None else len(rows), sum(len(row["text"].encode()) for row in rows or ())
-
-
-def count_ingested(entry: dict, ingestion: Ledger, status: str, documents: int | None, out_bytes: int):
-    "Count a read item (its acquisition `entry`) in the ingestion ledger: its documents, or dropped for `status`."
-    if documents is None:
+def write_documents(entry: dict, ingestion: Ledger, writer: ShardWriter, status: str, rows: list[dict] | None):
+    "Write a parse's documents (`rows`; None: dropped for `status`); count the item (`entry`) in the ingestion ledger."
+    if rows is None:
         entry["status"] = status
         ingestion.drop(status, entry["bytes"], entry["path"])
         return
-    ingestion.keep(entry["bytes"], out_docs=documents, out_bytes=out_bytes)
+    for row in rows:
+        writer.write(row)
+    ingestion.keep(entry["bytes"], out_docs=len(rows), out_bytes=sum(len(row["text"].encode()) for row in rows))
     if status == "repaired":
         ingestion.examples.setdefault("repaired (kept)", []).append(entry["path"])
-
-
-def write_documents(entry: dict, ingestion: Ledger, writer: ShardWriter, status: str, rows: list[dict] | None):
-    "Write a parse's documents (`rows`; None: dropped for `status`); count the item (`entry`) in the ingestion ledger."
-    count_ingested(entry, ingestion, *parsed_outcome(status, rows))
-    for row in rows or ():
-        writer.write(row)
 
 
 def ingest_text(item: Item, data: bytes, entry: dict, ingestion: Ledger, writer: ShardWriter):
