@@ -1162,7 +1162,8 @@ def acquire(item: Item, acquisition: Ledger) -> tuple[bytes | None, dict]:
 
 # %% ../nbs/02_data.ipynb #7ec4f69c
 def parse(item: Item, data: bytes, sha256: str | None = None) -> tuple[str, list[dict] | None]:
-    "Decode and normalize an item's bytes (digest `sha256`): 'ok' or 'repaired' and the documents, or why and None."
+    """Decode and normalize an item's bytes (`sha256`: their digest, taken here if not given): 'ok' or 'repaired' and
+    the documents, or why not and None."""
     text, status = decode(data, item.kind)
     text = normalize_text(text) if text is not None else None
     if text is None or not text.strip():
@@ -1171,7 +1172,8 @@ def parse(item: Item, data: bytes, sha256: str | None = None) -> tuple[str, list
 
 
 def write_documents(entry: dict, ingestion: Ledger, writer: ShardWriter, status: str, rows: list[dict] | None):
-    "Write a parse's documents (`rows`; None: dropped for `status`); count the item (`entry`) in the ingestion ledger."
+    """Write a parse's documents (`rows`; None: dropped for `status`, which becomes the status of `entry`, the item's
+    line in the manifest); count the item in the ingestion ledger."""
     if rows is None:
         entry["status"] = status
         ingestion.drop(status, entry["bytes"], entry["path"])
