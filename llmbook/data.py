@@ -1008,7 +1008,14 @@ class WaitingPool(multiprocessing.pool.Pool):
     lock of the results' queue, which `terminate` waits for (one exit in three, leaving while 8 MB results were on
     their way; 12 in 30, leaving on an error). An error or an interrupt still stops the workers at once, so that
     nobody waits for work nobody will use: `terminate` has `STOP_SECONDS`, then the workers are killed and the error
-    goes on (a `terminate` stuck on the lock stays stuck, in a thread of its own)."""
+    goes on (a `terminate` stuck on the lock stays stuck, in a thread of its own). Its thread that keeps the workers
+    wakes when one of them exits or the pool's state changes, not whenever a result waits to be read: `Pool`'s wakes
+    then too, and spins until the result is read: 0.6 s of CPU for 300 MB of results 1 MB each, which the rest of
+    the process reads and uses in 0.45 s."""
+
+    def _get_sentinels(self):
+        "What wakes the thread that keeps the workers, besides their exits: a change of the pool's state."
+        return [self._change_notifier._reader]
 
     def __exit__(self, error_type, error, traceback):
         if error_type is None:

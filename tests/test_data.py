@@ -4,6 +4,7 @@ and LSH (against exact Jaccard and datasketch), PII and unsafe-content detection
 import email.utils
 import ipaddress
 import json
+import multiprocessing.pool
 import os
 import random
 import smtplib
@@ -545,6 +546,21 @@ def test_a_pool_left_while_results_are_on_their_way_does_not_hang():
         pool.apply_async(time.sleep, (60,))
         raise KeyboardInterrupt
     assert time.perf_counter() - started < 30
+
+
+def test_the_thread_that_keeps_a_pools_workers_sleeps_while_results_come_back(monkeypatch):
+    # `Pool`'s wakes whenever a result waits to be read, and spins until it is: once per result at least
+    wakeups = []
+    wait = multiprocessing.pool.Pool._wait_for_updates
+    monkeypatch.setattr(
+        multiprocessing.pool.Pool,
+        "_wait_for_updates",
+        staticmethod(lambda *args, **kwargs: wakeups.append(1) or wait(*args, **kwargs)),
+    )
+    with D.forked_pool(2) as pool:
+        results = [len(result) for _, result in D.in_order(bytes, [1 << 20] * 40, pool, ahead=8)]
+    assert results == [1 << 20] * 40
+    assert len(wakeups) < 10, len(wakeups)
 
 
 def planted_cases(rows: list[dict], seed: int = 0) -> list[dict]:
