@@ -1014,7 +1014,7 @@ class WaitingPool(multiprocessing.pool.Pool):
     the process reads and uses in 0.45 s."""
 
     def _get_sentinels(self):
-        "What wakes the thread that keeps the workers, besides their exits: a change of the pool's state."
+        "What wakes the thread that keeps the workers, besides their exits: the pool's state changing (as ThreadPool)."
         return [self._change_notifier._reader]
 
     def __exit__(self, error_type, error, traceback):
