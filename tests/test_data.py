@@ -552,11 +552,12 @@ def test_the_thread_that_keeps_a_pools_workers_sleeps_while_results_come_back(mo
     # `Pool`'s wakes whenever a result waits to be read, and spins until it is: once per result at least
     wakeups = []
     wait = multiprocessing.pool.Pool._wait_for_updates
-    monkeypatch.setattr(
-        multiprocessing.pool.Pool,
-        "_wait_for_updates",
-        staticmethod(lambda *args, **kwargs: wakeups.append(1) or wait(*args, **kwargs)),
-    )
+
+    def counted_wait(*args, **kwargs):
+        wakeups.append(1)
+        return wait(*args, **kwargs)
+
+    monkeypatch.setattr(multiprocessing.pool.Pool, "_wait_for_updates", staticmethod(counted_wait))
     with D.forked_pool(2) as pool:
         results = [len(result) for _, result in D.in_order(bytes, [1 << 20] * 40, pool, ahead=8)]
     assert results == [1 << 20] * 40
