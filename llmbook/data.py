@@ -1168,14 +1168,13 @@ def acquire(item: Item, acquisition: Ledger) -> tuple[bytes | None, dict]:
     return data, entry
 
 # %% ../nbs/02_data.ipynb #7ec4f69c
-def parse(item: Item, data: bytes, sha256: str | None = None) -> tuple[str, list[dict] | None]:
-    """Decode and normalize an item's bytes (`sha256`: their digest, taken here if not given): 'ok' or 'repaired' and
-    the documents, or why not and None."""
+def parse(item: Item, data: bytes, sha256: str) -> tuple[str, list[dict] | None]:
+    "Decode and normalize an item's bytes (digest `sha256`): 'ok' or 'repaired' and the documents, or why not and None."
     text, status = decode(data, item.kind)
     text = normalize_text(text) if text is not None else None
     if text is None or not text.strip():
         return (status if text is None else "empty after normalization"), None
-    return status, documents_of(item, text, sha256 or sha256_bytes(data))
+    return status, documents_of(item, text, sha256)
 
 
 def write_documents(entry: dict, ingestion: Ledger, writer: ShardWriter, status: str, rows: list[dict] | None):
